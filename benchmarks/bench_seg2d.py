@@ -1,0 +1,128 @@
+"""seg2d speed and memory at the demo size, side by side in one run.
+
+For each architecture (SegFormer, DPT, BEiT, UperNet; random-init ``small`` configs at the demo input size) a
+fresh subprocess measures training samples/s (forward + backward + AdamW step, after warm-up) and its peak
+resident memory. The data path is measured on the same demo slices: building the in-memory ``SliceDataset``
+(PNG decode + RLE decode + resize) in slices/s, and iterating a DataLoader over it in slices/s. Everything is
+reported as ratios: each architecture against SegFormer, and the data loader against the fastest model's step
+rate (a ratio well above 1 means the loader is not the bottleneck).
+
+    nbsupport bench seg2d [--image-size 128] [--batch-size 8] [--steps 6] [--out outputs/bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCHS = ("segformer", "dpt", "beit", "upernet")
+
+
+def measure_model(arch: str, image_size: int, batch_size: int, steps: int) -> dict:
+    """Runs in its own process so that peak RSS belongs to one architecture only."""
+    import torch
+
+    from nbsupport.seg2d.model import BCEDiceLoss, build_seg2d_model
+
+    torch.manual_seed(0)
+    model = build_seg2d_model(arch, 3, image_size, width="small")
+    loss_fn = BCEDiceLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.rand(batch_size, 1, image_size, image_size)
+    y = (torch.rand(batch_size, 3, image_size, image_size) > 0.7).float()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):  # warm-up: allocator and kernels
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    elapsed = time.perf_counter() - start
+    return {"arch": arch, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps,
+            "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_train_MiB": rss_before / 1024}
+
+
+def measure_data(data_root: Path, image_size: int, batch_size: int) -> dict:
+    import torch
+
+    from nbsupport.seg2d import data as seg_data
+
+    manifest = seg_data.build_manifest(data_root, val_fraction=0.0, test_fraction=0.0, seed=0)
+    start = time.perf_counter()
+    dataset = seg_data.SliceDataset(manifest, data_root, image_size=image_size, augment=True)
+    build_s = time.perf_counter() - start
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    start = time.perf_counter()
+    n = sum(len(batch["image"]) for _ in range(3) for batch in loader)
+    iter_s = time.perf_counter() - start
+    return {"slices": len(dataset), "decode_slices_per_s": len(dataset) / build_s, "loader_slices_per_s": n / iter_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=128, help="model input (the demo profile's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch (the demo profile's)")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per architecture")
+    parser.add_argument("--data-root", default="", help="a seg2d dataset; default: a fresh demo dataset")
+    parser.add_argument("--out", default="outputs/bench", help="folder for seg2d.json and seg2d.md")
+    parser.add_argument("--_one", default="", help=argparse.SUPPRESS)  # internal: measure one arch, print JSON
+    args = parser.parse_args(argv)
+    if args._one:
+        print(json.dumps(measure_model(args._one, args.image_size, args.batch_size, args.steps)))
+        return 0
+
+    import torch
+
+    from nbsupport.paths import resolve_path
+    from nbsupport.seg2d import data as seg_data
+
+    models = []
+    for arch in ARCHS:
+        out = subprocess.run([sys.executable, __file__, "--_one", arch, "--image-size", str(args.image_size),
+                              "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
+                             capture_output=True, text=True, check=True)
+        models.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"measured {arch}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = resolve_path(args.data_root) if args.data_root else seg_data.write_demo_dataset(
+            Path(tmp) / "seg2d", n_cases=8)
+        data = measure_data(Path(root), args.image_size, args.batch_size)
+
+    ref = next(m for m in models if m["arch"] == "segformer")
+    fastest = max(m["samples_per_s"] for m in models)
+    lines = [f"# seg2d benchmark ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU)",
+             f"input {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} timed steps",
+             "", "| arch | params (M) | train samples/s | × SegFormer speed | peak RSS (MiB) | × SegFormer memory |",
+             "|---|---|---|---|---|---|"]
+    for m in models:
+        lines.append(f"| {m['arch']} | {m['params_M']:.2f} | {m['samples_per_s']:.1f} | "
+                     f"{m['samples_per_s'] / ref['samples_per_s']:.2f} | {m['peak_rss_MiB']:.0f} | "
+                     f"{m['peak_rss_MiB'] / ref['peak_rss_MiB']:.2f} |")
+    lines += ["", "| data path | slices/s | × fastest model's samples/s |", "|---|---|---|",
+              f"| decode + RLE + resize (dataset build, {data['slices']} slices) | {data['decode_slices_per_s']:.0f} | "
+              f"{data['decode_slices_per_s'] / fastest:.1f} |",
+              f"| DataLoader over cached slices (augment on) | {data['loader_slices_per_s']:.0f} | "
+              f"{data['loader_slices_per_s'] / fastest:.1f} |"]
+    report = "\n".join(lines)
+    print(report)
+    out_dir = resolve_path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "seg2d.json").write_text(json.dumps({"models": models, "data": data, "args": vars(args)}, indent=2))
+    (out_dir / "seg2d.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

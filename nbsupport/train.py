@@ -1,0 +1,828 @@
+"""One training loop for every system, on accelerate: checkpoints that survive a kill, and exact resume.
+
+A system describes *what* to train as a :class:`TrainingTask` (model, datasets, loss, metrics); this module
+decides *how*: optimizer, schedule, gradient accumulation, mixed precision, evaluation, logging and
+checkpoints. The same :func:`fit` runs in a notebook kernel (one process) and in each of N processes started
+by ``accelerate launch`` (DDP; gloo on CPU), and :func:`launch` picks between the two from
+``TrainSettings.num_processes``.
+
+Run folder written by ``fit(task, settings, out_dir)``::
+
+    out_dir/
+      train_result.json            TrainResult (history, best metric, checkpoint paths), written at the end
+      tensorboard/                 event files: train/loss, train/lr, val/<metric>
+      checkpoints/last/            model.safetensors, training_state.pt, meta.json   (resume from here)
+      checkpoints/best/            model.safetensors, meta.json                      (best by settings.monitor)
+
+A checkpoint is written into ``checkpoints/.<name>.tmp-*``, every file fsynced, ``meta.json`` last, then
+renamed into place; a directory whose ``meta.json`` is missing or whose files do not have the sizes it lists
+is never loaded. Semantics a researcher can rely on:
+
+* ``batch_size`` is the *global* batch: N processes each get ``batch_size / N`` of the same global batch, so
+  one process and N processes follow the same loss curve (up to float reduction order).
+* The data order depends only on ``(seed, epoch)``; an epoch is cut to a whole number of optimizer steps.
+  Resuming skips the batches already seen, so an interrupted and resumed run ends with the same weights as an
+  uninterrupted one (on CPU, and with ``num_workers=0`` when the dataset draws random augmentations).
+* Evaluation runs on the main process over the whole validation set; its metrics are stored as ``val_<key>``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
+
+import numpy as np
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, gather_object
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from nbsupport.config import ConfigError, param
+from nbsupport.progress import progress
+from nbsupport.runs import RunExistsError, atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "nbsupport.train/1"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+META_FILE = "meta.json"
+RESULT_FILE = "train_result.json"
+# Settings that may change between a run and its resume; any other change would make "resume" a different run.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "log_every", "save_every", "resume", "num_processes",
+                     "num_workers", "mixed_precision"}
+
+
+# ============================================================================================== settings
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train: the part of a system's TrainConfig that the shared loop reads."""
+
+    epochs: int = param(1, "passes over the training set")
+    max_steps: int | None = param(None, "stop after this many optimizer steps (smoke runs, tests); also the "
+                                        "length of the lr schedule when shorter than epochs")
+    batch_size: int = param(2, "GLOBAL batch per forward pass, split evenly across processes")
+    lr: float = param(1e-4, "peak learning rate")
+    weight_decay: float = param(0.0, "weight decay on matrices and kernels (ndim >= 2); none on biases and norms")
+    optimizer: Literal["adamw", "adam", "sgd", "paged_adamw"] = param(
+        "adamw", "paged_adamw is bitsandbytes' PagedAdamW (CUDA only; AdamW on CPU, with a logged note)")
+    momentum: float = param(0.9, "SGD momentum (ignored by the Adam family)")
+    scheduler: Literal["constant", "warmup_cosine", "multistep"] = param(
+        "constant", "warmup_cosine: linear warm-up then cosine to 0; multistep: lr * gamma at each milestone")
+    warmup_steps: int = param(0, "optimizer steps of linear warm-up (warmup_cosine)")
+    milestones: tuple[float, ...] = param((0.5, 0.75), "multistep milestones as fractions of the total steps")
+    gamma: float = param(0.1, "multistep decay factor per milestone")
+    grad_accum: int = param(1, "forward passes per optimizer step; effective batch = batch_size * grad_accum")
+    grad_clip: float | None = param(None, "clip the global gradient norm to this value; None: no clipping")
+    eval_every: int = param(1, "epochs between evaluations (the last step is always evaluated)")
+    log_every: int = param(10, "optimizer steps between history / TensorBoard entries")
+    save_every: int = param(0, "optimizer steps between 'last' checkpoints; 0: at epoch ends and the end only")
+    save_trainable_only: bool | None = param(None, "store only trainable parameters and buffers (LoRA, heads); the "
+                                                   "frozen rest comes from build_model again. None: only for models "
+                                                   "with bitsandbytes-quantized weights, which cannot be reloaded")
+    monitor: str = param("val_loss", "metric that picks the best checkpoint (val_<key> or train_loss)")
+    monitor_mode: Literal["min", "max"] = param("min", "whether a smaller or a larger monitor value is better")
+    resume: bool = param(False, "continue from the last complete checkpoint in out_dir")
+    num_processes: int = param(1, "training processes (DDP through accelerate launch; gloo on CPU)")
+    num_workers: int = param(0, "DataLoader worker processes per training process")
+    seed: int = param(0, "seed for initialisation, data order and dropout")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
+        "auto", "auto: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
+
+    def __post_init__(self) -> None:
+        problems = []
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed, value = get_args(hints[f.name]), getattr(self, f.name)
+            if get_origin(hints[f.name]) is Literal and value not in allowed:
+                problems.append(f"{f.name} must be one of {list(allowed)}, got {value!r}")
+        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "log_every", "num_processes")
+        problems += [f"{n} must be >= 1, got {getattr(self, n)!r}" for n in positive if getattr(self, n) < 1]
+        non_negative = ("weight_decay", "warmup_steps", "save_every", "num_workers", "momentum")
+        problems += [f"{n} must be >= 0, got {getattr(self, n)!r}" for n in non_negative if getattr(self, n) < 0]
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 or None, got {self.max_steps!r}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr!r}")
+        if not self.gamma > 0:
+            problems.append(f"gamma must be > 0, got {self.gamma!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            problems.append(f"milestones must be increasing fractions in (0, 1), got {self.milestones!r}")
+        if self.batch_size % self.num_processes:
+            problems.append(f"batch_size={self.batch_size} is the global batch and must be divisible by "
+                            f"num_processes={self.num_processes}")
+        if problems:
+            raise ConfigError("TrainSettings: " + "; ".join(problems))
+
+    @classmethod
+    def describe(cls) -> dict[str, str]:
+        """Field name -> help text."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainSettings:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming the allowed ones."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"TrainSettings: unknown fields {sorted(unknown)}; allowed: {sorted(cls.describe())}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ============================================================================================== task and result
+class TrainingTask(Protocol):
+    """What a system hands to :func:`fit`.
+
+    Optional methods, used when present: ``collate(items) -> batch`` (default ``default_collate``) and
+    ``trainable_parameters(model) -> iterable`` of parameters or of optimizer param-group dicts (default: every
+    parameter with ``requires_grad``; matrices get weight decay, vectors do not).
+    """
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def train_dataset(self) -> Dataset: ...
+
+    def val_dataset(self) -> Dataset | None: ...
+
+    def training_step(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar mean loss of one (per-process) batch, already on the training device."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """Metrics over the whole loader (batches on the CPU; move them to ``device``); keys without ``val_``."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``history`` entries: ``{"step", "epoch", "train_loss", "lr"}`` every ``log_every``
+    steps and ``{"step", "epoch", "val_<key>": ...}`` at each evaluation; ``epoch`` counts completed epochs."""
+
+    history: list[dict[str, float]]
+    best_metric: float | None
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    steps: int
+    monitor: str = "val_loss"
+    resumed_from: int | None = None  # the step of the checkpoint this run continued from
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainResult:
+        return cls(**values)
+
+
+@dataclass
+class _Progress:
+    """Everything besides model/optimizer/scheduler/RNG that a resume must restore to continue exactly."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # latest evaluation
+    log_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # [sum, steps] since the last history entry
+    eval_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # [sum, steps] since the last evaluation
+
+
+# ============================================================================================== the loop
+def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike, config_hash: str = "") -> TrainResult:
+    """Train ``task`` in this process (alone, or as one of ``settings.num_processes`` DDP processes).
+
+    Args:
+        task: model, data, loss and metrics (see :class:`TrainingTask`).
+        settings: optimisation and checkpointing settings.
+        out_dir: run folder for checkpoints, TensorBoard events and ``train_result.json``.
+        config_hash: fingerprint of the system config, stored in every checkpoint; a resume or
+            :func:`load_weights` with another hash is refused.
+
+    Raises:
+        RunExistsError: ``out_dir`` holds an earlier run and ``settings.resume`` is False.
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if not settings.resume:
+        _refuse_overwrite(out_dir)
+    # Device and precision are decided once, here; prepare() wraps the model's forward in autocast.
+    on_cpu = not torch.cuda.is_available()
+    # A long main-process evaluation keeps the other processes waiting; the default 30 min can be too short.
+    process_group = InitProcessGroupKwargs(timeout=_dt.timedelta(hours=2))
+    if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        process_group.backend = "gloo"  # accelerate would take MPI where torch has it, which needs mpirun
+    accelerator = Accelerator(
+        cpu=on_cpu,  # also what makes accelerate join the launched CPU processes into one group
+        gradient_accumulation_steps=settings.grad_accum,
+        mixed_precision=resolve_mixed_precision(settings.mixed_precision),
+        # split_batches: every process takes its slice of the same global batch, the basis of "N == 1 process".
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        rng_types=[],  # our sampler is seeded by (seed, epoch); accelerate must not re-sync RNGs behind our back
+        kwargs_handlers=[process_group],
+    )
+    main = accelerator.is_main_process
+    writer = None
+    try:
+        if accelerator.num_processes != settings.num_processes:
+            raise RuntimeError(f"settings.num_processes={settings.num_processes} but this process is one of "
+                               f"{accelerator.num_processes}; start several processes with launch(), not fit()")
+        # ---- model, data, optimizer, schedule: identical on every process (same seed, same init)
+        set_seed(settings.seed)
+        model = task.build_model()
+        train_set, val_set = task.train_dataset(), task.val_dataset()
+        if val_set is None and settings.monitor.startswith("val_"):
+            raise ConfigError(f"monitor={settings.monitor!r} needs a validation set but task.val_dataset() is None;"
+                              " use monitor='train_loss'")
+        collate = getattr(task, "collate", None) or default_collate
+        samples_per_step = settings.batch_size * settings.grad_accum
+        steps_per_epoch = len(train_set) // samples_per_step
+        if steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(train_set)} items, fewer than one optimizer step needs "
+                             f"(batch_size * grad_accum = {samples_per_step})")
+        total_steps = settings.epochs * steps_per_epoch
+        if settings.max_steps is not None:
+            total_steps = min(total_steps, settings.max_steps)
+        sampler = EpochShuffle(len(train_set), settings.seed, multiple_of=samples_per_step)
+        train_loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, drop_last=True,
+                                  collate_fn=collate, num_workers=settings.num_workers, generator=sampler.generator)
+        val_loader = None if val_set is None else DataLoader(
+            val_set, batch_size=settings.batch_size, shuffle=False, collate_fn=collate,
+            num_workers=settings.num_workers)
+        trainable = getattr(task, "trainable_parameters", None)
+        params = trainable(model) if trainable else [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, settings, accelerator.device)
+        scheduler = build_scheduler(optimizer, settings, total_steps)
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        bare_model = accelerator.unwrap_model(model)
+
+        # ---- resume, or start: from here on the RNG streams differ per process (dropout, augmentation)
+        state = _Progress()
+        resumed_from = None
+        source = _find_resumable(ckpt_dir) if settings.resume else None
+        if source is not None:
+            source_meta = _check_resumable(source, settings, steps_per_epoch)
+            load_weights(bare_model, source, expected_config_hash=config_hash)  # refuses another config
+            saved = torch.load(source / STATE_FILE, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state = _Progress(**saved["progress"])
+            _restore_rng(saved["rng"], accelerator.process_index, settings.seed)
+            resumed_from = state.step
+            if main:
+                logger.warning("resuming from %s at step %d of %d", source, state.step, total_steps)
+                if source_meta["total_steps"] != total_steps and settings.scheduler != "constant":
+                    logger.warning("the schedule now spans %d steps instead of %d: the lr curve bends at step %d",
+                                   total_steps, source_meta["total_steps"], state.step)
+        else:
+            if settings.resume and main:
+                logger.warning("resume=True but %s holds no complete checkpoint: starting from step 0", ckpt_dir)
+            set_seed(settings.seed + accelerator.process_index)
+        if main:
+            # purge_step drops events a killed run logged after its last checkpoint.
+            writer = _summary_writer(out_dir / "tensorboard", purge_step=state.step if resumed_from else None)
+        bar = progress(None, desc="train", total=total_steps, initial=state.step, disable=not main)
+
+        # ---- the loop: one optimizer step per settings.grad_accum batches
+        start_epoch, steps_done_in_epoch = divmod(state.step, steps_per_epoch)
+        sampler.resume_at(start_epoch, steps_done_in_epoch * samples_per_step)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for epoch in range(start_epoch, math.ceil(total_steps / steps_per_epoch)):
+            if state.step >= total_steps:
+                break
+            train_loader.set_epoch(epoch)  # accelerate passes it on to sampler.set_epoch
+            model.train()
+            for batch in train_loader:
+                with accelerator.accumulate(model):
+                    loss = task.training_step(model, batch)
+                    accelerator.backward(loss)  # divides by grad_accum: the step's gradient is the mean
+                    if accelerator.sync_gradients and settings.grad_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this update uses; scheduler.step moves it on
+                    optimizer.step()  # these three are no-ops until the last batch of the accumulation
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().float()
+                if not accelerator.sync_gradients:
+                    continue
+                # Mean over processes so that curves compare across process counts.
+                mean_loss = accelerator.reduce(step_loss / settings.grad_accum, reduction="mean").item()
+                step_loss.zero_()
+                state.step += 1
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss is {mean_loss} at step {state.step} (epoch {epoch}); "
+                                             "lower lr, set grad_clip, or check the batch")
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.3g}", refresh=False)
+                finished = state.step >= total_steps
+                for acc in (state.log_loss, state.eval_loss):
+                    acc[0] += mean_loss
+                    acc[1] += 1
+                if state.step % settings.log_every == 0 or finished:
+                    entry = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                             "train_loss": state.log_loss[0] / state.log_loss[1], "lr": lr}
+                    state.history.append(entry)
+                    state.log_loss = [0.0, 0]
+                    if writer:
+                        writer.add_scalar("train/loss", entry["train_loss"], state.step)
+                        writer.add_scalar("train/lr", lr, state.step)
+
+                end_of_epoch = state.step % steps_per_epoch == 0
+                improved = False
+                if (end_of_epoch and (epoch + 1) % settings.eval_every == 0) or finished:
+                    improved = _evaluate(task, accelerator, bare_model, val_loader, settings, state, steps_per_epoch,
+                                         writer)
+                if end_of_epoch or finished or (settings.save_every and state.step % settings.save_every == 0):
+                    meta = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                            "config_hash": config_hash, "metrics": state.metrics, "monitor": settings.monitor,
+                            "best_metric": state.best_metric, "best_step": state.best_step,
+                            "settings": settings.to_dict()}
+                    _save_last(ckpt_dir / "last", accelerator, bare_model, optimizer, scheduler, state, meta, settings)
+                    if improved and main:
+                        _write_checkpoint(ckpt_dir / "best", {"kind": "best", **meta},
+                                          lambda tmp: _save_weights(bare_model, tmp / WEIGHTS_FILE, meta, settings))
+                    accelerator.wait_for_everyone()
+                if finished:
+                    break
+        bar.close()
+
+        # ---- result
+        best = ckpt_dir / "best"
+        result = TrainResult(history=state.history, best_metric=state.best_metric,
+                             best_checkpoint=str(best) if best.exists() else None,
+                             last_checkpoint=str(ckpt_dir / "last") if (ckpt_dir / "last").exists() else None,
+                             steps=state.step, monitor=settings.monitor, resumed_from=resumed_from)
+        if main:
+            atomic_write_json(out_dir / RESULT_FILE, dataclasses.asdict(result))
+        accelerator.wait_for_everyone()
+        return result
+    finally:
+        if writer is not None:
+            writer.close()
+        # accelerate keeps its state in process-wide singletons; a second fit() in the same notebook kernel
+        # (other precision, other accumulation) must start from a clean slate. The process group stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _evaluate(task: TrainingTask, accelerator: Accelerator, model: torch.nn.Module, val_loader: DataLoader | None,
+              settings: TrainSettings, state: _Progress, steps_per_epoch: int, writer: Any) -> bool:
+    """Evaluate on the main process, share the metrics with all, update ``state``; True if the monitor improved."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process and val_loader is not None:
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            raw = task.evaluate(model, val_loader, accelerator.device)
+        model.train()
+        metrics = {f"val_{k}": float(v) for k, v in raw.items()}
+    shared = [metrics]
+    broadcast_object_list(shared, from_process=0)
+    metrics = shared[0]
+    if state.eval_loss[1]:
+        metrics["train_loss"] = state.eval_loss[0] / state.eval_loss[1]
+    state.eval_loss = [0.0, 0]
+    if settings.monitor not in metrics:
+        raise KeyError(f"monitor={settings.monitor!r} is not among the evaluated metrics {sorted(metrics)}; "
+                       "task.evaluate() returns keys without the 'val_' prefix")
+    state.metrics = metrics
+    entry = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+             **{k: v for k, v in metrics.items() if k.startswith("val_")}}
+    if len(entry) > 2:
+        state.history.append(entry)
+    if writer:
+        for key, value in metrics.items():
+            if key.startswith("val_"):
+                writer.add_scalar(f"val/{key[4:]}", value, state.step)
+    value = metrics[settings.monitor]
+    better = state.best_metric is None or (
+        value < state.best_metric if settings.monitor_mode == "min" else value > state.best_metric)
+    if better:
+        state.best_metric, state.best_step = value, state.step
+    return better
+
+
+# ============================================================================================== building blocks
+def resolve_mixed_precision(choice: str) -> str:
+    """``'auto'`` -> ``'bf16'`` on CUDA (``'fp16'`` on GPUs without bf16), ``'no'`` on CPU."""
+    if choice == "auto":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision='fp16' needs a CUDA device; use 'auto' or 'no' on CPU")
+    return choice
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, cut to a multiple of
+    ``multiple_of`` (whole optimizer steps), so that any process count and any resume point see one order."""
+
+    def __init__(self, n: int, seed: int, multiple_of: int = 1):
+        self.n, self.seed, self.multiple_of = n, seed, multiple_of
+        self._resume: tuple[int, int] = (-1, 0)  # (epoch, samples already consumed in it)
+        # Also the DataLoader's generator: a DataLoader draws its workers' base seed at every epoch start, and
+        # from the global RNG that would shift dropout after a mid-epoch resume. Seeded per epoch, too.
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self._epoch_seed())
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        """Skip the first ``samples`` indices whenever ``epoch`` is iterated (the part seen before a stop)."""
+        self._resume = (epoch, samples)
+
+    def _skip(self) -> int:
+        return self._resume[1] if self.epoch == self._resume[0] else 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self._epoch_seed()))
+        usable = self.n // self.multiple_of * self.multiple_of
+        return iter(order[self._skip():usable].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.multiple_of * self.multiple_of - self._skip()
+
+
+def build_optimizer(params: Iterable[Any], settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer named by ``settings.optimizer`` over ``params`` (tensors or param-group dicts).
+
+    Plain tensors are grouped nanoGPT-style: weight decay on tensors with ``ndim >= 2`` only.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("the task has no trainable parameters (all requires_grad=False?)")
+    if isinstance(params[0], dict):
+        groups = params
+    else:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    name = settings.optimizer
+    if name == "paged_adamw" and device.type != "cuda":
+        logger.warning("optimizer='paged_adamw' pages optimizer state between GPU and CPU memory; on %s "
+                       "it falls back to torch AdamW", device.type)
+        name = "adamw"
+    if name == "paged_adamw":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW(groups, lr=settings.lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=settings.lr)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+
+
+def lr_factor(settings: TrainSettings, total_steps: int, done: int) -> float:
+    """Multiplier of ``settings.lr`` for the update that follows ``done`` completed optimizer steps.
+
+    warmup_cosine (as nanoGPT): ``(done+1)/(warmup+1)`` during warm-up, then
+    ``0.5 * (1 + cos(pi * (done - warmup) / (total - warmup)))``. multistep: ``gamma ** k`` with k the number
+    of milestones ``m`` for which ``done >= floor(m * total)``.
+    """
+    if settings.scheduler == "warmup_cosine":
+        if done < settings.warmup_steps:
+            return (done + 1) / (settings.warmup_steps + 1)
+        span = max(1, total_steps - settings.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - settings.warmup_steps) / span)))
+    if settings.scheduler == "multistep":
+        return settings.gamma ** sum(done >= int(m * total_steps) for m in settings.milestones)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over :func:`lr_factor`; a closure keeps its state_dict loadable with ``weights_only=True``
+    (MultiStepLR's would hold a Counter)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(settings, total_steps, done))
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
+    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where events are written
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _refuse_overwrite(out_dir: Path) -> None:
+    earlier = [p for p in (out_dir / RESULT_FILE, out_dir / "checkpoints") if p.exists()]
+    if earlier:
+        raise RunExistsError(f"{out_dir} already holds a training run ({', '.join(p.name for p in earlier)}); "
+                             "set resume=True to continue it, or choose a new out_dir")
+
+
+# ============================================================================================== checkpoints
+def _save_last(target: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+               state: _Progress, meta: dict[str, Any], settings: TrainSettings) -> None:
+    """Write ``checkpoints/last`` (weights, optimizer, scheduler, every process's RNG, progress)."""
+    rng = gather_object([_rng_state()])  # collective: every process takes part, the main one writes
+    if not accelerator.is_main_process:
+        return
+
+    def write(tmp: Path) -> None:
+        _save_weights(model, tmp / WEIGHTS_FILE, meta, settings)
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                          "progress": dataclasses.asdict(state)}
+        torch.save(training_state, tmp / STATE_FILE)
+
+    _write_checkpoint(target, {"kind": "last", **meta}, write)
+
+
+def _write_checkpoint(target: Path, meta: dict[str, Any], write_files: Any) -> None:
+    """Write a checkpoint directory crash-safely: temp dir, fsync, ``meta.json`` last, rename into place.
+
+    A kill at any point leaves ``target`` either as it was or complete; at worst a complete ``.<name>.*``
+    leftover that :func:`_find_resumable` also accepts.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    write_files(tmp)
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync(path)
+        files[path.name] = path.stat().st_size
+    meta = {"format": CHECKPOINT_FORMAT, **meta, "files": files,
+            "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    atomic_write_json(tmp / META_FILE, meta)  # last: its presence (with matching sizes) marks the dir complete
+    _fsync(tmp)
+    old = None
+    if target.exists():
+        # A non-empty directory cannot be replaced in one rename: move the old one aside first.
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync(target.parent)
+    # This write's `old`, and leftovers of killed writes (one process writes, one checkpoint at a time).
+    for stale in target.parent.glob(".*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint_meta(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``meta.json`` of a complete checkpoint, or None when it is missing, unreadable, or a file it lists
+    is missing or has another size (a write that was killed)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    try:
+        meta = read_json(checkpoint_dir / META_FILE)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        return None
+    for name, size in meta.get("files", {}).items():
+        path = checkpoint_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            return None
+    return meta
+
+
+def _find_resumable(ckpt_dir: Path) -> Path | None:
+    """The complete 'last' checkpoint with the highest step: ``last`` itself, or a complete leftover of a write
+    killed between its two renames."""
+    candidates = []
+    for path in [ckpt_dir / "last", *sorted(ckpt_dir.glob(".last.*"))]:
+        meta = read_checkpoint_meta(path) if path.is_dir() else None
+        if meta is not None and (path / STATE_FILE).is_file():
+            candidates.append((meta["step"], path.name == "last", path))
+        elif path.exists():
+            logger.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
+    return max(candidates)[2] if candidates else None
+
+
+def _check_resumable(source: Path, settings: TrainSettings, steps_per_epoch: int) -> dict:
+    meta = read_checkpoint_meta(source)
+    assert meta is not None
+    now = settings.to_dict()  # JSON form, like the stored one
+    changed = {k: (old, now[k]) for k, old in meta["settings"].items()
+               if k in now and k not in RESUMABLE_CHANGES and old != now[k]}
+    if changed:
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"cannot resume from {source}: settings changed ({diff}); only "
+                         f"{sorted(RESUMABLE_CHANGES)} may change on resume. Start a new run (load_weights) instead")
+    if meta["steps_per_epoch"] != steps_per_epoch:
+        raise ValueError(f"cannot resume from {source}: it had {meta['steps_per_epoch']} steps per epoch, this run "
+                         f"has {steps_per_epoch} (the training set or batch size changed)")
+    return meta
+
+
+def _save_weights(model: torch.nn.Module, path: Path, meta: Mapping[str, Any], settings: TrainSettings) -> None:
+    header = {"config_hash": str(meta["config_hash"]), "step": str(meta["step"])}
+    trainable_only = settings.save_trainable_only
+    if trainable_only is None:
+        # 4-/8-bit weights (QLoRA bases) do not load back into a freshly built model; they are frozen anyway.
+        trainable_only = any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+    if not trainable_only:
+        # save_model drops the duplicates of tied tensors, which safetensors' save_file refuses.
+        safetensors.torch.save_model(model, str(path), metadata={**header, "weights": "full"})
+        return
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()
+               if name in trainable or name in buffers}
+    safetensors.torch.save_file(tensors, str(path), metadata={**header, "weights": "trainable"})
+
+
+def load_weights(model: torch.nn.Module, checkpoint_dir: str | os.PathLike,
+                 expected_config_hash: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint's ``model.safetensors`` into ``model`` (in place) and return its ``meta.json``.
+
+    Raises:
+        FileNotFoundError: ``checkpoint_dir`` is not a complete checkpoint.
+        ValueError: its config_hash differs from ``expected_config_hash``, or the tensors do not fit ``model``.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_checkpoint_meta(checkpoint_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{checkpoint_dir} is not a complete checkpoint: {META_FILE} is missing or a file "
+                                "it lists is missing or truncated (a write that was interrupted)")
+    if expected_config_hash is not None and meta["config_hash"] != expected_config_hash:
+        raise ValueError(f"checkpoint {checkpoint_dir} has config_hash {meta['config_hash']!r} but "
+                         f"{expected_config_hash!r} was expected: it comes from another system or config")
+    path = checkpoint_dir / WEIGHTS_FILE
+    device = next(model.parameters()).device
+    header = safetensors.safe_open(str(path), framework="pt").metadata() or {}
+    try:
+        if header.get("weights") == "trainable":
+            missing_ok = model.load_state_dict(safetensors.torch.load_file(str(path), device=str(device)),
+                                               strict=False)
+            if missing_ok.unexpected_keys:
+                raise RuntimeError(f"unexpected tensors {missing_ok.unexpected_keys[:5]}")
+        else:
+            safetensors.torch.load_model(model, str(path), strict=True, device=str(device))
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {err}") from err
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors, lists and numbers only (``torch.load(weights_only=True)``)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def _restore_rng(states: list[dict[str, Any]], process_index: int, seed: int) -> None:
+    if process_index >= len(states):
+        # More processes than when the checkpoint was written: the new ones get fresh, distinct streams.
+        logger.warning("checkpoint has RNG states for %d processes; process %d is seeded afresh",
+                       len(states), process_index)
+        set_seed(seed + process_index)
+        return
+    state = states[process_index]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+
+
+# ============================================================================================== launching
+def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSettings, out_dir: str | os.PathLike,
+           config_hash: str = "") -> TrainResult:
+    """Build the task with ``factory(**factory_kwargs)`` and train it in ``settings.num_processes`` processes.
+
+    Args:
+        factory: ``"package.module:function"`` returning a :class:`TrainingTask`; importable by a new process
+            (this process's ``sys.path`` is passed on).
+        factory_kwargs: JSON-serialisable keyword arguments of ``factory``.
+
+    One process: in this process. More: ``accelerate launch`` of ``python -m nbsupport.train`` (DDP; gloo on a
+    machine without CUDA), its output streamed here and kept in ``out_dir/launch.log``.
+
+    Raises:
+        RuntimeError: the launched processes failed; the message holds the end of their log.
+    """
+    out_dir = Path(out_dir)
+    if settings.num_processes == 1:
+        return fit(_build_task(factory, factory_kwargs), settings, out_dir, config_hash)
+    if torch.cuda.is_available() and settings.num_processes > torch.cuda.device_count():
+        raise ValueError(f"num_processes={settings.num_processes} but this machine has {torch.cuda.device_count()} "
+                         "CUDA devices (one process per GPU)")
+    if not settings.resume:
+        _refuse_overwrite(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)  # never mistake an earlier result for this run's
+    kwargs_file = atomic_write_json(out_dir / "launch_kwargs.json", dict(factory_kwargs))
+    settings_file = atomic_write_json(out_dir / "launch_settings.json", settings.to_dict())
+    command = launch_command(settings.num_processes, ["--factory", factory, "--kwargs", str(kwargs_file),
+                                                      "--settings", str(settings_file), "--out", str(out_dir),
+                                                      "--config-hash", config_hash])
+    env = dict(os.environ)
+    # The children must import the factory's module just as this process (a notebook kernel, pytest) can.
+    path = [os.getcwd() if p == "" else p for p in sys.path if p == "" or os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with open(out_dir / "launch.log", "w", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                   bufsize=1)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                tail.append(line)
+            code = process.wait()
+        except BaseException:  # KeyboardInterrupt in a notebook: do not leave orphaned trainers behind
+            process.terminate()
+            process.wait()
+            raise
+    if code != 0:
+        raise RuntimeError(f"training in {settings.num_processes} processes failed with exit code {code}; full log: "
+                           f"{out_dir / 'launch.log'}; command: {' '.join(command)}\nlast lines:\n" + "".join(tail))
+    result = read_json(out_dir / RESULT_FILE)
+    if result is None:
+        raise RuntimeError(f"the launched training exited cleanly but wrote no {out_dir / RESULT_FILE}")
+    return TrainResult.from_dict(result)
+
+
+def launch_command(num_processes: int, entry_args: list[str]) -> list[str]:
+    """``accelerate launch`` of ``python -m nbsupport.train`` in ``num_processes`` local processes.
+
+    ``--multi_gpu`` selects accelerate's torchrun launcher, the one that starts N processes; without CUDA the
+    processes join a gloo group on the CPU (``--cpu`` would start a single process, multi-CPU being mpirun's
+    job there). Precision is left to :func:`fit`, which decides it from the settings.
+    """
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "nbsupport.train", *entry_args]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_task(factory: str, kwargs: Mapping[str, Any]) -> TrainingTask:
+    module_name, _, function_name = factory.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"factory must look like 'package.module:function', got {factory!r}")
+    return getattr(importlib.import_module(module_name), function_name)(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nbsupport.train --factory pkg.mod:fn --kwargs k.json --settings s.json --out DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m nbsupport.train", description=(
+        "Train the TrainingTask a factory builds: the entry point launch() starts in every process of "
+        "`accelerate launch`; also usable alone, in one process."))
+    parser.add_argument("--factory", required=True, help="'package.module:function' returning a TrainingTask")
+    parser.add_argument("--kwargs", help="JSON file with the factory's keyword arguments")
+    parser.add_argument("--settings", required=True, help="JSON file with TrainSettings fields")
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--config-hash", default="", help="fingerprint stored in checkpoints")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = TrainSettings.from_dict(json.loads(Path(args.settings).read_text(encoding="utf-8")))
+    kwargs = json.loads(Path(args.kwargs).read_text(encoding="utf-8")) if args.kwargs else {}
+    fit(_build_task(args.factory, kwargs), settings, args.out, args.config_hash)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the copy imported as `nbsupport.train`, not this `__main__` one, so that a task's
+    # isinstance(settings, nbsupport.train.TrainSettings) holds.
+    from nbsupport.train import main as _main
+
+    sys.exit(_main())

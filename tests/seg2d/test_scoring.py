@@ -1,0 +1,147 @@
+"""UW-Madison competition score: perfect / empty / hand-computed cases, and agreement with the reference formula."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import directed_hausdorff
+
+from nbsupport.seg2d.scoring import (UWMGI_CLASSES, competition_score, dice_2d, hausdorff_3d, parse_slice_id)
+
+
+def _ids(case: int, day: int, n: int, start: int = 1) -> list[str]:
+    return [f"case{case}_day{day}_slice_{s:04d}" for s in range(start, start + n)]
+
+
+def _reference_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
+    """mle-bench's formula on every voxel (no shortcuts), for non-empty volumes."""
+    shape = np.asarray(target.shape, dtype=float)
+    a, b = np.argwhere(target) / shape, np.argwhere(pred) / shape
+    return max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]) / math.sqrt(3)
+
+
+def test_parse_slice_id():
+    sid = parse_slice_id("case123_day20_slice_0001")
+    assert (sid.case, sid.day, sid.slice, sid.case_day) == (123, 20, 1, "case123_day20")
+    with pytest.raises(ValueError, match="case<N>_day<D>_slice_<SSSS>"):
+        parse_slice_id("case123_slice_0001")
+
+
+def test_perfect_prediction_scores_one():
+    rng = np.random.default_rng(1)
+    target = rng.random((6, 3, 16, 16)) > 0.7
+    ids = _ids(1, 2, 3) + _ids(7, 0, 3)
+    result = competition_score(ids, target.copy(), target)
+    assert result["score"] == pytest.approx(1.0)
+    assert result["dice"] == pytest.approx(1.0) and result["hausdorff"] == pytest.approx(0.0)
+    assert set(result["dice_per_class"]) == set(UWMGI_CLASSES)
+    assert result["n_slices"] == 6 and result["n_case_days"] == 2
+
+
+def test_empty_prediction_scores_zero():
+    target = np.zeros((4, 3, 8, 8), dtype=bool)
+    target[:, :, 2:5, 2:5] = True
+    result = competition_score(_ids(5, 1, 4), np.zeros_like(target), target)
+    assert result["dice"] == 0.0 and result["hausdorff"] == 1.0 and result["score"] == 0.0
+
+
+def test_single_voxel_shifted_by_one_slice_hand_computed():
+    # 4 slices of 4x4 -> a 4x4x4 volume. GT voxel at (slice 1, row 1, col 1), prediction one slice deeper.
+    # Normalised coordinates: (1/4, 1/4, 1/4) vs (2/4, 1/4, 1/4) -> distance 1/4 -> Hausdorff (1/4)/sqrt(3).
+    target = np.zeros((4, 3, 4, 4), dtype=bool)
+    pred = np.zeros_like(target)
+    target[1, 0, 1, 1] = True
+    pred[2, 0, 1, 1] = True
+    ids = _ids(9, 3, 4)
+    order = [2, 0, 3, 1]  # ids in any order: slices are stacked by slice number
+    result = competition_score([ids[i] for i in order], pred[order], target[order])
+    expected_hd = (1 / 4) / math.sqrt(3)
+    assert result["hausdorff"] == pytest.approx(expected_hd)
+    assert result["hausdorff_per_class"]["large_bowel"] == pytest.approx(expected_hd)
+    assert result["hausdorff_per_class"]["stomach"] is None  # both empty everywhere: skipped
+    # Dice: slice 1 GT only, slice 2 prediction only -> 0 and 0; all other (slice, class) pairs both empty.
+    assert result["dice"] == 0.0
+    assert result["score"] == pytest.approx(0.4 * 0 + 0.6 * (1 - expected_hd))
+
+
+def test_in_plane_normalisation_uses_volume_shape():
+    # 2 slices of 8 rows x 4 cols; a 2-row shift -> 2/8 of the unit cube's side.
+    target = np.zeros((2, 8, 4), dtype=bool)
+    pred = np.zeros_like(target)
+    target[0, 1, 1] = True
+    pred[0, 3, 1] = True
+    assert hausdorff_3d(pred, target) == pytest.approx((2 / 8) / math.sqrt(3))
+
+
+def test_both_empty_case_days_and_classes_are_skipped():
+    target = np.zeros((3, 3, 8, 8), dtype=bool)
+    target[:, 2, 2:6, 2:6] = True
+    pred = target.copy()
+    pred[1, 2, 2:6, 2:4] = False  # half of the middle slice's stomach missed
+    base = competition_score(_ids(1, 1, 3), pred, target)
+    # a second case-day where nothing is present in prediction or GT changes nothing
+    empty = np.zeros_like(target)
+    both = competition_score(_ids(1, 1, 3) + _ids(2, 1, 3), np.concatenate([pred, empty]),
+                             np.concatenate([target, empty]))
+    assert both["score"] == pytest.approx(base["score"])
+    assert base["dice"] == pytest.approx((1 + 1 + 2 * 8 / (8 + 16)) / 3)
+    assert base["dice_per_class"]["large_bowel"] is None
+
+
+def test_matches_reference_formula_on_random_blobs():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        target = np.zeros((6, 12, 10), dtype=bool)
+        pred = np.zeros_like(target)
+        for vol in (target, pred):
+            for _ in range(3):
+                z, r, c = rng.integers(0, 5), rng.integers(0, 9), rng.integers(0, 7)
+                vol[z:z + 2, r:r + rng.integers(1, 4), c:c + rng.integers(1, 4)] = True
+        assert hausdorff_3d(pred, target) == pytest.approx(_reference_hausdorff(pred, target), rel=1e-9)
+
+
+def test_hausdorff_empty_rules():
+    empty = np.zeros((2, 4, 4), dtype=bool)
+    full = np.ones((2, 4, 4), dtype=bool)
+    assert math.isnan(hausdorff_3d(empty, empty))
+    assert hausdorff_3d(empty, full) == 1.0 and hausdorff_3d(full, empty) == 1.0
+    assert math.isnan(dice_2d(empty[0], empty[0]))
+
+
+def test_mlebench_mode_ors_classes_per_slice():
+    # class 0 predicted exactly, class 1 predicted one slice off; the OR of the classes differs by one voxel only
+    target = np.zeros((4, 3, 4, 4), dtype=bool)
+    target[1, 0, 1, 1] = target[1, 1, 1, 1] = True
+    pred = np.zeros_like(target)
+    pred[1, 0, 1, 1] = pred[2, 1, 1, 1] = True
+    ids = _ids(4, 4, 4)
+    per_class = competition_score(ids, pred, target)
+    mle = competition_score(ids, pred, target, mode="mlebench")
+    hd = (1 / 4) / math.sqrt(3)
+    assert per_class["hausdorff"] == pytest.approx((0 + hd) / 2)
+    assert mle["hausdorff"] == pytest.approx(hd)  # one case-day, union volumes {v} vs {v, v + 1 slice}
+    assert mle["hausdorff_per_class"] == {}
+    # predicted volume > 10x the true one -> 1 without computing
+    big = np.zeros_like(target)
+    big[:, 0] = True
+    assert competition_score(ids, big, target, mode="mlebench")["hausdorff"] == 1.0
+
+
+def test_list_of_slices_with_per_case_day_sizes():
+    t1 = [np.ones((3, 6, 5), dtype=bool) for _ in range(2)]
+    t2 = [np.ones((3, 4, 4), dtype=bool) for _ in range(2)]
+    result = competition_score(_ids(1, 1, 2) + _ids(2, 1, 2), t1 + t2, t1 + t2)
+    assert result["score"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="differ in"):
+        competition_score(_ids(1, 1, 2), [t1[0], t2[0]], [t1[0], t2[0]])
+
+
+def test_input_errors_name_the_slice():
+    masks = np.zeros((2, 3, 4, 4), dtype=bool)
+    with pytest.raises(ValueError, match="appears twice"):
+        competition_score(["case1_day1_slice_0001"] * 2, masks, masks)
+    with pytest.raises(ValueError, match="case1_day1_slice_0002"):
+        competition_score(_ids(1, 1, 2), [masks[0], masks[1, :2]], masks)
+    with pytest.raises(ValueError, match="2 ids"):
+        competition_score(_ids(1, 1, 2), masks[:1], masks)

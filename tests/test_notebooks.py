@@ -1,0 +1,60 @@
+"""Every notebook: parameters cell matches its config, stored without outputs, and runs end to end (smoke)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from nbsupport.config import StageConfig
+from nbsupport.paths import project_root
+
+NOTEBOOKS = sorted((project_root() / "notebooks").glob("*/[0-9][0-9]_*.ipynb"))
+SYSTEMS = sorted({p.parent.name for p in NOTEBOOKS})
+
+
+def stage_config(notebook: Path) -> type[StageConfig]:
+    """The config class of a notebook: the system's StageConfig subclass whose STAGE is the notebook's stem."""
+    module = importlib.import_module(f"nbsupport.{notebook.parent.name}")
+    matches = [obj for obj in vars(module).values()
+               if isinstance(obj, type) and issubclass(obj, StageConfig) and obj.STAGE == notebook.stem]
+    assert len(matches) == 1, f"{notebook}: expected one config class with STAGE={notebook.stem!r}, found {matches}"
+    return matches[0]
+
+
+def test_every_system_has_the_four_stages() -> None:
+    assert SYSTEMS, "no notebooks found"
+    for system in SYSTEMS:
+        stems = sorted(p.stem for p in NOTEBOOKS if p.parent.name == system)
+        assert [s[:2] for s in stems] == ["01", "02", "03", "04"], (system, stems)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_parameters_cell_matches_config(notebook: Path) -> None:
+    nb = nbformat.read(notebook, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{notebook}: expected exactly one cell tagged 'parameters'"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert code_cells[0] is tagged[0], f"{notebook}: the parameters cell must be the first code cell"
+    names = set(papermill.inspect_notebook(str(notebook)))
+    fields = {f.name for f in dataclasses.fields(stage_config(notebook))}
+    assert names == fields, f"{notebook}: missing {sorted(fields - names)}, unknown {sorted(names - fields)}"
+    # Literals only: papermill does not recompute derived values.
+    for line in tagged[0].source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            json.loads(value.strip().replace("None", "null").replace("True", "true").replace("False", "false")
+                       .replace("(", "[").replace(")", "]"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_stored_without_outputs(notebook: Path) -> None:
+    nb = nbformat.read(notebook, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{notebook} cell {i} has outputs"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "nbsupport"
