@@ -58,3 +58,28 @@ def test_stored_without_outputs(notebook: Path) -> None:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{notebook} cell {i} has outputs"
     assert nb.metadata.get("kernelspec", {}).get("name") == "nbsupport"
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_series_runs_end_to_end_on_smoke(system: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """01→04 through papermill and the real kernel, on the system's smoke demo data, into one run folder."""
+    from nbsupport.cli import write_demo_data
+    from nbsupport.runner import run_systems
+
+    monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "data"))
+    write_demo_data([system], root=tmp_path / "data", size="smoke")
+    manifest = tmp_path / "manifests" / f"{system}.csv"
+    summary = run_systems([system], "smoke", params={"manifest": str(manifest)}, run_id="nbtest",
+                          outputs_dir=tmp_path / "outputs")
+    assert summary.ok, summary.failure
+    run_dir = tmp_path / "outputs" / "runs" / "nbtest" / system
+    notebooks = sorted(p.stem for p in NOTEBOOKS if p.parent.name == system)
+    for stem in notebooks:
+        assert (run_dir / f"{stem}.ipynb").exists() and (run_dir / f"{stem}.html").exists()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert sorted(config) == notebooks
+    assert all(c["profile"] == "smoke" for c in config.values())
+    assert list((run_dir / "figures").glob("*.png"))
+    assert (tmp_path / "outputs" / "index.html").read_text().count("nbtest") >= 1

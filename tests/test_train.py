@@ -57,6 +57,7 @@ def assert_same_history(a: list[dict], b: list[dict], tol: float = 1e-6) -> None
 
 def val_loss(model: torch.nn.Module) -> float:
     x, y = regression_data(32, seed=2).tensors
+    model.eval()  # as fit() evaluates (bitsandbytes takes another, slightly different path in train mode)
     with torch.no_grad():
         return torch.nn.functional.mse_loss(model(x), y).item()
 

@@ -149,13 +149,25 @@ def rle_encode(mask: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- names
-def parse_slice_id(slice_id: str) -> tuple[int, int, int]:
-    """``"case123_day20_slice_0001"`` -> (case 123, day 20, slice 1)."""
+class SliceId(NamedTuple):
+    """A parsed ``case123_day20_slice_0001``."""
+
+    case: int
+    day: int
+    slice: int
+
+    @property
+    def case_day(self) -> str:
+        return f"case{self.case}_day{self.day}"
+
+
+def parse_slice_id(slice_id: str) -> SliceId:
+    """``"case123_day20_slice_0001"`` -> ``SliceId(case=123, day=20, slice=1)`` (compares equal to a plain tuple)."""
     m = _SLICE_ID.match(str(slice_id))
     if not m:
         raise ValueError(f"slice id {slice_id!r} does not match 'case{{N}}_day{{D}}_slice_{{SSSS}}' "
                          "(e.g. 'case123_day20_slice_0001')")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    return SliceId(int(m.group(1)), int(m.group(2)), int(m.group(3)))
 
 
 class SliceFile(NamedTuple):
@@ -584,7 +596,7 @@ class SliceDataset(Dataset):
 DEMO_SCAN_SIZES = ((266, 266, 1.50), (360, 310, 1.50), (234, 234, 1.50), (276, 276, 1.63))
 # write_demo_dataset arguments per ``nbsupport demo-data --size``: smoke has enough cases for train/val/test splits.
 DEMO_SIZES = {
-    "smoke": {"n_cases": 4, "days_per_case": 1, "slices_per_day": 12},
+    "smoke": {"n_cases": 6, "days_per_case": 1, "slices_per_day": 16},
     "demo": {"n_cases": 16, "days_per_case": 2, "slices_per_day": 24},
 }
 DEMO_MARKER = "nbsupport_demo.json"

@@ -208,7 +208,9 @@ class BCEDiceLoss(nn.Module):
     def __init__(self, bce_weight: float = 0.5, dice_weight: float = 0.5):
         super().__init__()
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
-        self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
+        # Smoothing of 1 (not MONAI's 1e-5): a class absent from the whole batch must cost ~0 when the model
+        # predicts near-0 probabilities, instead of a Dice of 0 that no finite logit can fix.
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, batch=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         bce = F.binary_cross_entropy_with_logits(logits, target)

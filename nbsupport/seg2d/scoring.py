@@ -18,41 +18,19 @@ Masks here are row-major (H, W) booleans per slice and class; RLE decoding belon
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 from scipy.ndimage import binary_erosion
 from scipy.spatial.distance import directed_hausdorff
 
-UWMGI_CLASSES: tuple[str, ...] = ("large_bowel", "small_bowel", "stomach")  # order of the rows in train.csv
+from nbsupport.seg2d.data import CLASSES as UWMGI_CLASSES
+from nbsupport.seg2d.data import parse_slice_id
+
 DICE_WEIGHT = 0.4
 HAUSDORFF_WEIGHT = 0.6
 UNIT_CUBE_DIAGONAL = math.sqrt(3.0)
-
-SLICE_ID_PATTERN = re.compile(r"^case(\d+)_day(\d+)_slice_(\d+)$")
-
-
-class SliceId(NamedTuple):
-    """A parsed ``case123_day20_slice_0001``."""
-
-    case: int
-    day: int
-    slice: int
-
-    @property
-    def case_day(self) -> str:
-        return f"case{self.case}_day{self.day}"
-
-
-def parse_slice_id(slice_id: str) -> SliceId:
-    """``"case123_day20_slice_0001"`` -> ``SliceId(case=123, day=20, slice=1)``."""
-    m = SLICE_ID_PATTERN.match(str(slice_id))
-    if m is None:
-        raise ValueError(f"slice id {slice_id!r} does not match 'case<N>_day<D>_slice_<SSSS>'")
-    return SliceId(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-
 
 # ---------------------------------------------------------------------------------------------- per-mask scores
 def dice_2d(pred: np.ndarray, target: np.ndarray) -> float:
