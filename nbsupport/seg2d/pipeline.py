@@ -53,10 +53,27 @@ class PreprocessConfig(StageConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(StageConfig):
-    """02_train: transfer-learn (or train from a config) one of the four HF architectures."""
+class _ManifestStage(StageConfig):
+    """Stages that read the manifest written by 01_preprocess."""
 
     SYSTEM = SYSTEM
+
+    data_root: str = param("", "dataset root; '' = the root recorded in the manifest")
+    manifest: str = param(DEFAULT_MANIFEST, "slice manifest written by 01_preprocess")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainedModelStage(_ManifestStage):
+    """Stages that use a trained checkpoint on one split."""
+
+    checkpoint: str = param("", "checkpoint folder; '' = best checkpoint of run_dir, else of the newest run")
+    split: Literal["train", "val", "test"] = param("test", "manifest split to use")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_ManifestStage):
+    """02_train: transfer-learn (or train from a config) one of the four HF architectures."""
+
     STAGE = "02_train"
     PROFILES = {
         "smoke": {"width": "tiny", "image_size": 96, "epochs": 40, "batch_size": 8, "lr": 5e-3,
@@ -69,8 +86,6 @@ class TrainConfig(StageConfig):
                  "num_workers": 4},
     }
 
-    data_root: str = param("", "dataset root; '' = the root recorded in the manifest")
-    manifest: str = param(DEFAULT_MANIFEST, "slice manifest written by 01_preprocess")
     arch: Literal["segformer", "dpt", "beit", "upernet"] = param("segformer", "model family (seed --base_model)")
     model_name_or_path: str = param("", "hub id or local folder of a pretrained checkpoint; '' = random init")
     width: Literal["tiny", "small"] = param("small", "size of a random-init model")
@@ -91,16 +106,11 @@ class TrainConfig(StageConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(StageConfig):
+class InferConfig(_TrainedModelStage):
     """03_infer: predict masks for a split or a folder of new PNGs and write ``submission.csv``."""
 
-    SYSTEM = SYSTEM
     STAGE = "03_infer"
 
-    data_root: str = param("", "dataset root; '' = the root recorded in the manifest")
-    manifest: str = param(DEFAULT_MANIFEST, "slice manifest written by 01_preprocess")
-    checkpoint: str = param("", "checkpoint folder; '' = best checkpoint of run_dir, else of the newest run")
-    split: Literal["train", "val", "test"] = param("test", "manifest split to predict")
     input_dir: str = param("", "folder in the Kaggle layout (train/ or test/ case folders) to predict instead of a split")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
     batch_size: int = param(16, "slices per forward pass")
@@ -108,16 +118,11 @@ class InferConfig(StageConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(StageConfig):
+class AttentionConfig(_TrainedModelStage):
     """04_attention: self-attention of the transformer for a query pixel, and prediction vs truth."""
 
-    SYSTEM = SYSTEM
     STAGE = "04_attention"
 
-    data_root: str = param("", "dataset root; '' = the root recorded in the manifest")
-    manifest: str = param(DEFAULT_MANIFEST, "slice manifest written by 01_preprocess")
-    checkpoint: str = param("", "checkpoint folder; '' = best checkpoint of run_dir, else of the newest run")
-    split: Literal["train", "val", "test"] = param("test", "split to take the slice from")
     slice_id: str = param("", "slice id (e.g. case123_day20_slice_0065); '' = the split's slice with most organ")
     query_organ: Literal["large_bowel", "small_bowel", "stomach"] = param(
         "stomach", "the query pixel is this organ's centre (used when query_point is None)")
@@ -234,10 +239,12 @@ def training_task(config: dict[str, Any], manifest: str, data_root: str, spec_js
 class TrainOutcome:
     history: list[dict[str, Any]]
     checkpoint: Path
+    test_split: str  # "test", or "val" when the manifest has no test cases
     test_metrics: dict[str, float]
     per_class: pd.DataFrame
     curves: Any
     examples: Any
+    baselines: pd.DataFrame  # Dice / Hausdorff / score of the model next to no-skill predictors, same slices
 
 
 def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
@@ -274,7 +281,11 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     run.save_figure(curves, "02_training_curves")
     examples = evaluation.figure(root, n=4)
     run.save_figure(examples, "02_test_predictions")
-    return TrainOutcome(result.history, best, metrics, evaluation.per_class, curves, examples)
+    keys = ("dice", "hausdorff", "score")
+    table = {name: {k: s[k] for k in keys} for name, s in baseline_scores(evaluation.manifest).items()}
+    table[f"{cfg.arch} (this run)"] = {k: evaluation.scores[k] for k in keys}
+    return TrainOutcome(result.history, best, test_split, metrics, evaluation.per_class, curves, examples,
+                        pd.DataFrame(table).T)
 
 
 def _warmup_steps(cfg: TrainConfig, manifest: pd.DataFrame) -> int:

@@ -24,7 +24,7 @@ def _reference_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
 def test_parse_slice_id():
     sid = parse_slice_id("case123_day20_slice_0001")
     assert (sid.case, sid.day, sid.slice, sid.case_day) == (123, 20, 1, "case123_day20")
-    with pytest.raises(ValueError, match="case<N>_day<D>_slice_<SSSS>"):
+    with pytest.raises(ValueError, match="does not match"):
         parse_slice_id("case123_slice_0001")
 
 
