@@ -82,3 +82,14 @@ def test_provenance_fields() -> None:
     prov = provenance(seed=3, device="cpu")
     assert {"time", "git", "python", "packages", "seed", "device"} <= set(prov)
     assert prov["python"].startswith("3.")
+
+
+def test_atomic_write_uses_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        target = atomic_write_json(tmp_path / "config.json", {})
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o644
