@@ -374,27 +374,24 @@ def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_si
 
 
 def baseline_scores(manifest: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Competition scores of two no-skill predictors on a split: all background, and the train mean mask.
+    """Competition scores of two no-skill predictors on a split: all background, and the mean mask.
 
-    The mean mask predicts, for every slice of a given size, the pixels that are foreground in at least half
-    of the training slices of that size (resized per slice otherwise).
+    The mean mask predicts, on every slice, the pixels that are foreground in at least half of the split's own
+    slices (all resized to that slice's size). It sees the evaluated masks, so it is an optimistic baseline.
     """
-    ids = list(manifest["id"])
-    truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
-    empty = [np.zeros_like(t) for t in truth]
-    mean_mask = [np.broadcast_to(np.mean(truth, axis=0) >= 0.5, t.shape) if len({t.shape for t in truth}) == 1
-                 else _mean_mask_like(truth, t.shape) for t in truth]
-    return {"all_background": competition_score(ids, empty, truth), "mean_mask": competition_score(ids, mean_mask, truth)}
-
-
-def _mean_mask_like(truth: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     import cv2
 
-    acc = np.zeros(shape, dtype=np.float64)
-    for t in truth:
-        acc += np.stack([cv2.resize(c.astype(np.float32), (shape[2], shape[1]), interpolation=cv2.INTER_NEAREST)
-                         for c in t])
-    return acc / len(truth) >= 0.5
+    ids = list(manifest["id"])
+    truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
+    mean_by_shape: dict[tuple[int, ...], np.ndarray] = {}
+    for shape in {t.shape for t in truth}:
+        acc = np.zeros(shape, dtype=np.float64)
+        for t in truth:
+            acc += t if t.shape == shape else np.stack(
+                [cv2.resize(c.astype(np.uint8), (shape[2], shape[1]), interpolation=cv2.INTER_NEAREST) for c in t])
+        mean_by_shape[shape] = acc / len(truth) >= 0.5
+    return {"all_background": competition_score(ids, [np.zeros_like(t) for t in truth], truth),
+            "mean_mask": competition_score(ids, [mean_by_shape[t.shape] for t in truth], truth)}
 
 
 # ============================================================================================ 03 infer
