@@ -18,7 +18,7 @@ from nbsupport.device import resolve_device
 from nbsupport.manifest import read_manifest, write_manifest
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
-from nbsupport.runs import RunFolder, atomic_path, atomic_write_text, runs_root
+from nbsupport.runs import RunFolder, atomic_write_text, runs_root
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d.model import (BCEDiceLoss, Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec)
 from nbsupport.seg2d.scoring import competition_score
@@ -555,15 +555,13 @@ def query_attention(attentions: tuple[torch.Tensor, ...], spec: Seg2DModelSpec, 
     maps: list[tuple[str, torch.Tensor]] = []  # (title, (heads, h_kv, w_kv))
     if spec.arch == "segformer":
         depths, strides = cfg["depths"], cfg["strides"]
-        srs = cfg["sr_ratios"]
         k, stride = 0, 1
         for stage, depth in enumerate(depths):
             stride *= strides[stage]
             grid = -(-image_size // stride)
-            kv = -(-grid // srs[stage]) if srs[stage] > 1 else grid
             q_index = min(query[0] // stride, grid - 1) * grid + min(query[1] // stride, grid - 1)
             for block in range(depth):
-                att = attentions[k][0]  # (heads, grid*grid, kv*kv)
+                att = attentions[k][0]  # (heads, grid*grid, kv*kv): keys on the grid reduced by sr_ratio
                 side = int(round(att.shape[-1] ** 0.5))
                 maps.append((f"stage {stage + 1} block {block + 1}", att[:, q_index].reshape(-1, side, side)))
                 k += 1
