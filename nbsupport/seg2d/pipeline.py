@@ -284,7 +284,8 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     examples = evaluation.figure(root, n=4)
     run.save_figure(examples, "02_test_predictions")
     keys = ("dice", "hausdorff", "score")
-    table = {name: {k: s[k] for k in keys} for name, s in baseline_scores(evaluation.manifest).items()}
+    baselines = baseline_scores(evaluation.manifest, evaluation.truth)
+    table = {name: {k: s[k] for k in keys} for name, s in baselines.items()}
     table[f"{cfg.arch} (this run)"] = {k: evaluation.scores[k] for k in keys}
     return TrainOutcome(result.history, best, test_split, metrics, evaluation.per_class, curves, examples,
                         pd.DataFrame(table).T)
@@ -373,16 +374,21 @@ def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_si
     return SplitEvaluation(manifest, pred, truth, scores, per_class)
 
 
-def baseline_scores(manifest: pd.DataFrame) -> dict[str, dict[str, float]]:
+def baseline_scores(manifest: pd.DataFrame, truth: list[np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Competition scores of two no-skill predictors on a split: all background, and the mean mask.
 
     The mean mask predicts, on every slice, the pixels that are foreground in at least half of the split's own
     slices (all resized to that slice's size). It sees the evaluated masks, so it is an optimistic baseline.
+
+    Args:
+        manifest: the split's rows.
+        truth: their (3, H, W) masks when already decoded (e.g. ``SplitEvaluation.truth``); decoded otherwise.
     """
     import cv2
 
     ids = list(manifest["id"])
-    truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
+    if truth is None:
+        truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
     mean_by_shape: dict[tuple[int, ...], np.ndarray] = {}
     for shape in {t.shape for t in truth}:
         acc = np.zeros(shape, dtype=np.float64)
