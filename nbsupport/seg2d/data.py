@@ -718,9 +718,11 @@ def _render_demo_slice(anatomy: Mapping[str, Any], t: float, width: int, height:
         masks[0] = large_bowel
     # small bowel: a cluster of small fluid-filled loops in the centre, each drifting and appearing on its own
     for loop in anatomy["loops"]:
-        size = _window(t, loop["start"], loop["stop"])
-        if size < 0.2:
+        window = _window(t, loop["start"], loop["stop"])
+        if window < 0.2:
             continue
+        # a loop is a tube crossing the slice plane: it appears at (most of) its calibre, not as a growing speck
+        size = 0.6 + 0.4 * window
         drift = 0.06 * np.sin(2 * np.pi * loop["freq"] * t + loop["phase"])
         cx, cy, radius = (loop["u"] + drift) * a, (loop["v"] - drift) * b, loop["r"] * size
         distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
