@@ -112,3 +112,37 @@ def test_nbsupport_run_with_a_wrongly_typed_parameter_fails_keeps_the_partial_no
     assert again.returncode == 2 and "val_fractoin" in again.stderr, again.stderr
     reuse = subprocess.run(command[:-4], capture_output=True, text=True, timeout=120, cwd=project_root())
     assert reuse.returncode == 2 and "already exists" in reuse.stderr, reuse.stderr
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_a_kernel_killed_mid_notebook_is_reported_and_its_partial_notebook_kept(tmp_path: Path) -> None:
+    """The OOM killer's SIGKILL to the kernel: the runner reports the cell, keeps what ran, and stops."""
+    from nbsupport.runner import run_systems
+
+    folder = tmp_path / "notebooks" / "victim"
+    folder.mkdir(parents=True)
+    for stem, body in (("01_work", 'print("before the kill", flush=True)\nimport os, signal\n'
+                                   'os.kill(os.getpid(), signal.SIGKILL)'),
+                       ("02_after", 'print("must not run")')):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "nbsupport", "display_name": "Python (nbsupport)", "language": "python"}
+        params = nbformat.v4.new_code_cell('profile = "smoke"\nrun_dir = ""')
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(body)]
+        nbformat.write(nb, folder / f"{stem}.ipynb")
+    lines: list[str] = []
+    summary = run_systems(["victim"], "smoke", run_id="killed", notebooks_dir=tmp_path / "notebooks",
+                          outputs_dir=tmp_path / "outputs", log=lines.append)
+
+    assert not summary.ok and summary.failure.notebook == "01_work", "\n".join(lines)
+    failure = summary.failure
+    assert failure.ename == "DeadKernelError" and failure.cell == failure.cells == 3, failure  # + injected cell
+    assert failure.source == 'print("before the kill", flush=True)'
+    run_dir = tmp_path / "outputs" / "runs" / "killed" / "victim"
+    partial = nbformat.read(run_dir / "01_work.ipynb", as_version=4)  # a valid notebook, not a torn file
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in partial.cells)
+    assert any("FAILED at cell 3/3" in line and "DeadKernelError" in line for line in lines), lines
+    assert not (run_dir / "02_after.ipynb").exists()
+    status = json.loads((run_dir / "run_status.json").read_text())
+    assert status["status"] == "failed" and status["failure"]["ename"] == "DeadKernelError"
