@@ -89,8 +89,9 @@ class DicomImageInfo:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def read_dicom_image(path: str | os.PathLike,
-                     window: Literal["auto"] | tuple[float, float] | None = "auto") -> tuple[np.ndarray, DicomImageInfo]:
+def read_dicom_image(
+    path: str | os.PathLike, window: Literal["auto"] | tuple[float, float] | None = "auto",
+) -> tuple[np.ndarray, DicomImageInfo]:
     """Pixels of a single-frame grayscale DICOM and its non-identifying description.
 
     Args:

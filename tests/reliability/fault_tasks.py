@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
-
 from train_tasks import RegressionTask
 
 

@@ -16,8 +16,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Where a write can be cut, in the order they happen in nbsupport.train._write_checkpoint.
 PHASES = {
@@ -37,7 +38,7 @@ def install(phase: str, nth: int, marker: Path) -> None:
     import safetensors.torch
     import torch
 
-    import nbsupport.train as train
+    from nbsupport import train
 
     if phase not in PHASES:
         raise SystemExit(f"unknown phase {phase!r}; expected one of {sorted(PHASES)}")

@@ -24,7 +24,7 @@ from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d import pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from catalogue import BadInput, Expect, assert_reports, snapshot  # noqa: E402
+from catalogue import BadInput, Expect, assert_reports, snapshot
 
 SIZES = {"n_cases": 3, "days_per_case": 1, "slices_per_day": 4}  # 12 slices, 36 train.csv rows
 
@@ -272,7 +272,8 @@ def manifest_moved_from_its_data(manifest: Path) -> tuple[Expect, ...]:
     data_root = Path(pd.read_json(meta_path(manifest), typ="series")["data_root"])
     data_root.rename(data_root.with_name("moved_elsewhere"))
     return (Expect(None, None, f"data root {re.escape(str(data_root))} does not exist"),
-            Expect(None, None, f"Data root tried: {re.escape(str(data_root))}"), Expect(None, None, "pass data_root=<new folder>"))
+            Expect(None, None, f"Data root tried: {re.escape(str(data_root))}"),
+            Expect(None, None, "pass data_root=<new folder>"))
 
 
 def manifest_without_sidecar(manifest: Path) -> tuple[Expect, ...]:

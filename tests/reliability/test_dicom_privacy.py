@@ -23,7 +23,7 @@ from nbsupport.runs import RunFolder
 from nbsupport.viz import image_grid
 
 sys.path.insert(0, str(Path(__file__).parent))
-from catalogue import BadInput, Expect, assert_reports  # noqa: E402
+from catalogue import BadInput, Expect, assert_reports
 
 IDENTIFIERS = {
     "PatientName": "Doe^Jane^Quincy",
@@ -197,7 +197,8 @@ def _with(**attributes: object) -> Callable[[Path], Path]:
 
 
 CASES = [
-    BadInput("dicom_truncated_pixel_data", dicom_case(_truncate(0.97), "PixelData", r"cut off \(\d+ of 8192 bytes.*truncated")),
+    BadInput("dicom_truncated_pixel_data",
+             dicom_case(_truncate(0.97), "PixelData", r"cut off \(\d+ of 8192 bytes.*truncated")),
     BadInput("dicom_truncated_header", dicom_case(_truncate(0.05), "PixelData", "missing.*or the file is truncated")),
     BadInput("dicom_not_a_dicom", dicom_case(_raw(b"\x89PNG\r\n\x1a\n" * 50), None, "not a (readable )?DICOM file")),
     BadInput("dicom_empty_file", dicom_case(_raw(b""), None, "not a (readable )?DICOM file")),

@@ -88,7 +88,7 @@ def test_nbsupport_run_with_a_wrongly_typed_parameter_fails_keeps_the_partial_no
     outputs, manifest = tmp_path / "outputs", tmp_path / "manifests" / "m.csv"
     command = [sys.executable, "-m", "nbsupport.cli", "run", "seg2d", "--profile", "smoke", "--run-id", "bad-type",
                "--outputs-dir", str(outputs), "-p", "val_fraction=abc", "-p", f"manifest={manifest}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=project_root())
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=project_root(), check=False)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED" in done.stdout and "ConfigError" in done.stdout, done.stdout
 
@@ -108,9 +108,10 @@ def test_nbsupport_run_with_a_wrongly_typed_parameter_fails_keeps_the_partial_no
 
     # A misspelt name is refused before any kernel starts, and the same run id is refused afterwards.
     again = subprocess.run([*command[:-4], "-p", "val_fractoin=0.1"], capture_output=True, text=True, timeout=120,
-                           cwd=project_root())
+                           cwd=project_root(), check=False)
     assert again.returncode == 2 and "val_fractoin" in again.stderr, again.stderr
-    reuse = subprocess.run(command[:-4], capture_output=True, text=True, timeout=120, cwd=project_root())
+    reuse = subprocess.run(command[:-4], capture_output=True, text=True, timeout=120, cwd=project_root(),
+                           check=False)
     assert reuse.returncode == 2 and "already exists" in reuse.stderr, reuse.stderr
 
 
@@ -122,8 +123,8 @@ def test_a_kernel_killed_mid_notebook_is_reported_and_its_partial_notebook_kept(
 
     folder = tmp_path / "notebooks" / "victim"
     folder.mkdir(parents=True)
-    for stem, body in (("01_work", 'print("before the kill", flush=True)\nimport os, signal\n'
-                                   'os.kill(os.getpid(), signal.SIGKILL)'),
+    for stem, body in (("01_work", ('print("before the kill", flush=True)\nimport os, signal\n'
+                                    'os.kill(os.getpid(), signal.SIGKILL)')),
                        ("02_after", 'print("must not run")')):
         nb = nbformat.v4.new_notebook()
         nb.metadata["kernelspec"] = {"name": "nbsupport", "display_name": "Python (nbsupport)", "language": "python"}

@@ -26,7 +26,7 @@ PACKAGE = Path(nbsupport.__file__).parent
 TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
-from train_tasks import make_regression  # noqa: E402
+from train_tasks import make_regression
 
 SENTINEL_ENV = "NBSUPPORT_TEST_SENTINEL"
 
@@ -49,13 +49,12 @@ def unsafe_calls(source: str, where: str) -> list[str]:
         keywords = {k.arg: k.value for k in node.keywords}
         line = f"{where}:{node.lineno}: {ast.unparse(node)[:100]}"
 
-        def literal(key: str) -> object:
+        def literal(key: str, keywords: dict = keywords) -> object:
             value = keywords.get(key)
             return value.value if isinstance(value, ast.Constant) else ("<expr>" if value is not None else None)
 
-        if name.endswith("torch.load"):
-            if literal("weights_only") is not True:
-                found.append(line + "  (torch.load without weights_only=True)")
+        if name.endswith("torch.load") and literal("weights_only") is not True:
+            found.append(line + "  (torch.load without weights_only=True)")
         if name in ("pickle.load", "pickle.loads", "cloudpickle.load", "dill.load", "joblib.load"):
             found.append(line + "  (unpickles arbitrary objects)")
         if name.endswith(("np.load", "numpy.load")) and literal("allow_pickle") not in (None, False):
