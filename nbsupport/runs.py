@@ -25,10 +25,18 @@ from typing import Any
 
 from nbsupport.paths import project_root, resolve_path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 TRACKED_PACKAGES = (
     "nbsupport", "torch", "monai", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "numpy",
     "pandas", "opencv-python", "papermill", "safetensors",
 )
+
+
+LOCK_FILE = ".records.lock"
 
 
 class RunExistsError(FileExistsError):
@@ -161,25 +169,45 @@ class RunFolder:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    @contextlib.contextmanager
+    def _records_locked(self) -> Iterator[None]:
+        """Hold this folder's lock while a shared record (config/provenance/metrics.json) is read and rewritten.
+
+        Two stages (or two notebooks started by mistake with the same ``run_dir``) updating one JSON file at
+        the same time would otherwise each write back what they read, and one update would be lost.
+        """
+        if fcntl is None:  # pragma: no cover - Windows: atomic writes only
+            yield
+            return
+        with open(self.path / LOCK_FILE, "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
     def record_stage(self, cfg: Any) -> None:
         """Add the stage's resolved config to ``config.json`` and its provenance to ``provenance.json``."""
         stage = cfg.STAGE
-        configs = read_json(self.path / "config.json", {})
-        if stage in configs:
-            raise RunExistsError(
-                f"stage {stage} already ran in {self.path}; a run folder is never overwritten (use a new run_dir)"
-            )
-        configs[stage] = cfg.to_dict()
-        atomic_write_json(self.path / "config.json", configs)
-        prov = read_json(self.path / "provenance.json", {})
-        prov[stage] = provenance(seed=cfg.seed, device=cfg.device)
-        atomic_write_json(self.path / "provenance.json", prov)
+        info = provenance(seed=cfg.seed, device=cfg.device)  # outside the lock: it runs git
+        with self._records_locked():
+            configs = read_json(self.path / "config.json", {})
+            if stage in configs:
+                raise RunExistsError(
+                    f"stage {stage} already ran in {self.path}; a run folder is never overwritten (use a new run_dir)"
+                )
+            configs[stage] = cfg.to_dict()
+            atomic_write_json(self.path / "config.json", configs)
+            prov = read_json(self.path / "provenance.json", {})
+            prov[stage] = info
+            atomic_write_json(self.path / "provenance.json", prov)
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> Path:
         """Merge ``metrics`` under ``stage`` into ``metrics.json``."""
-        allm = read_json(self.path / "metrics.json", {})
-        allm.setdefault(stage, {}).update(metrics)
-        return atomic_write_json(self.path / "metrics.json", allm)
+        with self._records_locked():
+            allm = read_json(self.path / "metrics.json", {})
+            allm.setdefault(stage, {}).update(metrics)
+            return atomic_write_json(self.path / "metrics.json", allm)
 
     def metrics(self) -> dict[str, Any]:
         return read_json(self.path / "metrics.json", {})

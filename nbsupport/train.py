@@ -283,7 +283,7 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
         if source is not None:
             source_meta = _check_resumable(source, settings, steps_per_epoch)
             load_weights(bare_model, source, expected_config_hash=config_hash)  # refuses another config
-            saved = torch.load(source / STATE_FILE, map_location="cpu", weights_only=True)
+            saved = _load_training_state(source / STATE_FILE)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = _Progress(**saved["progress"])
@@ -291,6 +291,7 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
             resumed_from = state.step
             if main:
                 logger.warning("resuming from %s at step %d of %d", source, state.step, total_steps)
+                _repair_best(ckpt_dir / "best", source_meta, state, bare_model, settings)
                 if source_meta["total_steps"] != total_steps and settings.scheduler != "constant":
                     logger.warning("the schedule now spans %d steps instead of %d: the lr curve bends at step %d",
                                    total_steps, source_meta["total_steps"], state.step)
@@ -578,8 +579,10 @@ def _write_checkpoint(target: Path, meta: dict[str, Any], write_files: Any) -> N
         os.rename(target, old)
     os.rename(tmp, target)
     _fsync(target.parent)
-    # This write's `old`, and leftovers of killed writes (one process writes, one checkpoint at a time).
-    for stale in target.parent.glob(".*"):
+    # This write's `old`, and leftovers of killed writes of this checkpoint (one process writes, one checkpoint at a
+    # time). Only this name's: a resume may have just read a complete `.last.*` leftover that a repair of `best`
+    # must not delete before the next `last` is in place.
+    for stale in target.parent.glob(f".{target.name}.*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -619,6 +622,42 @@ def _find_resumable(ckpt_dir: Path) -> Path | None:
         elif path.exists():
             logger.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
     return max(candidates)[2] if candidates else None
+
+
+def _load_training_state(path: Path) -> dict[str, Any]:
+    """``training_state.pt`` through ``torch.load(weights_only=True)``: tensors, numbers and containers only, so a
+    tampered file cannot run code; anything else is refused with the file named."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
+        raise ValueError(f"cannot resume from {path}: it is not a training state this trainer wrote "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); only tensors, "
+                         "numbers and containers are loaded (weights_only=True), never pickled objects") from err
+
+
+def _repair_best(best: Path, source_meta: Mapping[str, Any], state: _Progress, model: torch.nn.Module,
+                 settings: TrainSettings) -> None:
+    """Make ``best`` hold the step the resumed progress calls best.
+
+    'last' is written before 'best' at the same step, so a kill during the 'best' write leaves a 'last' whose
+    best step is itself while ``best`` is missing or still the previous best. The model just loaded from 'last'
+    *is* that best: write it again. An uninterrupted run would otherwise end with another best checkpoint.
+    """
+    if state.best_step is None:
+        return
+    current = read_checkpoint_meta(best)
+    if current is not None and current.get("step") == state.best_step:
+        for stale in best.parent.glob(f".{best.name}.*"):  # what a kill after the swap left behind
+            shutil.rmtree(stale, ignore_errors=True)
+        return
+    if state.best_step != state.step:
+        logger.warning("checkpoint %s holds step %s, not the best step %d; it is kept as it is",
+                       best, None if current is None else current.get("step"), state.best_step)
+        return
+    logger.warning("rewriting %s from step %d: its write was interrupted", best, state.step)
+    meta = {k: v for k, v in source_meta.items() if k not in ("kind", "files", "format", "time")}
+    _write_checkpoint(best, {**meta, "kind": "best"},
+                      lambda tmp: _save_weights(model, tmp / WEIGHTS_FILE, meta, settings))
 
 
 def _check_resumable(source: Path, settings: TrainSettings, steps_per_epoch: int) -> dict:

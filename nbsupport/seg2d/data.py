@@ -398,6 +398,9 @@ def build_manifest(
                         f"{row['height']} (WxH, {n_pixels} pixels) according to {Path(row['image']).name}",
                         file="train.csv"))
     if problems:
+        # Report the unreadable images in the same error, so that one pass fixes everything. (Without other
+        # problems the images are read once, by write_manifest's validation, instead of twice.)
+        problems += _image_problems(root, rows)
         raise ManifestError(problems, root, hint=f"Expected the Kaggle layout: {KAGGLE_LAYOUT}")
 
     splits = split_cases((r["case"] for r in rows), val_fraction, test_fraction, seed) if has_labels else {}
@@ -412,6 +415,22 @@ def build_manifest(
     for name in ("id", "image", *RLE_COLUMNS, "split"):
         df[name] = df[name].astype(object)
     return df
+
+
+def _image_problems(root: Path, rows: list[dict[str, Any]]) -> list[ManifestProblem]:
+    """A problem for every slice image of ``rows`` that :func:`read_slice` refuses (corrupt, 8-bit, RGB...)."""
+    def check(row: dict[str, Any]) -> ManifestProblem | None:
+        try:
+            read_slice(root / row["image"])
+        except (OSError, ValueError) as err:
+            return ManifestProblem(None, "image", str(err).replace(str(root / row["image"]), row["image"]),
+                                   file=row["image"])
+        return None
+
+    workers = max(1, min(8, os.cpu_count() or 1))  # decoding releases the GIL
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        found = list(progress(pool.map(check, rows), desc="checking slice images", total=len(rows)))
+    return [p for p in found if p is not None]
 
 
 def _check_slice_id(value: Any) -> str | None:
@@ -436,9 +455,15 @@ def _seg2d_row_check(row: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         if (info.width, info.height) != (row["width"], row["height"]):
             yield "image", (f"filename says {info.width}x{info.height} (WxH) but the row says "
                             f"{row['width']}x{row['height']}")
+    for name in ("pixel_spacing_w", "pixel_spacing_h"):
+        if not row[name] > 0:  # distances in mm (Hausdorff) would be silently zero or negative
+            yield name, f"expected a pixel spacing > 0 mm, got {row[name]!r}"
+    for name in ("width", "height"):
+        if row[name] < 1:
+            yield name, f"expected a size >= 1 pixel, got {row[name]!r}"
     n_pixels = row["width"] * row["height"]
     for name in RLE_COLUMNS:
-        if row[name] and _rle_last_pixel(row[name]) > n_pixels:
+        if row[name] and n_pixels > 0 and _rle_last_pixel(row[name]) > n_pixels:
             yield name, (f"RLE runs to pixel {_rle_last_pixel(row[name])}; expected <= width*height = {n_pixels}")
     if row["has_labels"] is False and row["split"] != "test":
         yield "split", f"rows without labels can only be in split 'test', got {row['split']!r}"
