@@ -23,7 +23,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +70,7 @@ class PRSMedSpec:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PRSMedSpec":
+    def from_json(cls, text: str) -> PRSMedSpec:
         return cls(**json.loads(text))
 
     def fingerprint(self) -> str:
@@ -420,8 +419,14 @@ def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[s
     SAM ViT-B image encoder at 1024 px (output 256 x 64 x 64); the official decoder (prompt 4096 -> 512 -> 256);
     LoRA r on q/k/v/o of the 32 Mistral layers (A: r x in, B: out x r per projection).
     """
-    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
-                              SamVisionConfig, SamVisionModel)
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+        SamVisionConfig,
+        SamVisionModel,
+    )
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768)
@@ -467,12 +472,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out["total"] = sum(p.numel() for p in model.parameters())
     return out
-
-
-def dice_iou(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
-    """Official per-sample Dice and IoU at ``prob > threshold`` (smooth 1e-6)."""
-    pred = prob > threshold
-    inter = float((pred & truth).sum())
-    total = float(pred.sum() + truth.sum())
-    union = float((pred | truth).sum())
-    return (2 * inter + 1e-6) / (total + 1e-6), (inter + 1e-6) / (union + 1e-6)

@@ -18,8 +18,13 @@ import torch
 from nbsupport.config import StageConfig, param
 from nbsupport.device import resolve_device
 from nbsupport.manifest import read_manifest, write_manifest
-from nbsupport.metrics import (POSITIONS, most_frequent_position_baseline, parse_position, position_accuracy,
-                               segmentation_metrics)
+from nbsupport.metrics import (
+    POSITIONS,
+    most_frequent_position_baseline,
+    parse_position,
+    position_accuracy,
+    segmentation_metrics,
+)
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
 from nbsupport.prs_med import data as prs_data
@@ -70,7 +75,7 @@ class TrainConfig(_ManifestStage):
                   "vision_patch": 16, "vision_hidden": 32, "decoder_hidden": 32, "epochs": 2, "batch_size": 10,
                   "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
         # about 6 minutes on an idle 2-core CPU (the 500-image demo dataset)
-        "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "epochs": 4, "batch_size": 8,
+        "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "epochs": 3, "batch_size": 8,
                  "lr": 2e-3, "lambda_txt": 1.0, "cls_epochs": 2},
         "full": {"sam_path": "weights/sam-vit-base", "vlm": "weights/llava-med-v1.5-mistral-7b-hf", "image_size": 1024,
                  "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
@@ -642,7 +647,7 @@ def attention_over_image(model: PRSMedNet, out: Any, input_ids: torch.Tensor, la
     tok = model.tokenizer
     grid = model.spec.image_size // model.spec.sam_patch if not model.spec.sam_path else None
     cross = out.cross_attention[0]  # (g*g, T)
-    side = grid or int(round(cross.shape[0] ** 0.5))
+    side = grid or round(cross.shape[0] ** 0.5)
     is_image = input_ids == model.image_token_id
     is_answer = labels != -100
     words = [tok.decode([int(t)]).strip() for t in input_ids]
@@ -655,7 +660,7 @@ def attention_over_image(model: PRSMedNet, out: Any, input_ids: torch.Tensor, la
         decoder_maps.append((f"'{words[i]}'", cross[:, i].reshape(side, side).numpy()))
     image_index = torch.nonzero(is_image).flatten()
     answer_index = torch.nonzero(is_answer).flatten()
-    vside = int(round(len(image_index) ** 0.5))
+    vside = round(len(image_index) ** 0.5)
     vlm_maps = []
     for layer, att in enumerate(out.vlm_attentions or ()):
         a = att[0].mean(0)  # (T, T) over heads

@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbsupport.prs_med.model import (PRSMedNet, PRSMedSpec, PromptedMaskDecoder, full_parameter_counts, prompt_text,
-                                     structure_loss)
+from nbsupport.prs_med.model import (
+    PromptedMaskDecoder,
+    PRSMedNet,
+    PRSMedSpec,
+    full_parameter_counts,
+    prompt_text,
+    structure_loss,
+)
 
 TINY = PRSMedSpec(image_size=32, sam_hidden=16, sam_layers=1, sam_heads=2, sam_patch=4, sam_out_channels=16,
                   vlm="tiny", vision_size=32, vision_patch=16, vision_hidden=16, vision_layers=1, decoder_hidden=16)
@@ -94,8 +100,9 @@ def test_the_network_learns_masks_and_answers_of_a_small_set() -> None:
     """Learning test: 20 steps on 6 images with known masks and answers; both losses must fall below the untrained
     network's on the same data (baseline: step 0). The tiny LM is random and learns only through LoRA, the vision
     tower and the projector, so its loss falls slowly: 10.87 -> 10.28 nats measured; the structure loss 1.57 -> 1.17."""
-    from nbsupport.prs_med.data import _lesion_mask, _render, image_to_tensor, mask_to_tensor
     import numpy as np
+
+    from nbsupport.prs_med.data import _lesion_mask, _render, image_to_tensor, mask_to_tensor
 
     rng = np.random.default_rng(0)
     positions = ["top left", "bottom right", "center", "top right", "bottom left", "center"]
