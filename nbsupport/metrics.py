@@ -168,3 +168,83 @@ def summarise(df: pd.DataFrame, metrics: Sequence[str] = SEGMENTATION_METRICS) -
 
 # ---------------------------------------------------------------------------------------------- position reasoning
 # Position accuracy of predicted masks/answers (prs_med: "top left", ..., "center") goes here.
+# The five labels of the official PRS-Med generator (data_processing/mask_position.py): the mask's bounding box
+# against the image centre. Answers are free text, so accuracy is computed by parsing the phrase back out of the
+# text (no LLM judge offline; the paper asks Qwen2-7B / Llama-3-8B "is this position correct?" instead).
+POSITIONS = ("center", "top left", "top right", "bottom left", "bottom right")
+
+_POSITION_SYNONYMS = (
+    (re.compile(r"\b(upper)\b"), "top"),
+    (re.compile(r"\b(lower)\b"), "bottom"),
+    (re.compile(r"\b(centre|central|centrally|middle|centered|centred)\b"), "center"),
+    (re.compile(r"\b(leftmost|left-hand|left-sided)\b"), "left"),
+    (re.compile(r"\b(rightmost|right-hand|right-sided)\b"), "right"),
+)
+# "top left", "top-left", "top_left", "left top", "top of the image on the left"... within a few words.
+_QUADRANT = re.compile(r"\b(top|bottom)\b(?:\W+\w+){0,4}?\W+\b(left|right)\b"
+                       r"|\b(left|right)\b(?:\W+\w+){0,4}?\W+\b(top|bottom)\b")
+_CENTER = re.compile(r"\bcenter\b")
+
+
+def parse_position(text: Any) -> str | None:
+    """The position phrase of a free-text answer, as one of :data:`POSITIONS`, or ``None`` when it names none.
+
+    Accepts the labels themselves and sentences such as "The tumour is in the upper-left part of the image." or
+    "It lies near the centre." Hyphens and underscores count as spaces; "upper"/"lower" mean top/bottom and
+    "centre"/"middle"/"central" mean center. A quadrant (vertical and horizontal word within five words of each
+    other) wins over "center" when both appear ("top left, close to the center" is top left), because the official
+    templates for lesions near the centre still name the quadrant. The first quadrant mentioned counts.
+
+    Args:
+        text: an answer or label; ``None``/NaN give ``None``.
+    """
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        return None
+    s = re.sub(r"[-_/]", " ", str(text).lower())
+    for pattern, replacement in _POSITION_SYNONYMS:
+        s = pattern.sub(replacement, s)
+    m = _QUADRANT.search(s)
+    if m:
+        vertical = m.group(1) or m.group(4)
+        horizontal = m.group(2) or m.group(3)
+        return f"{vertical} {horizontal}"
+    return "center" if _CENTER.search(s) else None
+
+
+def position_accuracy(predicted: Sequence[Any], truth: Sequence[Any], parse: bool = True) -> dict[str, Any]:
+    """Fraction of answers whose position phrase equals the true position.
+
+    Args:
+        predicted: generated answers (``parse=True``) or position labels.
+        truth: true positions, labels or sentences (parsed the same way; a truth that names no position is an
+            error, since it cannot be scored).
+        parse: run :func:`parse_position` over ``predicted`` first.
+
+    Returns:
+        ``{"accuracy", "n", "n_unparsed"}``; an answer naming no position counts as wrong (``n_unparsed``).
+    """
+    if len(predicted) != len(truth):
+        raise ValueError(f"{len(predicted)} predictions but {len(truth)} true positions")
+    pred = [parse_position(p) if parse else (p if p in POSITIONS else None) for p in predicted]
+    true = [parse_position(t) for t in truth]
+    bad = [i for i, t in enumerate(true) if t is None]
+    if bad:
+        raise ValueError(f"true position {truth[bad[0]]!r} (item {bad[0]}) names none of {list(POSITIONS)}")
+    n = len(true)
+    correct = sum(p == t for p, t in zip(pred, true))
+    return {"accuracy": correct / n if n else None, "n": n, "n_unparsed": sum(p is None for p in pred)}
+
+
+def most_frequent_position_baseline(train_positions: Sequence[str], test_positions: Sequence[str]) -> dict[str, Any]:
+    """Accuracy of always answering the most frequent training position (ties: the first in :data:`POSITIONS`).
+
+    Returns:
+        ``{"position", "accuracy", "n"}`` over ``test_positions``.
+    """
+    train = [parse_position(p) for p in train_positions]
+    counts = {p: train.count(p) for p in POSITIONS}
+    if not any(counts.values()):
+        raise ValueError("no training positions to take the most frequent one from")
+    best = max(POSITIONS, key=lambda p: counts[p])  # max keeps the first of equal counts
+    result = position_accuracy([best] * len(test_positions), test_positions, parse=False)
+    return {"position": best, "accuracy": result["accuracy"], "n": result["n"]}

@@ -1,0 +1,474 @@
+"""PRS-Med: SAM-style image encoder + LLaVA-style VLM with LoRA + prompted mask decoder (+ modality classifier).
+
+The parts follow the official ``LLMSeg`` (huyquoctrinh/PRS-Med) as summarised in the project's reference:
+
+* image encoder: a SAM ViT (``transformers.SamVisionModel``; a local SAM checkpoint folder in ``full``, a small
+  random-init one in ``demo``/``smoke``), ImageNet-normalised input, output (B, C, g, g); trained.
+* VLM: ``transformers.LlavaForConditionalGeneration`` (a converted LLaVA-Med folder in ``full``; in ``demo`` a tiny
+  random CLIP tower + projector in front of the packaged SmolLM2-135M; a tiny random Llama in ``smoke``), LoRA
+  ``r=16`` on ``q/k/v/o_proj`` of the language model. Prompt: ``"<image>\\n### User: {question} \\n### Assistant:
+  \\n{answer}"``, teacher-forced in training; the last hidden state of every token (B, T, H) prompts the decoder.
+* :class:`PromptedMaskDecoder`: prompt MLP H -> hidden -> C (LN + ReLU); image tokens (LN) cross-attend to the
+  prompt tokens (MHA, 8 heads) + residual -> LN -> TransformerEncoderLayer(C, 16 heads, ff 2*hidden) -> FFN ->
+  + image residual -> 3 conv blocks (C -> C -> C/2 -> C/4, conv3x3/IN/ReLU) -> 1x1 conv -> bilinear to the input
+  size -> logits clamped to +-10.
+* modality classifier: AdaptiveAvgPool -> Linear(C -> 6) on the image embedding.
+* loss: :func:`structure_loss` (weighted BCE + weighted IoU) + lambda_txt * LM loss + 0.5 * modality CE early on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbsupport.prs_med.data import IMAGENET_MEAN, IMAGENET_STD, N_MODALITY_CLASSES
+
+IMAGE_TOKEN = "<image>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
+
+
+def prompt_text(question: str) -> str:
+    """The official conversation format up to the answer (``<image>`` is expanded to the image tokens)."""
+    return f"\n### User: {question} \n### Assistant: \n"
+
+
+# ============================================================================================== spec
+@dataclasses.dataclass(frozen=True)
+class PRSMedSpec:
+    """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json``."""
+
+    image_size: int = 1024  # model input (pixels); SAM's 1024 in full
+    sam_path: str = ""  # local transformers SAM folder (SamModel or SamVisionModel); '' = random init below
+    sam_hidden: int = 64
+    sam_layers: int = 2
+    sam_heads: int = 4
+    sam_patch: int = 8
+    sam_out_channels: int = 64
+    sam_window: int = 4
+    vlm: str = "tiny"  # 'tiny' (random Llama), 'smollm2-135m' (packaged), or a local HF LLaVA folder
+    vlm_num_layers: int = 0  # keep only the first N decoder layers of the language model (0 = all)
+    vision_size: int = 128  # the VLM's vision tower input (pixels); demo/smoke towers only
+    vision_patch: int = 32
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    decoder_hidden: int = 128
+    modality_classes: int = N_MODALITY_CLASSES
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PRSMedSpec:
+        return cls(**json.loads(text))
+
+    def fingerprint(self) -> str:
+        """Checkpoints record this; loading one into another architecture is refused."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+# ============================================================================================== losses
+def structure_loss(logits: torch.Tensor, mask: torch.Tensor, kernel: int = 31) -> torch.Tensor:
+    """Weighted BCE + weighted IoU (PraNet's structure loss, used by PRS-Med).
+
+    Pixels whose 31x31 neighbourhood mean differs from their own label (boundaries) weigh up to 6x.
+
+    Args:
+        logits: (B, 1, H, W) mask logits. mask: (B, 1, H, W) in {0, 1}.
+    Returns:
+        scalar, mean over the batch.
+    """
+    weit = 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2) - mask)
+    wbce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    wbce = (weit * wbce).sum(dim=(2, 3)) / weit.sum(dim=(2, 3))
+    pred = torch.sigmoid(logits)
+    inter = ((pred * mask) * weit).sum(dim=(2, 3))
+    union = ((pred + mask) * weit).sum(dim=(2, 3))
+    wiou = 1 - (inter + 1) / (union - inter + 1)
+    return (wbce + wiou).mean()
+
+
+# ============================================================================================== decoder
+class _ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class PromptedMaskDecoder(nn.Module):
+    """Mask logits from image features prompted by the VLM's hidden states.
+
+    Args:
+        prompt_dim: VLM hidden size H (4096 for LLaVA-Med). image_dim: encoder channels C (256 for SAM).
+        hidden_dim: prompt-MLP width (512 in the official code).
+    """
+
+    def __init__(self, prompt_dim: int, image_dim: int, hidden_dim: int, cross_heads: int = 8,
+                 transformer_heads: int = 16):
+        super().__init__()
+        self.prompt_mlp = nn.Sequential(nn.Linear(prompt_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(),
+                                        nn.Linear(hidden_dim, image_dim), nn.LayerNorm(image_dim), nn.ReLU())
+        self.image_norm = nn.LayerNorm(image_dim)
+        self.cross_attn = nn.MultiheadAttention(image_dim, cross_heads, batch_first=True)
+        self.post_norm = nn.LayerNorm(image_dim)
+        self.transformer = nn.TransformerEncoderLayer(image_dim, transformer_heads, dim_feedforward=2 * hidden_dim,
+                                                      batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(image_dim, image_dim), nn.ReLU(), nn.Linear(image_dim, image_dim))
+        self.blocks = nn.Sequential(_ConvBlock(image_dim, image_dim), _ConvBlock(image_dim, image_dim // 2),
+                                    _ConvBlock(image_dim // 2, image_dim // 4))
+        self.head = nn.Conv2d(image_dim // 4, 1, 1)
+
+    def forward(self, image_embeddings: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
+                output_size: int, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            image_embeddings: (B, C, g, g). prompt: (B, T, H). prompt_mask: (B, T), 1 for real tokens.
+            output_size: side of the returned logits (the model input size).
+        Returns:
+            (logits (B, 1, S, S) clamped to +-10, cross-attention (B, g*g, T) averaged over heads or None).
+        """
+        b, c, gh, gw = image_embeddings.shape
+        tokens = image_embeddings.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        keys = self.prompt_mlp(prompt)
+        padding = None if prompt_mask is None else ~prompt_mask.bool()
+        attended, weights = self.cross_attn(self.image_norm(tokens), keys, keys, key_padding_mask=padding,
+                                            need_weights=return_attention, average_attn_weights=True)
+        x = self.post_norm(tokens + attended)
+        x = self.transformer(x)
+        x = x + self.ffn(x)
+        x = x.transpose(1, 2).reshape(b, c, gh, gw) + image_embeddings
+        x = self.head(self.blocks(x))
+        logits = F.interpolate(x, size=(output_size, output_size), mode="bilinear", align_corners=False)
+        return logits.clamp(-10, 10), weights
+
+
+# ============================================================================================== parts
+def build_image_encoder(spec: PRSMedSpec) -> nn.Module:
+    """A ``SamVisionModel``: from ``spec.sam_path`` (a local transformers SAM folder) or random init."""
+    from transformers import SamVisionConfig, SamVisionModel
+
+    if spec.sam_path:
+        from nbsupport.models import resolve_pretrained
+
+        path = resolve_pretrained(spec.sam_path, "SAM image encoder")
+        return SamVisionModel.from_pretrained(path, local_files_only=True)
+    grid = spec.image_size // spec.sam_patch
+    config = SamVisionConfig(hidden_size=spec.sam_hidden, num_hidden_layers=spec.sam_layers,
+                             num_attention_heads=spec.sam_heads, image_size=spec.image_size, patch_size=spec.sam_patch,
+                             output_channels=spec.sam_out_channels, window_size=min(spec.sam_window, grid),
+                             global_attn_indexes=[spec.sam_layers - 1], mlp_dim=4 * spec.sam_hidden)
+    return SamVisionModel(config)
+
+
+def _tiny_vision_config(spec: PRSMedSpec) -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+                            num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=spec.vision_size,
+                            patch_size=spec.vision_patch)
+
+
+def _truncate_layers(lm: Any, n: int) -> None:
+    """Keep the first ``n`` decoder layers (the demo's CPU budget); ``n = 0`` keeps all."""
+    if n and n < lm.config.num_hidden_layers:
+        lm.model.layers = lm.model.layers[:n]
+        lm.config.num_hidden_layers = n
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[:n]
+
+
+def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration with LoRA on the language model, tokenizer with an ``<image>`` token).
+
+    ``tiny`` / ``smollm2-135m``: a LLaVA model assembled from a random CLIP tower, a random projector and the
+    causal LM's weights; otherwise ``spec.vlm`` is a local folder of a HF-format LLaVA (e.g. a converted
+    LLaVA-Med v1.5). The vision tower and projector train fully in the assembled case (they start random); the
+    language model trains only through LoRA.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from nbsupport.models import load_causal_lm, resolve_pretrained, tiny_causal_lm
+
+    torch.manual_seed(spec.seed)
+    assembled = spec.vlm in ("tiny", "smollm2-135m")
+    if assembled:
+        if spec.vlm == "tiny":
+            lm, tokenizer = tiny_causal_lm(seed=spec.seed)
+        else:
+            lm, tokenizer = load_causal_lm("smollm2-135m", torch_dtype=torch.float32)
+        _truncate_layers(lm, spec.vlm_num_layers)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        vision = _tiny_vision_config(spec)
+        n_image_tokens = (spec.vision_size // spec.vision_patch) ** 2
+        config = LlavaConfig(vision_config=vision, text_config=lm.config, image_token_index=image_token_id,
+                             image_seq_length=n_image_tokens, vision_feature_select_strategy="default",
+                             vision_feature_layer=-1, tie_word_embeddings=lm.config.tie_word_embeddings)
+        vlm = LlavaForConditionalGeneration(config)
+        vlm.model.language_model.load_state_dict(lm.model.state_dict())
+        vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
+        vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        del lm
+    else:
+        from transformers import AutoTokenizer
+
+        path = resolve_pretrained(spec.vlm, "LLaVA VLM")
+        vlm = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    for p in vlm.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                      target_modules=LORA_TARGETS, bias="none")
+    vlm = get_peft_model(vlm, lora)
+    if assembled:
+        inner = vlm.base_model.model.model
+        for module in (inner.vision_tower, inner.multi_modal_projector):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return vlm, tokenizer
+
+
+# ============================================================================================== the model
+@dataclasses.dataclass
+class PRSMedOutput:
+    mask_logits: torch.Tensor  # (B, 1, S, S)
+    lm_loss: torch.Tensor | None
+    modality_logits: torch.Tensor  # (B, modality_classes)
+    cross_attention: torch.Tensor | None  # (B, g*g, T)
+    vlm_attentions: tuple[torch.Tensor, ...] | None  # per LM layer (B, heads, T, T)
+    input_ids: torch.Tensor  # (B, T)
+
+
+class PRSMedNet(nn.Module):
+    """Image encoder + VLM (LoRA) + prompted mask decoder + modality classifier. The tokenizer is ``.tokenizer``."""
+
+    def __init__(self, spec: PRSMedSpec):
+        super().__init__()
+        self.spec = spec
+        torch.manual_seed(spec.seed)
+        self.image_encoder = build_image_encoder(spec)
+        self.vlm, self.tokenizer = build_vlm(spec)
+        torch.manual_seed(spec.seed + 1)
+        text_config = self.llava.config.text_config
+        channels = self.image_encoder.config.output_channels
+        self.mask_decoder = PromptedMaskDecoder(text_config.hidden_size, channels, spec.decoder_hidden)
+        self.modality_classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                 nn.Linear(channels, spec.modality_classes))
+
+    @property
+    def llava(self) -> Any:
+        """The LlavaForConditionalGeneration inside the peft wrapper."""
+        return self.vlm.base_model.model
+
+    @property
+    def n_image_tokens(self) -> int:
+        cfg = self.llava.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        return side * side
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.llava.config.image_token_index)
+
+    # ---------------------------------------------------------------- text
+    def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None,
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Token ids of ``<image>``-tokens + prompt (+ answer + EOS), padded; labels mask everything but answers.
+
+        Without answers the batch is left-padded (for generation); with answers right-padded (for training).
+        Returns ``input_ids``, ``attention_mask`` (B, T) and, with answers, ``labels`` (B, T; -100 = ignored).
+        """
+        tok = self.tokenizer
+        image_ids = [self.image_token_id] * self.n_image_tokens
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        seqs, labels = [], []
+        for i, q in enumerate(questions):
+            prompt = bos + image_ids + tok(prompt_text(q), add_special_tokens=False)["input_ids"]
+            if answers is None:
+                seqs.append(prompt)
+                continue
+            answer = tok(answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            seqs.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if answers is None:  # left padding
+                ids[i, width - len(s):] = torch.tensor(s)
+                mask[i, width - len(s):] = 1
+            else:
+                ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+                lab[i, :len(s)] = torch.tensor(labels[i])
+        out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if answers is not None:
+            out["labels"] = lab.to(device)
+        return out
+
+    def vlm_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised (B, 3, S, S) -> CLIP-normalised input of the vision tower's size."""
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        raw = images * std + mean
+        size = self.llava.config.vision_config.image_size
+        if raw.shape[-1] != size:
+            raw = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False)
+        cmean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+        cstd = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+        return (raw - cmean) / cstd
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None,
+                return_attention: bool = False) -> PRSMedOutput:
+        """One teacher-forced pass.
+
+        Args:
+            images: (B, 3, S, S) ImageNet-normalised. input_ids / attention_mask / labels: from :meth:`encode`.
+            return_attention: also return the decoder's cross-attention and the LM's attentions (eager attention).
+        """
+        image_embeddings = self.image_encoder(pixel_values=images).last_hidden_state  # (B, C, g, g)
+        # The LlavaModel under the LoRA wrapper (LoRA is injected in place): hidden states without the vocabulary
+        # projection, which is then applied to the answer positions only -- on SmolLM2 the 49k-word head costs as
+        # much as seven decoder layers per token, and most tokens are image or question tokens.
+        out = self.llava.model(input_ids=input_ids, attention_mask=attention_mask,
+                               pixel_values=self.vlm_pixels(images), output_attentions=return_attention)
+        prompt = out.last_hidden_state  # (B, T, H)
+        lm_loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            scored = targets != -100
+            logits = self.llava.lm_head(prompt[:, :-1][scored])
+            lm_loss = F.cross_entropy(logits.float(), targets[scored])
+        logits, cross = self.mask_decoder(image_embeddings, prompt, attention_mask, images.shape[-1],
+                                          return_attention=return_attention)
+        return PRSMedOutput(logits, lm_loss, self.modality_classifier(image_embeddings), cross,
+                            out.attentions if return_attention else None, input_ids)
+
+    @torch.no_grad()
+    def generate_answers(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers to ``questions`` about ``images`` (B, 3, S, S)."""
+        enc = self.encode(questions, device=images.device)
+        out = self.vlm.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                pixel_values=self.vlm_pixels(images), max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def answer_and_segment(self, images: torch.Tensor, questions: Sequence[str],
+                           max_new_tokens: int = 24) -> tuple[list[str], torch.Tensor]:
+        """Inference as in the paper: generate the answer, then prompt the decoder with the hidden states of
+        question + generated answer (the sequence the decoder saw, teacher-forced, in training).
+
+        Returns:
+            (answers, mask probabilities (B, 1, S, S)).
+        """
+        answers = self.generate_answers(images, questions, max_new_tokens)
+        enc = self.encode(questions, answers, device=images.device)
+        out = self(images, enc["input_ids"], enc["attention_mask"])
+        return answers, out.mask_logits.sigmoid()
+
+
+class ImageOnlySegmenter(nn.Module):
+    """Baseline: the same image encoder and mask decoder with the question removed (one learned prompt token)."""
+
+    def __init__(self, spec: PRSMedSpec, prompt_dim: int):
+        super().__init__()
+        self.spec = spec
+        torch.manual_seed(spec.seed)
+        self.image_encoder = build_image_encoder(spec)
+        torch.manual_seed(spec.seed + 1)
+        channels = self.image_encoder.config.output_channels
+        self.mask_decoder = PromptedMaskDecoder(prompt_dim, channels, spec.decoder_hidden)
+        self.prompt = nn.Parameter(torch.zeros(1, 1, prompt_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> mask logits (B, 1, S, S)."""
+        emb = self.image_encoder(pixel_values=images).last_hidden_state
+        logits, _ = self.mask_decoder(emb, self.prompt.expand(images.shape[0], -1, -1), None, images.shape[-1])
+        return logits
+
+
+# ============================================================================================== full-size counts
+def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[str, int]:
+    """Parameters of each part in the ``full`` configuration, built on the meta device (no weights loaded).
+
+    LLaVA-Med v1.5 = CLIP ViT-L/14 at 336 px + 2-layer MLP projector + Mistral-7B (vocab 32000 + image token);
+    SAM ViT-B image encoder at 1024 px (output 256 x 64 x 64); the official decoder (prompt 4096 -> 512 -> 256);
+    LoRA r on q/k/v/o of the 32 Mistral layers (A: r x in, B: out x r per projection).
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+        SamVisionConfig,
+        SamVisionModel,
+    )
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = MistralConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                         projector_hidden_act="gelu", vision_feature_layer=-2)
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+        sam = SamVisionModel(SamVisionConfig())  # ViT-B defaults: hidden 768, 12 layers, 1024 px, 256 channels
+        decoder = PromptedMaskDecoder(text.hidden_size, 256, decoder_hidden)
+        classifier = nn.Linear(256, N_MODALITY_CLASSES)
+
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    lm = llava.model.language_model
+    lora = 0
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lora += lora_r * (module.in_features + module.out_features)
+    counts = {
+        "sam_image_encoder": count(sam),
+        "vlm_vision_tower": count(llava.model.vision_tower),
+        "vlm_projector": count(llava.model.multi_modal_projector),
+        "vlm_language_model": count(lm) + (0 if config.tie_word_embeddings else count(llava.lm_head)),
+        "lora_adapters": lora,
+        "mask_decoder": count(decoder),
+        "modality_classifier": count(classifier),
+    }
+    counts["total"] = sum(counts.values())
+    counts["trainable"] = (counts["sam_image_encoder"] + counts["lora_adapters"] + counts["mask_decoder"]
+                           + counts["modality_classifier"])
+    return counts
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters of each part of a built :class:`PRSMedNet` (total and trainable)."""
+    parts = {"sam_image_encoder": model.image_encoder, "vlm": model.vlm, "mask_decoder": model.mask_decoder,
+             "modality_classifier": model.modality_classifier}
+    out = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+    out["lora_adapters"] = sum(p.numel() for n, p in model.vlm.named_parameters() if "lora_" in n)
+    out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out["total"] = sum(p.numel() for p in model.parameters())
+    return out
