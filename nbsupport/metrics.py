@@ -1,6 +1,9 @@
 """Metrics shared by every system, computed with MONAI where MONAI has them.
 
-Segmentation (this section): Dice, IoU and the 95th-percentile Hausdorff distance per sample and class, as a
+Text generation (cxr_report): corpus BLEU-1..4 (sacrebleu), ROUGE-L, CIDEr-D and clinical-efficacy precision /
+recall / F1 of finding labels; see the "text generation" section.
+
+Segmentation: Dice, IoU and the 95th-percentile Hausdorff distance per sample and class, as a
 long-format table a notebook can group, plot or write to ``metrics.json`` via :func:`summarise`.
 
 Empty-mask convention (the same in every system, so numbers are comparable across runs):
