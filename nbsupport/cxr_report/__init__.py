@@ -5,8 +5,17 @@ Notebooks use the configs and verbs re-exported here; ``data`` (CheXpert Plus / 
 generator), ``labeler`` (negation-aware rule labeler of reports), ``model`` (vision model, report generator) and
 ``pipeline`` hold the parts.
 """
-from nbsupport.cxr_report.pipeline import (AttentionConfig, InferConfig, PreprocessConfig, TrainConfig,
-                                           attention_maps, load_manifest, predict, preprocess, train)
+from nbsupport.cxr_report.pipeline import (
+                                           AttentionConfig,
+                                           InferConfig,
+                                           PreprocessConfig,
+                                           TrainConfig,
+                                           attention_maps,
+                                           load_manifest,
+                                           predict,
+                                           preprocess,
+                                           train,
+)
 
 __all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps", "load_manifest",
            "predict", "preprocess", "train"]

@@ -537,7 +537,7 @@ def write_report(study: Mapping[str, Any], rng: np.random.Generator) -> tuple[st
     """(findings section, impression section, CheXbert-style labels) of a synthetic study in varied phrasing,
     with negations of some absent findings; the labels say what the findings text states."""
     f = set(study["findings"])
-    pick = lambda options: str(options[int(rng.integers(len(options)))])  # noqa: E731
+    pick = lambda options: str(options[int(rng.integers(len(options)))])
     sentences = []
     if "devices" in f:
         sentences.append(pick(_SENTENCES[study["device"]]))

@@ -31,7 +31,8 @@ PATHOLOGIES = tuple(label for label in LABELS if label not in ("No Finding", "Su
 _MENTIONS: dict[str, tuple[str, ...]] = {
     "Enlarged Cardiomediastinum": (
         r"(enlarged|widened|widening of the|prominent) (cardio)?mediastin\w*",
-        r"mediastinal (widening|enlargement)", r"(cardio)?mediastinal (silhouette|contours?) (is|are) (enlarged|widened)"),
+        r"mediastinal (widening|enlargement)",
+        r"(cardio)?mediastinal (silhouette|contours?) (is|are) (enlarged|widened)"),
     "Cardiomegaly": (
         r"cardiomegaly", r"(enlarged|large|enlargement of the) (heart|cardiac silhouette)",
         r"(heart|cardiac silhouette) (is |appears )?(enlarged|increased in size)", r"cardiac enlargement",
@@ -77,7 +78,7 @@ _NEGATION_AFTER = (r"(is|are|was|were) (not|no longer) (seen|present|identified|
 _CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|whereas)\b|;|(?=\bthere (?:is|are)\b)")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 
-_compile = lambda patterns: [re.compile(p) for p in patterns]  # noqa: E731
+_compile = lambda patterns: [re.compile(p) for p in patterns]
 _MENTION_RE = {label: _compile(p) for label, p in _MENTIONS.items()}
 _NEGATIVE_RE = {label: _compile(p) for label, p in _NEGATIVE_PHRASES.items()}
 _UNC_BEFORE_RE = _compile(_UNCERTAIN_BEFORE)

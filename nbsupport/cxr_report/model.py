@@ -62,7 +62,7 @@ class CxrModelSpec:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "CxrModelSpec":
+    def from_json(cls, text: str) -> CxrModelSpec:
         values = json.loads(text)
         values["lora_targets"] = tuple(values.get("lora_targets", LORA_TARGETS))
         return cls(**values)

@@ -10,7 +10,6 @@ learn to write the report. Both stages run on the shared trainer (``nbsupport.tr
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +21,16 @@ import torch
 from nbsupport.config import StageConfig, param
 from nbsupport.cxr_report import data as cxr_data
 from nbsupport.cxr_report.labeler import LABELS, label_report, label_reports, positive_matrix
-from nbsupport.cxr_report.model import (LLAMA2_7B_CONFIG, CxrModelSpec, ReportGenerator, VisionModel,
-                                        count_trainable_parameters, encode_example, load_language_model,
-                                        prompt_token_ids)
+from nbsupport.cxr_report.model import (
+    LLAMA2_7B_CONFIG,
+    CxrModelSpec,
+    ReportGenerator,
+    VisionModel,
+    count_trainable_parameters,
+    encode_example,
+    load_language_model,
+    prompt_token_ids,
+)
 from nbsupport.device import resolve_device
 from nbsupport.manifest import read_manifest, write_manifest
 from nbsupport.metrics import bleu_scores, cider_d, clinical_efficacy, rouge_l

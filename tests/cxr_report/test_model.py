@@ -6,9 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbsupport.cxr_report.model import (LLAMA2_7B_CONFIG, CxrModelSpec, DiseaseAttention, ReportGenerator,
-                                        VisionModel, count_trainable_parameters, encode_example,
-                                        load_language_model, prompt_token_ids)
+from nbsupport.cxr_report.model import (
+    LLAMA2_7B_CONFIG,
+    CxrModelSpec,
+    DiseaseAttention,
+    ReportGenerator,
+    VisionModel,
+    count_trainable_parameters,
+    encode_example,
+    load_language_model,
+    prompt_token_ids,
+)
 
 
 @pytest.fixture(scope="module")
