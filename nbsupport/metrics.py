@@ -1,6 +1,9 @@
 """Metrics shared by every system, computed with MONAI where MONAI has them.
 
-Segmentation (this section): Dice, IoU and the 95th-percentile Hausdorff distance per sample and class, as a
+Text generation (cxr_report): corpus BLEU-1..4 (sacrebleu), ROUGE-L, CIDEr-D and clinical-efficacy precision /
+recall / F1 of finding labels; see the "text generation" section.
+
+Segmentation: Dice, IoU and the 95th-percentile Hausdorff distance per sample and class, as a
 long-format table a notebook can group, plot or write to ``metrics.json`` via :func:`summarise`.
 
 Empty-mask convention (the same in every system, so numbers are comparable across runs):
@@ -159,7 +162,142 @@ def summarise(df: pd.DataFrame, metrics: Sequence[str] = SEGMENTATION_METRICS) -
 
 
 # ---------------------------------------------------------------------------------------------- text generation
-# Report-generation metrics (cxr_report: BLEU-1..4, ROUGE-L, METEOR, CIDEr, BERTScore, CheXbert F1) go here.
+# Report-generation metrics: BLEU-1..4 (sacrebleu), ROUGE-L, CIDEr-D and clinical-efficacy precision/recall/F1.
+# All text metrics see the same tokens: lower case, words and punctuation marks split (``tokenize_report``).
+_TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
+
+
+def tokenize_report(text: str) -> list[str]:
+    """Lower-cased word and punctuation tokens: ``"No effusion."`` -> ``["no", "effusion", "."]``."""
+    return _TOKEN.findall(str(text).lower())
+
+
+def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; expected one each")
+    if not len(predictions):
+        raise ValueError("no reports to score")
+
+
+def bleu_scores(predictions: Sequence[str], references: Sequence[str], max_order: int = 4) -> dict[str, float]:
+    """Corpus BLEU-1..``max_order`` in [0, 1] with sacrebleu (one reference per report), on ``tokenize_report``
+    tokens; BLEU-n is the brevity-penalised geometric mean of the 1..n-gram precisions (uniform weights), as in
+    the report-generation literature and nltk's ``corpus_bleu``."""
+    from sacrebleu.metrics import BLEU
+
+    _check_pairs(predictions, references)
+    hyps = [" ".join(tokenize_report(p)) for p in predictions]
+    refs = [[" ".join(tokenize_report(r)) for r in references]]
+    return {f"bleu{n}": BLEU(max_ngram_order=n, tokenize="none").corpus_score(hyps, refs).score / 100.0
+            for n in range(1, max_order + 1)}
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], beta: float = 1.2) -> float:
+    """Mean sentence-level ROUGE-L F-measure in [0, 1]: LCS precision P and recall R combined as
+    ``(1 + beta^2) P R / (R + beta^2 P)``; ``beta = 1.2`` as in pycocoevalcap (the R2Gen-family numbers)."""
+    _check_pairs(predictions, references)
+    scores = []
+    for p, r in zip(predictions, references):
+        hyp, ref = tokenize_report(p), tokenize_report(r)
+        lcs = _lcs_length(hyp, ref)
+        if not lcs:
+            scores.append(0.0)
+            continue
+        precision, recall = lcs / len(hyp), lcs / len(ref)
+        scores.append((1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision))
+    return float(np.mean(scores))
+
+
+def _ngram_counts(tokens: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        key = tuple(tokens[i:i + n])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def cider_d(predictions: Sequence[str], references: Sequence[str], max_order: int = 4, sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D (Vedantam et al. 2015, the pycocoevalcap ``Cider`` computation), one reference per report.
+
+    Per n-gram order n: TF-IDF vectors with ``idf = log(N) - log(df)`` (N reports, df = references containing the
+    n-gram), similarity ``sum_g min(h_g, r_g) r_g / (|h| |r|)`` times the length penalty
+    ``exp(-(len_h - len_r)^2 / (2 sigma^2))``; the score is 10 x the mean over orders and reports. An n-gram in
+    every reference carries no weight, so a single-report corpus scores 0.
+    """
+    _check_pairs(predictions, references)
+    hyps = [tokenize_report(p) for p in predictions]
+    refs = [tokenize_report(r) for r in references]
+    log_n = np.log(float(len(refs)))
+    doc_freq: list[dict[tuple[str, ...], int]] = []
+    for n in range(1, max_order + 1):
+        df: dict[tuple[str, ...], int] = {}
+        for ref in refs:
+            for gram in _ngram_counts(ref, n):
+                df[gram] = df.get(gram, 0) + 1
+        doc_freq.append(df)
+
+    def vector(tokens: Sequence[str], n: int) -> tuple[dict[tuple[str, ...], float], float]:
+        df = doc_freq[n - 1]
+        vec = {g: c * (log_n - np.log(max(1.0, float(df.get(g, 0.0))))) for g, c in _ngram_counts(tokens, n).items()}
+        return vec, float(np.sqrt(sum(v * v for v in vec.values())))
+
+    scores = []
+    for hyp, ref in zip(hyps, refs):
+        penalty = np.exp(-((len(hyp) - len(ref)) ** 2) / (2 * sigma ** 2))
+        per_order = []
+        for n in range(1, max_order + 1):
+            (vh, nh), (vr, nr) = vector(hyp, n), vector(ref, n)
+            dot = sum(min(v, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, v in vh.items())
+            per_order.append(dot / (nh * nr) * penalty if nh and nr else 0.0)
+        scores.append(float(np.mean(per_order)))
+    return 10.0 * float(np.mean(scores))
+
+
+def clinical_efficacy(predicted: Any, reference: Any, label_names: Sequence[str]) -> dict[str, Any]:
+    """Precision, recall and F1 of predicted vs reference binary findings (the CheXbert-F1 of report generation).
+
+    Args:
+        predicted, reference: (N, L) arrays of 0/1 (positive findings of N generated and N reference reports).
+        label_names: the L label names.
+
+    Returns:
+        ``{"micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall", "macro_f1",
+        "per_label": {name: {"precision", "recall", "f1", "support"}}}``. Micro pools the counts of all labels;
+        macro averages over the labels positive in the reference or the prediction at least once (a label absent
+        from both carries no information). An empty denominator gives 0.
+    """
+    pred = np.asarray(predicted).astype(bool)
+    ref = np.asarray(reference).astype(bool)
+    if pred.shape != ref.shape or pred.ndim != 2 or pred.shape[1] != len(label_names):
+        raise ValueError(f"expected two (N, {len(label_names)}) arrays, got {pred.shape} and {ref.shape}")
+    tp, fp, fn = (pred & ref).sum(0), (pred & ~ref).sum(0), (~pred & ref).sum(0)
+
+    def prf(t: float, f_pos: float, f_neg: float) -> tuple[float, float, float]:
+        precision = t / (t + f_pos) if t + f_pos else 0.0
+        recall = t / (t + f_neg) if t + f_neg else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return float(precision), float(recall), float(f1)
+
+    micro = prf(tp.sum(), fp.sum(), fn.sum())
+    per_label = {}
+    for i, name in enumerate(label_names):
+        p, r, f = prf(tp[i], fp[i], fn[i])
+        per_label[name] = {"precision": p, "recall": r, "f1": f, "support": int(ref[:, i].sum())}
+    active = [i for i in range(len(label_names)) if ref[:, i].any() or pred[:, i].any()]
+    macro = [float(np.mean([per_label[label_names[i]][k] for i in active])) if active else 0.0
+             for k in ("precision", "recall", "f1")]
+    return {"micro_precision": micro[0], "micro_recall": micro[1], "micro_f1": micro[2],
+            "macro_precision": macro[0], "macro_recall": macro[1], "macro_f1": macro[2], "per_label": per_label}
 
 
 # ---------------------------------------------------------------------------------------------- retrieval

@@ -1,0 +1,153 @@
+"""cxr_report speed and memory of the report generator, with and without 4-bit NF4, side by side in one run.
+
+For each quantization (``nf4``: bitsandbytes 4-bit base weights, QLoRA; ``none``: float32 / bf16 on CUDA) a fresh
+subprocess loads the causal LM (default: the packaged SmolLM2-135M of the demo profile), wraps it with LoRA r=8 on
+q/k/v/o plus the visual projection exactly as ``02_train`` does, and measures
+
+* training samples/s: forward + backward + AdamW step on batches of 14 visual tokens + ``--text-tokens`` text
+  tokens (after warm-up),
+* generation tokens/s: beam search (5 beams, no_repeat_ngram_size 2, as ``03_infer``) of exactly ``--new-tokens``
+  tokens per report for a batch of ``--gen-batch`` images; tokens/s counts the report tokens produced,
+* peak memory: resident set size of the process (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA), and what
+  loading the LM added.
+
+Ratios compare ``nf4`` against ``none`` of the same run.
+
+    nbsupport bench cxr_report [--language-model smollm2-135m] [--steps 4] [--out outputs/bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+QUANTIZATIONS = ("nf4", "none")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(language_model: str, quantization: str, batch_size: int, text_tokens: int, steps: int,
+            gen_batch: int, new_tokens: int) -> dict:
+    """Runs in its own process so that peak memory belongs to one configuration only."""
+    import torch
+
+    from nbsupport.cxr_report.model import CxrModelSpec, ReportGenerator, load_language_model
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    rss_start = _rss_mib()
+    spec = CxrModelSpec(encoder="densenet121", language_model=language_model, quantization=quantization)
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer)
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        generator.projection.to(device)
+        if quantization == "none":
+            generator.lm.to(device)
+        torch.cuda.reset_peak_memory_stats()
+    rss_loaded = _rss_mib()
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    tokens = torch.randn(batch_size, 14, spec.feature_dim, device=device)
+    ids = torch.randint(0, vocab, (batch_size, text_tokens), device=device)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :10] = -100  # a prompt
+    optimizer = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=1e-4)
+    generator.train()
+
+    def step() -> None:
+        generator(tokens, ids, mask, labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - start
+    generator.eval()
+    prompt = tokenizer("Describe the findings of this chest X-ray.\n", add_special_tokens=False)["input_ids"]
+    gen_tokens = tokens[:1].expand(gen_batch, -1, -1) + 0.1 * torch.randn(gen_batch, 14, spec.feature_dim,
+                                                                         device=device)
+    with torch.no_grad():
+        embeds, attention = generator.prompt_embeddings(gen_tokens, [prompt] * gen_batch)
+        start = time.perf_counter()
+        out = generator.lm.generate(inputs_embeds=embeds, attention_mask=attention, num_beams=5,
+                                    no_repeat_ngram_size=2, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)
+        if cuda:
+            torch.cuda.synchronize()
+        gen_s = time.perf_counter() - start
+    produced = int(out.shape[0] * out.shape[1])
+    result = {"quantization": quantization, "language_model": language_model,
+              "train_samples_per_s": steps * batch_size / train_s, "train_step_s": train_s / steps,
+              "gen_tokens_per_s": produced / gen_s, "gen_s_per_report": gen_s / gen_batch,
+              "peak_rss_MiB": _rss_mib(), "lm_load_rss_MiB": rss_loaded - rss_start,
+              "device": "cuda" if cuda else f"cpu ({torch.get_num_threads()} threads)"}
+    if cuda:
+        result["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--language-model", default="smollm2-135m", help="causal LM path / alias (demo: SmolLM2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch (the demo profile's)")
+    parser.add_argument("--text-tokens", type=int, default=56, help="prompt + report tokens per training sample")
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps")
+    parser.add_argument("--gen-batch", type=int, default=4, help="images per beam-search call")
+    parser.add_argument("--new-tokens", type=int, default=32, help="report tokens generated per image")
+    parser.add_argument("--out", default="outputs/bench", help="folder for cxr_report.json and cxr_report.md")
+    parser.add_argument("--_one", default="", help=argparse.SUPPRESS)  # internal: one quantization, print JSON
+    args = parser.parse_args(argv)
+    sizes = (args.batch_size, args.text_tokens, args.steps, args.gen_batch, args.new_tokens)
+    if args._one:
+        print(json.dumps(measure(args.language_model, args._one, *sizes)))
+        return 0
+
+    from nbsupport.paths import resolve_path
+
+    rows = []
+    for quantization in QUANTIZATIONS:
+        out = subprocess.run([sys.executable, __file__, "--_one", quantization, "--language-model",
+                              args.language_model, "--batch-size", str(args.batch_size), "--text-tokens",
+                              str(args.text_tokens), "--steps", str(args.steps), "--gen-batch", str(args.gen_batch),
+                              "--new-tokens", str(args.new_tokens)], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{quantization} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"measured {quantization}", file=sys.stderr)
+    ref = next(r for r in rows if r["quantization"] == "none")
+    memory = "peak_cuda_MiB" if "peak_cuda_MiB" in ref else "peak_rss_MiB"
+    lines = [f"# cxr_report benchmark ({time.strftime('%Y-%m-%d')}, {rows[0]['device']}, {os.cpu_count()} cores)",
+             f"LM {args.language_model} + LoRA r=8 (q/k/v/o); train batch {args.batch_size} x (14 visual + "
+             f"{args.text_tokens} text tokens), {args.steps} timed steps; generation 5 beams, {args.gen_batch} "
+             f"images x {args.new_tokens} tokens", "",
+             ("| quantization | train samples/s | × none | gen tokens/s | × none | s per report | "
+              f"{memory} | × none | LM load Δ RSS (MiB) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['quantization']} | {r['train_samples_per_s']:.2f} | "
+                     f"{r['train_samples_per_s'] / ref['train_samples_per_s']:.2f} | {r['gen_tokens_per_s']:.1f} | "
+                     f"{r['gen_tokens_per_s'] / ref['gen_tokens_per_s']:.2f} | {r['gen_s_per_report']:.2f} | "
+                     f"{r[memory]:.0f} | {r[memory] / ref[memory]:.2f} | {r['lm_load_rss_MiB']:.0f} |")
+    report = "\n".join(lines)
+    print(report)
+    out_dir = resolve_path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cxr_report.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    (out_dir / "cxr_report.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

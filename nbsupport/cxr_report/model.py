@@ -1,0 +1,252 @@
+"""MedGen_AI's model: DenseNet-121 patches -> 14 disease tokens -> a QLoRA causal LM that writes the report.
+
+* :class:`DiseaseAttention`: a learnable (14, P) weight, softmaxed over the P = (S/32)^2 patches (49 at 224 px),
+  pools the (B, P, C) patch features into (B, 14, C) disease tokens (the seed's ``einsum('bpc,pdc->bdc')``).
+  As in the seed the weight does not depend on the image: it is a learned spatial prior per disease.
+* :class:`VisionModel`: DenseNet features (MONAI, ``spatial_dims=2``) + the attention + the auxiliary classifier
+  ``Dropout(0.5) + Linear(14 * C -> 14)`` on the disease tokens (the seed's separately pre-trained head).
+* :class:`ReportGenerator`: ``Linear(C -> LM hidden)`` of the 14 tokens, prepended to the embeddings of the prompt
+  and the report; labels are -100 over the visual and prompt tokens, so only report tokens (and EOS) are learnt.
+  The LM is loaded by path (4-bit NF4 through bitsandbytes unless switched off) and wrapped with LoRA
+  (r=8, alpha=8, dropout 0.1 on q/k/v/o by default).
+
+Encoders: ``densenet121`` (1024 channels, the seed), ``densenet_small`` (136 channels, 254 k parameters; the
+``demo`` profile, CPU-sized) and ``densenet_tiny`` (``smoke``). No ImageNet weights ship offline; a local
+state_dict of the same encoder can be given as ``encoder_weights``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from nbsupport.cxr_report.labeler import LABELS
+
+NUM_DISEASES = len(LABELS)
+ENCODERS = {
+    # name: (init_features, growth_rate, block_config, output channels); stride 32 in all
+    "densenet121": (64, 32, (6, 12, 24, 16), 1024),
+    "densenet_small": (32, 16, (2, 4, 6, 4), 136),
+    "densenet_tiny": (16, 8, (1, 1, 1, 1), 17),
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class CxrModelSpec:
+    """Everything needed to rebuild the trained model; stored as ``model_spec.json`` in the run folder."""
+
+    encoder: Literal["densenet121", "densenet_small", "densenet_tiny"] = "densenet121"
+    image_size: int = 224
+    language_model: str = "meta-llama/Llama-2-7b-hf"  # local folder, hub id in the local cache, or alias
+    quantization: Literal["nf4", "none"] = "nf4"
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def feature_dim(self) -> int:
+        return ENCODERS[self.encoder][3]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // 32) ** 2
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> CxrModelSpec:
+        values = json.loads(text)
+        values["lora_targets"] = tuple(values.get("lora_targets", LORA_TARGETS))
+        return cls(**values)
+
+    def fingerprint(self, part: str = "") -> str:
+        """Stored in checkpoints so weights are never loaded into another model (``part``: vision / report)."""
+        return hashlib.sha256((part + self.to_json()).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- vision
+class DiseaseAttention(nn.Module):
+    """(B, P, C) patch features -> (B, 14, C) disease tokens with a learnable (14, P) softmax weight."""
+
+    def __init__(self, num_diseases: int, num_patches: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_diseases, num_patches))
+
+    def attention(self) -> torch.Tensor:
+        """(14, P) weights, each row summing to 1 over the patches."""
+        return torch.softmax(self.weight, dim=1)
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = self.attention()
+        return torch.einsum("bpc,dp->bdc", patches, weights), weights
+
+
+def build_densenet_features(encoder: str) -> nn.Module:
+    """MONAI DenseNet ``features`` (ending in its last BatchNorm) for a 3-channel 2-D input; stride 32."""
+    from monai.networks.nets import DenseNet
+
+    init_features, growth_rate, blocks, _ = ENCODERS[encoder]
+    net = DenseNet(spatial_dims=2, in_channels=3, out_channels=NUM_DISEASES, init_features=init_features,
+                   growth_rate=growth_rate, block_config=blocks)
+    return net.features
+
+
+class VisionModel(nn.Module):
+    """Image (B, 3, S, S) -> disease tokens (B, 14, C), auxiliary logits (B, 14), attention (14, P)."""
+
+    def __init__(self, spec: CxrModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.features = build_densenet_features(spec.encoder)
+        self.attention = DiseaseAttention(NUM_DISEASES, spec.num_patches)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(NUM_DISEASES * spec.feature_dim, NUM_DISEASES))
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, P, C) post-ReLU patch features (torchvision's densenet applies the same ReLU)."""
+        fmap = torch.relu(self.features(images))  # (B, C, S/32, S/32)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, weights = self.attention(self.patches(images))
+        return tokens, self.classifier(tokens.flatten(1)), weights
+
+    def patch_evidence(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 14, P): each patch's exact additive share of each disease logit (bias excluded).
+
+        The classifier is linear in the tokens and the tokens are attention-weighted sums of patches, so
+        ``logit_k - b_k = sum_p sum_d a[d, p] * W[k, d] . f_p``: an image-specific map per disease, where the
+        attention weight alone is the same for every image.
+        """
+        patches = self.patches(images)  # (B, P, C)
+        weights = self.attention.attention()  # (D, P)
+        linear = self.classifier[1].weight.view(NUM_DISEASES, NUM_DISEASES, -1)  # (K, D, C)
+        return torch.einsum("bpc,kdc,dp->bkp", patches, linear, weights)
+
+
+# ---------------------------------------------------------------------------------------------- report LM
+def lora_config(spec: CxrModelSpec) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=list(spec.lora_targets))
+
+
+def load_language_model(spec: CxrModelSpec) -> tuple[Any, Any]:
+    """The causal LM of ``spec`` (NF4 unless ``quantization == "none"``) wrapped with LoRA, and its tokenizer."""
+    from peft import get_peft_model
+
+    from nbsupport.models import load_causal_lm
+
+    quantization = None if spec.quantization == "none" else spec.quantization
+    lm, tokenizer = load_causal_lm(spec.language_model, quantization=quantization, torch_dtype=torch.float32)
+    return get_peft_model(lm, lora_config(spec)), tokenizer
+
+
+class ReportGenerator(nn.Module):
+    """Projection of the disease tokens + the LoRA-wrapped causal LM."""
+
+    def __init__(self, spec: CxrModelSpec, lm: Any, tokenizer: Any):
+        super().__init__()
+        self.spec = spec
+        self.lm = lm
+        self.tokenizer = tokenizer
+        hidden = lm.get_input_embeddings().weight.shape[1]
+        self.projection = nn.Linear(spec.feature_dim, hidden)
+
+    def visual_embeddings(self, disease_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 14, C) -> (B, 14, hidden) in the LM's embedding dtype."""
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return self.projection(disease_tokens.to(self.projection.weight.dtype)).to(dtype)
+
+    def forward(self, disease_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Any:
+        """Causal-LM loss over the report tokens.
+
+        Args:
+            disease_tokens: (B, 14, C). input_ids / attention_mask / labels: (B, T) prompt + report + EOS,
+                right-padded; labels -100 over the prompt and padding.
+        """
+        visual = self.visual_embeddings(disease_tokens)
+        text = self.lm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([visual, text], dim=1)
+        ones = torch.ones(visual.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+        full_labels = None
+        if labels is not None:
+            ignore = torch.full(visual.shape[:2], -100, dtype=labels.dtype, device=labels.device)
+            full_labels = torch.cat([ignore, labels], dim=1)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=full_labels)
+
+    def prompt_embeddings(self, disease_tokens: torch.Tensor, prompt_ids: Sequence[Sequence[int]]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``[14 visual | prompt]`` embeddings (B, L, hidden) and attention mask (B, L)."""
+        visual = self.visual_embeddings(disease_tokens)
+        embed = self.lm.get_input_embeddings()
+        device = visual.device
+        length = max(len(p) for p in prompt_ids)
+        rows, masks = [], []
+        pad_id = self.tokenizer.pad_token_id
+        for v, ids in zip(visual, prompt_ids):
+            pad = length - len(ids)
+            ids_t = torch.tensor([pad_id] * pad + list(ids), device=device)
+            rows.append(torch.cat([embed(ids_t[:pad]), v, embed(ids_t[pad:])], dim=0))
+            masks.append(torch.tensor([0] * pad + [1] * (v.shape[0] + len(ids)), device=device))
+        return torch.stack(rows), torch.stack(masks)
+
+    @torch.no_grad()
+    def generate(self, disease_tokens: torch.Tensor, prompt_ids: Sequence[Sequence[int]], num_beams: int = 5,
+                 no_repeat_ngram_size: int = 2, max_new_tokens: int = 96) -> list[str]:
+        """Beam-search reports (the seed: 5 beams, early stopping, no repeated bigram) for a batch of images."""
+        embeds, mask = self.prompt_embeddings(disease_tokens, prompt_ids)
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
+                               no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens,
+                               early_stopping=num_beams > 1, do_sample=False,
+                               pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def encode_example(tokenizer: Any, prompt: str, report: str, max_report_tokens: int) -> dict[str, list[int]]:
+    """Token ids of ``prompt`` + newline and of ``report`` + EOS, with labels -100 over the prompt."""
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
+    report_ids = tokenizer(report, add_special_tokens=False)["input_ids"][:max_report_tokens]
+    report_ids = report_ids + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + report_ids, "labels": [-100] * len(prompt_ids) + report_ids}
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt as the model sees it before the report: text plus a newline."""
+    return tokenizer(prompt.strip() + "\n", add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+LLAMA2_7B_CONFIG = {  # meta-llama/Llama-2-7b-hf config.json; vocab + the seed's added "<PAD>" token
+    "vocab_size": 32001, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+}
+
+
+def count_trainable_parameters(lm_config: dict[str, Any], spec: CxrModelSpec) -> dict[str, int]:
+    """Trainable parameters of the report generator (LoRA + projection) for a Llama config, on the meta device.
+
+    Nothing is allocated or downloaded: the LM is built from its config values on ``torch.device("meta")``.
+    Returns ``{"lora": .., "projection": .., "trainable": .., "lm_total": ..}``.
+    """
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(LlamaConfig(**lm_config))
+        peft_lm = get_peft_model(lm, lora_config(spec))
+        projection = nn.Linear(spec.feature_dim, lm_config["hidden_size"])
+    lora = sum(p.numel() for p in peft_lm.parameters() if p.requires_grad)
+    proj = sum(p.numel() for p in projection.parameters())
+    total = sum(p.numel() for n, p in peft_lm.named_parameters() if "lora_" not in n)
+    return {"lora": lora, "projection": proj, "trainable": lora + proj, "lm_total": total}

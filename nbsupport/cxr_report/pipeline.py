@@ -1,0 +1,815 @@
+"""The verbs the cxr_report notebooks call: preprocess, train, generate reports (with metrics and baselines),
+attention maps.
+
+Training follows the seed in two stages: (1) the vision model (DenseNet + disease attention + auxiliary
+14-label classifier) is trained on the labels; (2) with the vision model frozen (the seed runs it in eval mode
+inside its Dataset), its 14 disease tokens are computed once and the projection + LoRA adapters of the 4-bit LM
+learn to write the report. Both stages run on the shared trainer (``nbsupport.train``), checkpoints in
+``<run>/vision`` and ``<run>/report``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import safetensors.torch
+import torch
+
+from nbsupport.config import StageConfig, param
+from nbsupport.cxr_report import data as cxr_data
+from nbsupport.cxr_report.labeler import LABELS, label_report, label_reports, positive_matrix
+from nbsupport.cxr_report.model import (
+    LLAMA2_7B_CONFIG,
+    CxrModelSpec,
+    ReportGenerator,
+    VisionModel,
+    count_trainable_parameters,
+    encode_example,
+    load_language_model,
+    prompt_token_ids,
+)
+from nbsupport.device import resolve_device
+from nbsupport.manifest import read_manifest, write_manifest
+from nbsupport.metrics import bleu_scores, cider_d, clinical_efficacy, rouge_l
+from nbsupport.paths import demo_data_root, resolve_path
+from nbsupport.progress import progress
+from nbsupport.runs import RunFolder, atomic_write_text, runs_root
+from nbsupport.train import TrainSettings, launch, load_weights
+
+SYSTEM = "cxr_report"
+DEFAULT_MANIFEST = "data_manifests/chexpert_plus_demo.csv"
+REAL_CXR_DICOM = "RG1_UNCR.dcm"  # the one real chest radiograph pydicom-data ships
+REAL_CXR_TITLE = "real PA chest radiograph (pydicom-data RG1_UNCR)"
+
+
+def _demo_root() -> str:
+    return str(demo_data_root() / SYSTEM)
+
+
+# ============================================================================================ configs
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig(StageConfig):
+    """01_preprocess: read CheXpert Plus (or the seed CSV), resize to RGB, write the manifest."""
+
+    SYSTEM = SYSTEM
+    STAGE = "01_preprocess"
+    PROFILES = {"smoke": {"image_size": 64}, "demo": {"image_size": 128}, "full": {"image_size": 224}}
+
+    data_root: str = param("", "dataset root (CheXpert Plus CSV + chexbert_labels, or the seed CSV); '' = demo data")
+    manifest: str = param(DEFAULT_MANIFEST, "where to write the manifest (CSV, paths relative to data_root)")
+    report_section: Literal["findings", "impression", "findings+impression"] = param(
+        "findings", "CheXpert Plus section(s) that form the target report")
+    prompt: str = param(cxr_data.DEFAULT_PROMPT, "diagnostic prompt put before every report")
+    image_size: int = param(224, "side of the resized RGB images (pixels); 224 gives DenseNet-121 its 7x7 patches")
+    frontal_only: bool = param(True, "keep frontal views only (the synthetic and the seed data are frontal)")
+    val_fraction: float = param(0.1, "fraction of (non-valid) patients held out for checkpoint selection")
+    test_fraction: float = param(0.2, "fraction of patients held out for test when the data ship no valid split")
+    n_examples: int = param(6, "images shown with their reports")
+
+    def __post_init__(self) -> None:
+        if self.image_size % 32 or self.image_size < 32:
+            raise ValueError(f"image_size must be a multiple of 32 (DenseNet stride), got {self.image_size}")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError("val_fraction and test_fraction must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ManifestStage(StageConfig):
+    SYSTEM = SYSTEM
+
+    data_root: str = param("", "dataset root; '' = the root recorded in the manifest")
+    manifest: str = param(DEFAULT_MANIFEST, "manifest written by 01_preprocess")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_ManifestStage):
+    """02_train: the vision model on the 14 labels, then the QLoRA report generator on its disease tokens."""
+
+    STAGE = "02_train"
+    PROFILES = {
+        "smoke": {"encoder": "densenet_tiny", "image_size": 64, "language_model": "tiny", "vision_epochs": 2,
+                  "vision_batch_size": 8, "vision_lr": 3e-3, "epochs": 1, "batch_size": 4, "max_steps": 4,
+                  "max_report_tokens": 24, "optimizer": "adamw"},
+        # about 5 minutes on 2 CPU cores for the demo dataset (~500 training images)
+        "demo": {"encoder": "densenet_small", "image_size": 128, "language_model": "smollm2-135m",
+                 "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 1, "batch_size": 8,
+                 "max_steps": 70, "lr": 1e-3, "max_report_tokens": 48, "optimizer": "adamw"},
+        "full": {"encoder": "densenet121", "image_size": 224, "language_model": "meta-llama/Llama-2-7b-hf",
+                 "vision_epochs": 50, "epochs": 20, "batch_size": 1, "optimizer": "paged_adamw", "num_workers": 4},
+    }
+
+    encoder: Literal["densenet121", "densenet_small", "densenet_tiny"] = param(
+        "densenet121", "image encoder: the seed's DenseNet-121, or smaller DenseNets for CPU profiles")
+    encoder_weights: str = param("", "local safetensors state_dict of the encoder's features (e.g. ImageNet); '' = "
+                                     "random init (no ImageNet weights ship offline)")
+    image_size: int = param(224, "model input side (pixels); patches = (image_size / 32)^2")
+    language_model: str = param("meta-llama/Llama-2-7b-hf", "causal LM: local folder, hub id in the local cache, "
+                                "'smollm2-135m' (packaged) or 'tiny' (random-init Llama, smoke)")
+    quantization: Literal["nf4", "none"] = param("nf4", "nf4: 4-bit NormalFloat base weights (QLoRA); none: full")
+    lora_r: int = param(8, "LoRA rank (seed lora_r)")
+    lora_alpha: int = param(8, "LoRA scaling alpha (seed lora_alpha)")
+    lora_dropout: float = param(0.1, "LoRA dropout (seed lora_dropout)")
+    vision_epochs: int = param(50, "epochs of the vision model on the 14 labels (seed: dense_net_121_d_e50)")
+    vision_batch_size: int = param(16, "batch size of the vision stage")
+    vision_lr: float = param(1e-3, "learning rate of the vision stage (AdamW, warm-up + cosine)")
+    epochs: int = param(20, "epochs of the report stage (seed num_train_epochs)")
+    max_steps: int | None = param(None, "stop the report stage after this many optimizer steps (None: epochs)")
+    batch_size: int = param(1, "report-stage batch size (seed per_device_train_batch_size)")
+    lr: float = param(5e-4, "report-stage learning rate, constant (seed)")
+    weight_decay: float = param(0.001, "report-stage weight decay (seed)")
+    grad_clip: float | None = param(0.3, "report-stage max gradient norm (seed max_grad_norm)")
+    optimizer: Literal["adamw", "paged_adamw"] = param("paged_adamw", "paged_adamw (seed; CUDA) or adamw")
+    max_report_tokens: int = param(256, "report tokens kept for training (longer reports are cut)")
+    num_processes: int = param(1, "processes for data-parallel training (accelerate launch)")
+    num_workers: int = param(0, "data-loader worker processes (vision stage)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainedStage(_ManifestStage):
+    checkpoint: str = param("", "training run folder (holding model_spec.json); '' = run_dir, else the newest run")
+    split: Literal["train", "val", "test"] = param("test", "manifest split to use")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig(_TrainedStage):
+    """03_infer: beam-search reports for a split (scored against the references and two baselines), an image
+    file or DICOM, and the real radiograph shipped by pydicom-data."""
+
+    STAGE = "03_infer"
+    # demo: 40 test images keep 5-beam generation with SmolLM2 on 2 CPU cores within a few minutes
+    PROFILES = {"smoke": {"max_new_tokens": 12, "max_reports": 8},
+                "demo": {"max_new_tokens": 40, "max_reports": 40}, "full": {"max_new_tokens": 512}}
+
+    input_image: str = param("", "an image file or DICOM to write a report for, besides the split")
+    real_dicom: bool = param(True, "also report on the real chest radiograph RG1_UNCR.dcm from pydicom-data")
+    num_beams: int = param(5, "beam width (seed)")
+    no_repeat_ngram_size: int = param(2, "no n-gram of this size is generated twice (seed: 2; 0: off)")
+    max_new_tokens: int = param(512, "longest generated report in tokens (seed max_length 512)")
+    batch_size: int = param(8, "images per generate call")
+    max_reports: int = param(0, "score only the first N images of the split (0: all)")
+    n_examples: int = param(4, "images shown with generated and reference reports")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(_TrainedStage):
+    """04_attention: the 14 disease attention maps on an X-ray beside the generated sentences, and the LM's
+    token-level attention over the visual and text tokens."""
+
+    STAGE = "04_attention"
+    PROFILES = {"smoke": {"max_new_tokens": 8}, "demo": {"max_new_tokens": 40}, "full": {"max_new_tokens": 256}}
+
+    image_id: str = param("", "manifest id of the image; '' = the split's image with most positive labels")
+    input_image: str = param("", "an image file or DICOM to use instead of a manifest image")
+    num_beams: int = param(5, "beam width for the report shown")
+    no_repeat_ngram_size: int = param(2, "no n-gram of this size is generated twice (0: off)")
+    max_new_tokens: int = param(256, "longest generated report in tokens")
+    layer: int = param(-1, "LM layer whose attention is drawn (-1: last)")
+
+
+# ============================================================================================ 01 preprocess
+@dataclasses.dataclass
+class PreprocessResult:
+    manifest: pd.DataFrame
+    manifest_path: Path
+    summary: pd.DataFrame
+    figure: Any
+
+
+def preprocess(cfg: PreprocessConfig, run: RunFolder) -> PreprocessResult:
+    """Read the dataset, write the resized RGB images and the manifest, summarise and draw samples."""
+    root = resolve_path(cfg.data_root or _demo_root())
+    manifest = cxr_data.build_manifest(root, cfg.report_section, cfg.prompt, cfg.val_fraction, cfg.test_fraction,
+                                       cfg.seed, cfg.frontal_only)
+    manifest = cxr_data.write_resized_images(manifest, root, cfg.image_size, f"preprocessed_{cfg.image_size}")
+    manifest_path = resolve_path(cfg.manifest)
+    write_manifest(manifest, manifest_path, cxr_data.CXR_SCHEMA, root)
+    manifest, _ = read_manifest(manifest_path, cxr_data.CXR_SCHEMA, data_root=root, check_files=False)
+    summary = summarise_manifest(manifest)
+    atomic_write_text(run.file("manifest_summary.csv"), summary.to_csv())
+    run.write_metrics(cfg.STAGE, {"images": len(manifest), "patients": int(manifest["patient"].nunique()),
+                                  "image_size": cfg.image_size, **{f"{s}_images": int((manifest.split == s).sum())
+                                                                   for s in ("train", "val", "test")}})
+    sample = manifest.sample(n=min(cfg.n_examples, len(manifest)), random_state=cfg.seed)
+    fig = report_figure([cxr_data.read_xray(root / r.image) for r in sample.itertuples()],
+                        [{"report": r.report} for r in sample.itertuples()], list(sample["id"]),
+                        "CheXpert Plus layout: resized inputs and their reports")
+    run.save_figure(fig, "01_sample_images")
+    return PreprocessResult(manifest, manifest_path, summary, fig)
+
+
+def summarise_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per split: images, patients and the fraction of images positive for each label."""
+    rows = {}
+    for split in ("train", "val", "test"):
+        part = manifest[manifest.split == split]
+        row: dict[str, Any] = {"images": len(part), "patients": part["patient"].nunique()}
+        for column, name in zip(cxr_data.LABEL_COLUMNS, LABELS):
+            row[name] = round(float((part[column] == 1).mean()), 3) if len(part) else 0.0
+        rows[split] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def report_figure(images: list[np.ndarray], texts: list[dict[str, str]], titles: list[str], suptitle: str = "",
+                  ncols: int = 3) -> Any:
+    """Images with report texts under them (each ``texts`` entry: {caption: text})."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(images))
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 6.2 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, text, title in zip(axes.flat, images, texts, titles):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(title, fontsize=8)
+        caption = "\n".join(f"{k}: " + textwrap.fill(v, 52) for k, v in text.items())
+        ax.text(0, -0.03, caption, transform=ax.transAxes, va="top", ha="left", fontsize=7, wrap=True)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+# ============================================================================================ 02 train
+def load_manifest(cfg: Any) -> tuple[pd.DataFrame, Path]:
+    """The validated manifest named by ``cfg.manifest`` and its data root."""
+    return read_manifest(resolve_path(cfg.manifest), cxr_data.CXR_SCHEMA,
+                         data_root=resolve_path(cfg.data_root) if cfg.data_root else None)
+
+
+def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def label_aurocs(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUROC per label with both classes present, (N, 14) scores and 0/1 labels -> {label: auroc}.
+
+    The Mann-Whitney form: the probability that a random positive scores above a random negative (ties 1/2).
+    """
+    from scipy.stats import rankdata
+
+    out = {}
+    for j, name in enumerate(LABELS):
+        positive = labels[:, j] == 1
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos and n_neg:
+            ranks = rankdata(scores[:, j])
+            out[name] = float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return out
+
+
+class _CachedImages(cxr_data.ReportImageDataset):
+    """The resized images are small: decode each once."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index not in self._cache:
+            self._cache[index] = super().__getitem__(index)["image"]
+        return {"image": self._cache[index], "labels": self.labels[index], "label_mask": self.label_mask[index],
+                "index": index}
+
+
+class VisionTrainingTask:
+    """Stage 1 for the shared trainer: DenseNet + disease attention + auxiliary classifier on the 14 labels."""
+
+    def __init__(self, config: dict[str, Any], manifest: str, data_root: str, spec_json: str):
+        self.cfg = TrainConfig.from_params(config)
+        self.manifest, self.root = read_manifest(Path(manifest), cxr_data.CXR_SCHEMA, data_root=Path(data_root),
+                                                 check_files=False)
+        self.spec = CxrModelSpec.from_json(spec_json)
+
+    def build_model(self) -> VisionModel:
+        torch.manual_seed(self.cfg.seed)
+        model = VisionModel(self.spec)
+        if self.cfg.encoder_weights:
+            state = safetensors.torch.load_file(str(resolve_path(self.cfg.encoder_weights)))
+            model.features.load_state_dict(state, strict=True)
+        return model
+
+    def _split(self, split: str) -> _CachedImages | None:
+        part = self.manifest[self.manifest.split == split]
+        return _CachedImages(part, self.root, self.spec.image_size) if len(part) else None
+
+    def train_dataset(self) -> _CachedImages:
+        return self._split("train")
+
+    def val_dataset(self) -> _CachedImages | None:
+        return self._split("val")
+
+    def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        _, logits, _ = model(batch["image"])
+        return _masked_bce(logits, batch["labels"], batch["label_mask"])
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """Validation loss and the mean AUROC of the auxiliary classifier over labels with both classes."""
+        losses, scores, labels = [], [], []
+        for batch in loader:
+            _, logits, _ = model(batch["image"].to(device))
+            losses.append(float(_masked_bce(logits, batch["labels"].to(device), batch["label_mask"].to(device))))
+            scores.append(logits.sigmoid().cpu().numpy())
+            labels.append(batch["labels"].numpy())
+        aurocs = label_aurocs(np.concatenate(scores), np.concatenate(labels))
+        return {"loss": float(np.mean(losses)), "auroc": float(np.mean(list(aurocs.values()))) if aurocs else 0.5}
+
+
+def vision_task(config: dict[str, Any], manifest: str, data_root: str, spec_json: str) -> VisionTrainingTask:
+    """Factory named in ``launch``."""
+    return VisionTrainingTask(config, manifest, data_root, spec_json)
+
+
+class ReportTrainingTask:
+    """Stage 2 for the shared trainer: projection + LoRA adapters of the (4-bit) LM on cached disease tokens."""
+
+    def __init__(self, config: dict[str, Any], manifest: str, data_root: str, spec_json: str, tokens_file: str):
+        self.cfg = TrainConfig.from_params(config)
+        self.manifest, _ = read_manifest(Path(manifest), cxr_data.CXR_SCHEMA, data_root=Path(data_root),
+                                         check_files=False)
+        self.spec = CxrModelSpec.from_json(spec_json)
+        self.tokens = safetensors.torch.load_file(tokens_file)["disease_tokens"]  # (N, 14, C), manifest order
+        self.tokenizer = None
+
+    def build_model(self) -> ReportGenerator:
+        lm, tokenizer = load_language_model(self.spec)
+        self.tokenizer = tokenizer
+        torch.manual_seed(self.cfg.seed)
+        return ReportGenerator(self.spec, lm, tokenizer)
+
+    def _examples(self, split: str) -> list[dict[str, Any]] | None:
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from nbsupport.models import resolve_pretrained
+
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.spec.language_model),
+                                                           local_files_only=True)
+        rows = np.flatnonzero((self.manifest.split == split).to_numpy())
+        out = []
+        for i in rows:
+            example = encode_example(self.tokenizer, self.manifest.at[i, "prompt"], self.manifest.at[i, "report"],
+                                     self.cfg.max_report_tokens)
+            out.append({"disease_tokens": self.tokens[i], **example})
+        return out or None
+
+    def train_dataset(self) -> list[dict[str, Any]]:
+        return self._examples("train")
+
+    def val_dataset(self) -> list[dict[str, Any]] | None:
+        return self._examples("val")
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad token ids (pad id) and labels (-100)."""
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        length = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for k, x in enumerate(items):
+            n = len(x["input_ids"])
+            ids[k, :n] = torch.tensor(x["input_ids"])
+            labels[k, :n] = torch.tensor(x["labels"])
+            mask[k, :n] = 1
+        return {"disease_tokens": torch.stack([x["disease_tokens"] for x in items]), "input_ids": ids,
+                "attention_mask": mask, "labels": labels}
+
+    def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """Token-weighted validation loss of the report tokens."""
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+        return {"loss": total / max(count, 1)}
+
+
+def report_task(config: dict[str, Any], manifest: str, data_root: str, spec_json: str,
+                tokens_file: str) -> ReportTrainingTask:
+    """Factory named in ``launch``."""
+    return ReportTrainingTask(config, manifest, data_root, spec_json, tokens_file)
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    spec: CxrModelSpec
+    vision_history: list[dict[str, Any]]
+    report_history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    label_auroc: pd.DataFrame  # auxiliary classifier on the test split, per label
+    vision_curves: Any
+    report_curves: Any
+    parameters: pd.DataFrame  # trainable parameters, this run and the full configuration (meta device)
+
+
+def model_spec(cfg: TrainConfig, run: RunFolder) -> CxrModelSpec:
+    """The model this config describes; ``language_model='tiny'`` writes a random-init Llama into the run folder
+    (so the smoke profile loads it through the same 4-bit ``from_pretrained`` path as a real LM)."""
+    language_model = cfg.language_model
+    if language_model == "tiny":
+        from nbsupport.models import tiny_causal_lm
+
+        folder = run.file("tiny_lm/config.json").parent
+        lm, tokenizer = tiny_causal_lm(seed=cfg.seed)
+        lm.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        language_model = str(folder)
+    return CxrModelSpec(encoder=cfg.encoder, image_size=cfg.image_size, language_model=language_model,
+                        quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                        lora_dropout=cfg.lora_dropout)
+
+
+@torch.no_grad()
+def disease_tokens(vision: VisionModel, manifest: pd.DataFrame, root: Path, device: torch.device,
+                   batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 14, C) disease tokens and (N, 14) classifier probabilities of the manifest's rows, in order."""
+    dataset = cxr_data.ReportImageDataset(manifest, root, vision.spec.image_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    vision.eval().to(device)
+    tokens, probs = [], []
+    for batch in progress(loader, desc="disease tokens"):
+        t, logits, _ = vision(batch["image"].to(device))
+        tokens.append(t.float().cpu())
+        probs.append(logits.sigmoid().float().cpu())
+    return torch.cat(tokens), torch.cat(probs)
+
+
+def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
+    """Stage 1 (vision, best val AUROC) then stage 2 (report generator, best val loss); returns curves, the
+    auxiliary classifier's test AUROC per label and the trainable-parameter counts."""
+    from nbsupport.viz import plot_training_curves
+
+    manifest, root = load_manifest(cfg)
+    spec = model_spec(cfg, run)
+    atomic_write_text(run.file("model_spec.json"), spec.to_json())
+    common = {"config": cfg.to_dict(), "manifest": str(resolve_path(cfg.manifest)), "data_root": str(root),
+              "spec_json": spec.to_json()}
+    vision_settings = TrainSettings(
+        epochs=cfg.vision_epochs, batch_size=cfg.vision_batch_size, lr=cfg.vision_lr, weight_decay=1e-4,
+        scheduler="warmup_cosine", warmup_steps=max(1, int((manifest.split == "train").sum()) // cfg.vision_batch_size),
+        monitor="val_auroc", monitor_mode="max", num_processes=cfg.num_processes, num_workers=cfg.num_workers,
+        seed=cfg.seed, log_every=5)
+    print(f"stage 1: {spec.encoder} + disease attention + 14-label classifier, {spec.num_patches} patches")
+    vision_result = launch("nbsupport.cxr_report.pipeline:vision_task", common, vision_settings,
+                           run.path / "vision", config_hash=spec.fingerprint("vision"))
+    vision = VisionModel(spec)
+    load_weights(vision, Path(vision_result.best_checkpoint or vision_result.last_checkpoint),
+                 expected_config_hash=spec.fingerprint("vision"))
+    device = resolve_device(cfg.device)
+    tokens, probs = disease_tokens(vision, manifest, root, device)
+    tokens_file = run.file("disease_tokens.safetensors")
+    safetensors.torch.save_file({"disease_tokens": tokens.contiguous()}, str(tokens_file))
+
+    report_settings = TrainSettings(
+        epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, scheduler="constant", grad_clip=cfg.grad_clip,
+        monitor="val_loss" if (manifest.split == "val").any() else "train_loss", save_trainable_only=True,
+        num_processes=cfg.num_processes, seed=cfg.seed, log_every=5,
+        eval_every=max(1, cfg.epochs // 4))
+    print(f"stage 2: {spec.language_model} ({spec.quantization}) + LoRA r={spec.lora_r} on the disease tokens")
+    report_result = launch("nbsupport.cxr_report.pipeline:report_task", {**common, "tokens_file": str(tokens_file)},
+                           report_settings, run.path / "report", config_hash=spec.fingerprint("report"))
+
+    test_split = "test" if (manifest.split == "test").any() else "val"
+    rows = (manifest.split == test_split).to_numpy()
+    labels = (np.nan_to_num(cxr_data.label_matrix(manifest[rows]), nan=0.0) == 1).astype(int)
+    aurocs = label_aurocs(probs[rows].numpy(), labels)
+    trainable_now = _trainable_counts(spec)
+    full = count_trainable_parameters(LLAMA2_7B_CONFIG, dataclasses.replace(spec, encoder="densenet121",
+                                                                          image_size=224))
+    parameters = pd.DataFrame({"this run": trainable_now, "full (Llama-2-7b, meta device)": full}).T
+    metrics = {"vision_best_val_auroc": vision_result.best_metric, "vision_steps": vision_result.steps,
+               f"{test_split}_aux_auroc_mean": float(np.mean(list(aurocs.values()))) if aurocs else None,
+               "report_best_val_loss": report_result.best_metric, "report_steps": report_result.steps,
+               "trainable_parameters": trainable_now["trainable"],
+               "full_trainable_parameters_llama2_7b": full["trainable"], "language_model": cfg.language_model,
+               "quantization": cfg.quantization}
+    run.write_metrics(cfg.STAGE, metrics)
+    vision_curves = plot_training_curves(vision_result.history, title="stage 1: vision model on the 14 labels")
+    report_curves = plot_training_curves(report_result.history, title="stage 2: report generator (LM loss)")
+    run.save_figure(vision_curves, "02_vision_curves")
+    run.save_figure(report_curves, "02_report_curves")
+    table = pd.DataFrame({"auroc": aurocs}).rename_axis("label")
+    return TrainOutcome(spec, vision_result.history, report_result.history, metrics, table, vision_curves,
+                        report_curves, parameters)
+
+
+def _trainable_counts(spec: CxrModelSpec) -> dict[str, int]:
+    """Trainable parameters of this run's report generator (from its LM config, on the meta device)."""
+    from transformers import AutoConfig
+
+    from nbsupport.models import resolve_pretrained
+
+    config = AutoConfig.from_pretrained(resolve_pretrained(spec.language_model), local_files_only=True)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings")
+    return count_trainable_parameters({k: getattr(config, k) for k in keys}, spec)
+
+
+# ============================================================================================ trained model
+def find_training_run(checkpoint: str, run: RunFolder) -> Path:
+    """The training run folder: ``checkpoint`` if given, else this run, else the newest cxr_report run."""
+    if checkpoint:
+        path = resolve_path(checkpoint)
+        if not (path / "model_spec.json").is_file():
+            raise FileNotFoundError(f"{path} is not a cxr_report training run (no model_spec.json)")
+        return path
+    if (run.path / "report" / "checkpoints").is_dir():
+        return run.path
+    candidates = sorted(runs_root().glob(f"*/{SYSTEM}/report/checkpoints/*/meta.json"),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no trained {SYSTEM} model in {run.path} or under {runs_root()}; run 02_train "
+                                "first or set the `checkpoint` parameter")
+    found = candidates[-1].parents[3]
+    print(f"using the newest training run: {found}")
+    return found
+
+
+def _best(stage_dir: Path) -> Path:
+    best = stage_dir / "checkpoints" / "best"
+    return best if (best / "meta.json").is_file() else stage_dir / "checkpoints" / "last"
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    spec: CxrModelSpec
+    vision: VisionModel
+    generator: ReportGenerator
+    tokenizer: Any
+
+
+def load_trained_model(training_run: Path, device: torch.device) -> TrainedModel:
+    """Rebuild both stages from ``model_spec.json`` and load their best checkpoints."""
+    spec = CxrModelSpec.from_json((training_run / "model_spec.json").read_text())
+    vision = VisionModel(spec)
+    load_weights(vision, _best(training_run / "vision"), expected_config_hash=spec.fingerprint("vision"))
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer)
+    load_weights(generator, _best(training_run / "report"), expected_config_hash=spec.fingerprint("report"))
+    return TrainedModel(spec, vision.eval().to(device), generator.eval(), tokenizer)
+
+
+def generate_reports(model: TrainedModel, tokens: torch.Tensor, prompts: list[str], num_beams: int,
+                     no_repeat_ngram_size: int, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Beam-search reports for (N, 14, C) disease tokens, ``batch_size`` images per generate call."""
+    out: list[str] = []
+    for start in progress(range(0, len(prompts), batch_size), desc="generate reports"):
+        chunk = slice(start, start + batch_size)
+        ids = [prompt_token_ids(model.tokenizer, p) for p in prompts[chunk]]
+        out.extend(model.generator.generate(tokens[chunk], ids, num_beams, no_repeat_ngram_size, max_new_tokens))
+    return out
+
+
+def score_reports(generated: list[str], references: list[str]) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L, CIDEr-D and clinical efficacy (rule labeler on both sides, positives only)."""
+    scores: dict[str, float] = {**bleu_scores(generated, references), "rouge_l": rouge_l(generated, references),
+                                "cider_d": cider_d(generated, references)}
+    ce = clinical_efficacy(positive_matrix(label_reports(generated)), positive_matrix(label_reports(references)),
+                           LABELS)
+    scores.update({f"ce_{k}": v for k, v in ce.items() if k != "per_label"})
+    return scores
+
+
+def baseline_reports(train_tokens: torch.Tensor, train_reports: list[str], query_tokens: torch.Tensor
+                     ) -> dict[str, list[str]]:
+    """Two baselines per query image: the training report of the nearest training image (cosine similarity of
+    the flattened disease tokens of the trained vision model) and the most common training report."""
+    a = torch.nn.functional.normalize(train_tokens.flatten(1).float(), dim=1)
+    b = torch.nn.functional.normalize(query_tokens.flatten(1).float(), dim=1)
+    nearest = (b @ a.T).argmax(dim=1).tolist()
+    common = pd.Series(train_reports).value_counts().index[0]
+    return {"nearest-neighbour report": [train_reports[i] for i in nearest],
+            "most common report": [common] * len(query_tokens)}
+
+
+@dataclasses.dataclass
+class InferResult:
+    predictions: pd.DataFrame
+    scores: pd.DataFrame  # model vs baselines
+    per_label: pd.DataFrame
+    figure: Any
+    real_dicom: dict[str, Any] | None  # {"image", "report", "figure"}
+    input_image: dict[str, Any] | None
+
+
+def _single_image_report(model: TrainedModel, path: Path, title: str, cfg: Any) -> dict[str, Any]:
+    """Report and per-disease evidence for one image file or DICOM (never shows DICOM identifiers)."""
+    gray = cxr_data.read_xray(path)
+    x = cxr_data.load_encoder_input(path, model.spec.image_size)[None]
+    device = next(model.vision.parameters()).device
+    with torch.no_grad():
+        tokens, logits, _ = model.vision(x.to(device))
+    report = model.generator.generate(tokens.cpu(), [prompt_token_ids(model.tokenizer, cxr_data.DEFAULT_PROMPT)],
+                                      cfg.num_beams, cfg.no_repeat_ngram_size, cfg.max_new_tokens)[0]
+    probs = dict(zip(LABELS, logits.sigmoid()[0].tolist()))
+    fig = disease_maps_figure(model, gray, x, report, title)
+    return {"image": gray, "report": report, "probabilities": probs, "figure": fig}
+
+
+def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
+    """Reports for a split with BLEU/ROUGE-L/CIDEr-D/clinical efficacy beside the two baselines, written to
+    ``predictions.csv`` and ``metrics.json``; plus ``input_image`` and the real pydicom-data radiograph."""
+    device = resolve_device(cfg.device)
+    model = load_trained_model(find_training_run(cfg.checkpoint, run), device)
+    manifest, root = load_manifest(cfg)
+    part = manifest[manifest.split == cfg.split].reset_index(drop=True)
+    if cfg.max_reports:
+        part = part.head(cfg.max_reports)
+    train_part = manifest[manifest.split == "train"].reset_index(drop=True)
+    tokens, _ = disease_tokens(model.vision, part, root, device)
+    train_tokens, _ = disease_tokens(model.vision, train_part, root, device)
+    generated = generate_reports(model, tokens, list(part["prompt"]), cfg.num_beams, cfg.no_repeat_ngram_size,
+                                 cfg.max_new_tokens, cfg.batch_size)
+    references = list(part["report"])
+    systems = {"model (this run)": generated, **baseline_reports(train_tokens, list(train_part["report"]), tokens)}
+    table = pd.DataFrame({name: score_reports(reports, references) for name, reports in systems.items()}).T
+    ce = clinical_efficacy(positive_matrix(label_reports(generated)), positive_matrix(label_reports(references)),
+                           LABELS)
+    per_label = pd.DataFrame(ce["per_label"]).T.rename_axis("label")
+    predictions = pd.DataFrame({"id": part["id"], "reference": references, "generated": generated,
+                                "nearest_neighbour": systems["nearest-neighbour report"]})
+    atomic_write_text(run.file("predictions.csv"), predictions.to_csv(index=False))
+    metrics: dict[str, Any] = {"n_reports": len(part), "split": cfg.split}
+    for name, key in (("model (this run)", "model"), ("nearest-neighbour report", "baseline_nn"),
+                      ("most common report", "baseline_common")):
+        metrics.update({f"{key}_{k}": float(v) for k, v in table.loc[name].items()})
+    run.write_metrics(cfg.STAGE, metrics)
+    n = min(cfg.n_examples, len(part))
+    fig = report_figure([cxr_data.read_xray(root / r.image) for r in part.head(n).itertuples()],
+                        [{"generated": g, "reference": r} for g, r in zip(generated[:n], references[:n])],
+                        list(part["id"][:n]), f"{cfg.split} split: generated vs reference", ncols=2)
+    run.save_figure(fig, "03_generated_reports")
+    real = None
+    if cfg.real_dicom:
+        real = _single_image_report(model, real_cxr_path(), REAL_CXR_TITLE, cfg)
+        run.save_figure(real["figure"], "03_real_dicom")
+        run.write_metrics(cfg.STAGE, {"real_dicom_report": real["report"]})
+    single = None
+    if cfg.input_image:
+        path = resolve_path(cfg.input_image)
+        single = _single_image_report(model, path, path.name, cfg)
+        run.save_figure(single["figure"], "03_input_image")
+    return InferResult(predictions, table, per_label, fig, real, single)
+
+
+def real_cxr_path() -> Path:
+    """RG1_UNCR.dcm from pydicom-data (found offline through pydicom's external data sources)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(REAL_CXR_DICOM)
+    if path is None:
+        raise FileNotFoundError(f"{REAL_CXR_DICOM} not found: `pip install pydicom-data` ships it")
+    return Path(path)
+
+
+# ============================================================================================ attention figures
+def finding_sentences(report: str) -> dict[str, str]:
+    """Label -> the first sentence of ``report`` that mentions it (positive, negative or uncertain)."""
+    import re
+
+    out: dict[str, str] = {}
+    for sentence in re.split(r"(?<=[.!?])\s+", report.strip()):
+        for label, value in label_report(sentence).items():
+            if value is not None and label not in out and (label != "No Finding" or len(out) == 0):
+                out[label] = sentence
+    return out
+
+
+def disease_maps_figure(model: TrainedModel, gray: np.ndarray, x: torch.Tensor, report: str, title: str) -> Any:
+    """14 panels: each disease's image-specific evidence map (``VisionModel.patch_evidence``) upsampled over the
+    X-ray, titled with the classifier probability and the generated sentence naming that finding."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    from nbsupport.viz import attention_overlay
+
+    device = next(model.vision.parameters()).device
+    with torch.no_grad():
+        evidence = model.vision.patch_evidence(x.to(device))[0].cpu().numpy()  # (14, P)
+        probs = model.vision(x.to(device))[1].sigmoid()[0].cpu().numpy()
+    side = int(round(evidence.shape[1] ** 0.5))
+    sentences = finding_sentences(report)
+    fig, axes = plt.subplots(3, 5, figsize=(17, 11))
+    axes = axes.flat
+    axes[0].imshow(gray, cmap="gray")
+    axes[0].set_title(textwrap.fill(title, 40), fontsize=8)
+    axes[0].axis("off")
+    for k, label in enumerate(LABELS):
+        ax = axes[k + 1]
+        heat = np.clip(evidence[k].reshape(side, side), 0, None)
+        attention_overlay(gray, heat, ax=ax, alpha=0.45)
+        caption = f"{label} p={probs[k]:.2f}"
+        if label in sentences:
+            caption += "\n" + textwrap.fill(f"\u201c{sentences[label]}\u201d", 40)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(textwrap.fill("generated: " + report, 150), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@dataclasses.dataclass
+class AttentionResult:
+    image_id: str
+    report: str
+    prior_figure: Any  # the learned (14, P) attention, the same for every image (as in the seed)
+    evidence_figure: Any  # per-image evidence per disease beside the generated sentences
+    token_figure: Any  # LM attention from generated tokens over visual + prompt + report tokens
+    bertviz_html: Path | None
+
+
+def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
+    """Disease attention maps and LM token attention for one image."""
+    from nbsupport.viz import attention_grid
+
+    device = resolve_device(cfg.device)
+    model = load_trained_model(find_training_run(cfg.checkpoint, run), device)
+    if cfg.input_image:
+        path = resolve_path(cfg.input_image)
+        image_id, prompt = path.name, cxr_data.DEFAULT_PROMPT
+    else:
+        manifest, root = load_manifest(cfg)
+        part = manifest[manifest.split == cfg.split].reset_index(drop=True)
+        if cfg.image_id:
+            if cfg.image_id not in set(part["id"]):
+                raise ValueError(f"image_id {cfg.image_id!r} is not in the {cfg.split} split of {cfg.manifest}")
+            row = part[part["id"] == cfg.image_id].iloc[0]
+        else:
+            positives = (part[list(cxr_data.LABEL_COLUMNS[1:])] == 1).sum(axis=1)
+            row = part.iloc[int(positives.to_numpy().argmax())]
+        path, image_id, prompt = root / row["image"], str(row["id"]), str(row["prompt"])
+    gray = cxr_data.read_xray(path)
+    x = cxr_data.load_encoder_input(path, model.spec.image_size)[None]
+    with torch.no_grad():
+        tokens, _, weights = model.vision(x.to(device))
+    prompt_ids = prompt_token_ids(model.tokenizer, prompt)
+    report = model.generator.generate(tokens.cpu(), [prompt_ids], cfg.num_beams, cfg.no_repeat_ngram_size,
+                                      cfg.max_new_tokens)[0]
+    side = int(round(weights.shape[1] ** 0.5))
+    prior = [(label, weights[k].reshape(side, side).cpu().numpy()) for k, label in enumerate(LABELS)]
+    prior_fig = attention_grid(gray, prior, ncols=5)
+    run.save_figure(prior_fig, "04_disease_attention_prior")
+    evidence_fig = disease_maps_figure(model, gray, x, report, image_id)
+    run.save_figure(evidence_fig, "04_disease_evidence")
+    token_fig, html = token_attention(model, tokens.cpu(), prompt_ids, report, cfg.layer, run)
+    run.save_figure(token_fig, "04_token_attention")
+    run.write_metrics(cfg.STAGE, {"image_id": image_id, "report": report})
+    return AttentionResult(image_id, report, prior_fig, evidence_fig, token_fig, html)
+
+
+def token_attention(model: TrainedModel, tokens: torch.Tensor, prompt_ids: list[int], report: str, layer: int,
+                    run: RunFolder) -> tuple[Any, Path | None]:
+    """Attention of the generated report tokens over [14 visual | prompt | report] in one LM layer (mean of heads)
+    as a heatmap, and bertviz's head view of all layers as a standalone HTML file."""
+    import matplotlib.pyplot as plt
+
+    report_ids = model.tokenizer(report, add_special_tokens=False)["input_ids"] or [model.tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + report_ids])
+    lm = model.generator.lm
+    base = lm.get_base_model()
+    previous = base.config._attn_implementation
+    base.config._attn_implementation = "eager"  # sdpa returns no attention weights
+    try:
+        with torch.no_grad():
+            visual = model.generator.visual_embeddings(tokens)
+            embeds = torch.cat([visual, lm.get_input_embeddings()(ids)], dim=1)
+            out = lm(inputs_embeds=embeds, output_attentions=True)
+    finally:
+        base.config._attn_implementation = previous
+    names = [f"V:{label}" for label in LABELS] + model.tokenizer.convert_ids_to_tokens(prompt_ids + report_ids)
+    names = [n.replace("\u0120", " ").replace("\u010a", "\\n") for n in names]
+    att = out.attentions[layer][0].float().mean(0).numpy()  # (T, T)
+    start = len(LABELS) + len(prompt_ids)
+    rows = att[start:]
+    fig, ax = plt.subplots(figsize=(min(24, 2 + 0.22 * len(names)), min(14, 2 + 0.22 * len(rows))))
+    ax.imshow(rows, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(rows)), names[start:], fontsize=6)
+    ax.axvline(len(LABELS) - 0.5, color="w", lw=1)
+    ax.axvline(start - 0.5, color="w", lw=1)
+    ax.set_title(f"LM attention (layer {layer}, mean of heads): report tokens over visual | prompt | report")
+    fig.tight_layout()
+    html = None
+    try:
+        from bertviz import head_view
+
+        view = head_view([a.float() for a in out.attentions], names, html_action="return")
+        html = run.file("04_bertviz_head_view.html")
+        atomic_write_text(html, view.data if hasattr(view, "data") else str(view))
+    except Exception as err:  # bertviz is a view; the heatmap above carries the same numbers
+        print(f"bertviz head view not written: {err}")
+    return fig, html

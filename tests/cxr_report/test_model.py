@@ -1,0 +1,150 @@
+"""Disease attention, the vision model, the QLoRA report generator and the meta-device parameter count."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbsupport.cxr_report.model import (
+    LLAMA2_7B_CONFIG,
+    CxrModelSpec,
+    DiseaseAttention,
+    ReportGenerator,
+    VisionModel,
+    count_trainable_parameters,
+    encode_example,
+    load_language_model,
+    prompt_token_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nbsupport.models import tiny_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    lm, tokenizer = tiny_causal_lm(seed=0)
+    with torch.no_grad():
+        # At the default init (std 0.02) the frozen, tied output head cannot give any token a clear margin, so
+        # nothing trained through LoRA could be told apart; x5 makes confident predictions expressible.
+        lm.get_input_embeddings().weight.mul_(5.0)
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_disease_attention_is_a_softmax_over_patches() -> None:
+    attention = DiseaseAttention(14, 49)
+    patches = torch.randn(2, 49, 8)
+    tokens, weights = attention(patches)
+    assert tokens.shape == (2, 14, 8) and weights.shape == (14, 49)
+    assert torch.allclose(weights.sum(1), torch.ones(14))
+    assert torch.allclose(tokens[1, 3], (weights[3][:, None] * patches[1]).sum(0), atol=1e-6)
+
+
+def test_densenet121_gives_49_patches_of_1024_at_224() -> None:
+    model = VisionModel(CxrModelSpec(encoder="densenet121", image_size=224)).eval()
+    with torch.no_grad():
+        assert model.patches(torch.zeros(1, 3, 224, 224)).shape == (1, 49, 1024)
+
+
+def test_patch_evidence_adds_up_to_the_logits() -> None:
+    model = VisionModel(CxrModelSpec(encoder="densenet_tiny", image_size=96)).eval()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        _, logits, _ = model(images)
+        evidence = model.patch_evidence(images)
+    assert evidence.shape == (2, 14, 9)
+    assert torch.allclose(evidence.sum(-1) + model.classifier[1].bias, logits, atol=1e-4)
+
+
+def test_trainable_parameters_of_the_full_configuration_match_the_seed() -> None:
+    counts = count_trainable_parameters(LLAMA2_7B_CONFIG, CxrModelSpec(encoder="densenet121"))
+    # The seed notebook prints 12,587,008 trainable parameters (LoRA on q/k/v/o of 32 layers + the projection).
+    assert counts["lora"] == 32 * 4 * 8 * (4096 + 4096)
+    assert counts["projection"] == 1024 * 4096 + 4096
+    assert counts["trainable"] == 12_587_008
+
+
+def test_trainable_parameters_of_a_small_config() -> None:
+    config = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    counts = count_trainable_parameters(config, CxrModelSpec(encoder="densenet_tiny", lora_r=4))
+    kv = 32 // 4 * 2  # k/v project to num_key_value_heads * head_dim = 16
+    per_layer = 4 * (32 + 32) + 4 * (32 + kv) * 2 + 4 * (32 + 32)  # q, k, v, o: r * (in + out)
+    assert counts["lora"] == 2 * per_layer
+    assert counts["projection"] == 17 * 32 + 32
+
+
+def test_loss_covers_only_report_tokens(tiny_lm_dir: Path) -> None:
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer).eval()
+    example = encode_example(tokenizer, "Describe.", "No pneumothorax.", 32)
+    n_prompt = len(prompt_token_ids(tokenizer, "Describe."))
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][-1] == tokenizer.eos_token_id
+    ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+    tokens = torch.randn(1, 14, 17)
+    with torch.no_grad():
+        out = generator(tokens, ids, torch.ones_like(ids), labels)
+    logits = out.logits[0, 14:]  # text positions
+    target = labels[0]
+    manual = torch.nn.functional.cross_entropy(logits[:-1][target[1:] != -100], target[1:][target[1:] != -100])
+    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+@pytest.fixture()
+def one_thread() -> object:
+    """Tiny matrices: a single thread avoids OpenMP's synchronisation cost (large on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quantized_generator_learns_to_use_the_image(tiny_lm_dir: Path, one_thread: object) -> None:
+    """Two 'images' (fixed disease tokens) with different reports. After training the 4-bit LM's LoRA adapters and
+    the projection, each report must be clearly more likely given its own image than given the other (baseline:
+    the same model and text with the other image's tokens; before training the two are equal)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="nf4")
+    lm, tokenizer = load_language_model(spec)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in lm.modules())
+    generator = ReportGenerator(spec, lm, tokenizer)
+    reports = ["There is cardiomegaly.", "No pneumothorax."]
+    images = torch.randn(2, 14, 17)
+    examples = [encode_example(tokenizer, "Report:", r, 16) for r in reports]
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((2, length), tokenizer.pad_token_id)
+    labels = torch.full((2, length), -100)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for k, e in enumerate(examples):
+        ids[k, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        labels[k, :len(e["labels"])] = torch.tensor(e["labels"])
+        mask[k, :len(e["input_ids"])] = 1
+
+    def per_report_loss(image_tokens: torch.Tensor) -> list[float]:
+        with torch.no_grad():
+            return [float(generator(image_tokens[k:k + 1], ids[k:k + 1], mask[k:k + 1], labels[k:k + 1]).loss)
+                    for k in range(2)]
+
+    generator.eval()
+    before = per_report_loss(images)
+    trainable = [p for p in generator.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    generator.train()
+    for _ in range(60):
+        loss = generator(images, ids, mask, labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    generator.eval()
+    matched, swapped = per_report_loss(images), per_report_loss(images.flip(0))
+    for k in range(2):
+        assert matched[k] < before[k] - 1.0, (before, matched)
+        assert matched[k] < swapped[k] - 1.0, (matched, swapped)
