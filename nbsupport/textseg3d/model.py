@@ -49,6 +49,9 @@ class LLMSegSpec:
     text_encoder_path: str = ""  # local folder / alias of the frozen encoder ("" for the tiny random-init ones)
     roi: tuple[int, int, int] = (64, 352, 352)  # (D, H, W) voxels of one sliding-window patch
     max_report_tokens: int = 120  # public code: 128 positions in all, context included
+    # Our addition (not in the public code): subtract the empty report's text tokens, so that what differs between
+    # reports (side, surgery, N) is not a few percent of a large shared component. Off in ``full``.
+    center_text: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -264,7 +267,12 @@ class LLMSeg(nn.Module):
 
     def encode_reports(self, reports: Sequence[str]) -> torch.Tensor | None:
         """Text tokens ``(B, n_prompts, hidden)``, or None for the image-only model."""
-        return None if self.text_encoder is None else self.text_encoder(reports)
+        if self.text_encoder is None:
+            return None
+        if not self.spec.center_text:
+            return self.text_encoder(reports)
+        tokens = self.text_encoder(list(reports) + [""])
+        return tokens[:-1] - tokens[-1:]
 
     def fuse(self, scale: int, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Two-way attention between text tokens and the voxels of one scale; returns updated voxel features."""
@@ -301,6 +309,9 @@ def build_llmseg(spec: LLMSegSpec, seed: int = 0) -> LLMSeg:
     """The network of ``spec`` with its frozen text encoder loaded (nothing is downloaded)."""
     if any(r % 32 for r in spec.roi):
         raise ValueError(f"roi {spec.roi} must be divisible by 32 in every dimension (five stride-2 stages)")
+    if max(spec.roi) < 64:
+        # instance norm at 1/32 needs more than one voxel
+        raise ValueError(f"roi {spec.roi}: at least one side must be >= 64 (the 1/32 scale needs > 1 voxel)")
     encoder = build_report_encoder(spec, seed) if spec.use_text else None
     torch.manual_seed(seed)
     return LLMSeg(spec, encoder)

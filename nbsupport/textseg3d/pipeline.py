@@ -107,6 +107,8 @@ class TrainConfig(_ManifestStage):
     def __post_init__(self) -> None:
         if any(r % 32 for r in self.roi):
             raise ValueError(f"roi {self.roi} must be divisible by 32 in every dimension")
+        if max(self.roi) < 64:
+            raise ValueError(f"roi {self.roi}: at least one side must be >= 64 (the 1/32 scale needs > 1 voxel)")
 
 
 @dataclasses.dataclass(frozen=True)
