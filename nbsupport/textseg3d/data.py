@@ -361,7 +361,7 @@ def split_by_side(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
 # ============================================================================================ demo data
 DEMO_SIZES = {
     "smoke": {"n_cases": 8, "shape": (32, 32, 64), "spacing": (8.0, 12.0, 6.0)},
-    "demo": {"n_cases": 44, "shape": (32, 64, 64), "spacing": (8.0, 6.0, 6.0)},
+    "demo": {"n_cases": 44, "shape": (32, 32, 64), "spacing": (8.0, 12.0, 6.0)},
 }
 DEMO_MARKER = "nbsupport_demo.json"
 _HU = {"air": -1000.0, "lung": -850.0, "fat": -100.0, "muscle": 45.0, "gland": 20.0, "heart": 40.0, "bone": 500.0,
