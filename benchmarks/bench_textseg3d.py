@@ -8,7 +8,7 @@ against the image-only UNet, so the row says what the text path costs.
 Inference: Gaussian sliding-window inference (overlap 0.5) of the LLMSeg network over whole volumes of three sizes,
 seconds per volume, and the ratio to the smallest volume next to the ratio of voxel counts.
 
-    nbsupport bench textseg3d [--feature-size 8] [--roi 32 64 64] [--batch-size 2] [--steps 4] [--out outputs/bench]
+    nbsupport bench textseg3d [--feature-size 8] [--roi 32 32 64] [--batch-size 2] [--steps 4] [--out outputs/bench]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 import time
 
 MODELS = ("image_only", "llmseg")
-VOLUMES = ((32, 64, 64), (64, 128, 128), (96, 192, 192))
+VOLUMES = ((32, 32, 64), (64, 64, 128), (96, 96, 192))
 
 
 def _spec(kind: str, feature_size: int, roi: tuple[int, int, int]):
@@ -85,7 +85,7 @@ def measure_inference(feature_size: int, roi: tuple[int, int, int], repeats: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--feature-size", type=int, default=8, help="UNet feature size (the demo profile's)")
-    parser.add_argument("--roi", type=int, nargs=3, default=[32, 64, 64], help="(D, H, W) crop (the demo's)")
+    parser.add_argument("--roi", type=int, nargs=3, default=[32, 32, 64], help="(D, H, W) crop (the demo profile's)")
     parser.add_argument("--batch-size", type=int, default=2, help="training batch (the demo profile's)")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per model")
     parser.add_argument("--repeats", type=int, default=2, help="timed inferences per volume size")

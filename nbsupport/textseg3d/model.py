@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
-from monai.networks.nets.vista3d import TwoWayTransformer
+from monai.networks.nets.vista3d import PositionEmbeddingRandom, TwoWayTransformer
 from torch import nn
 
 SEG_TOKEN = "<SEG>"
@@ -52,6 +52,9 @@ class LLMSegSpec:
     # Our addition (not in the public code): subtract the empty report's text tokens, so that what differs between
     # reports (side, surgery, N) is not a few percent of a large shared component. Off in ``full``.
     center_text: bool = False
+    # Positional encoding of the voxels in the fusion: "zeros" as the public code (image_pe = 0); "random" adds SAM's
+    # random Fourier features (MONAI's PositionEmbeddingRandom), so a text token can attend to one side of the patch.
+    image_pe: str = "zeros"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -259,6 +262,10 @@ class LLMSeg(nn.Module):
                 TwoWayTransformer(depth=spec.fusion_depth, embedding_dim=c, mlp_dim=fs * 2 ** i,
                                   num_heads=_heads_for(c, spec.num_heads), attention_downsample_rate=2)
                 for i, c in enumerate(chans))
+            if spec.image_pe == "random":
+                self.position = nn.ModuleList(PositionEmbeddingRandom(c // 2) for c in chans)
+            elif spec.image_pe != "zeros":
+                raise ValueError(f"image_pe must be 'zeros' or 'random', got {spec.image_pe!r}")
         # decoder: 8fs->4fs (+skip 4fs), 4fs->2fs (+2fs), 2fs->fs (+fs), fs->fs (+fs), then x2 to 2 classes
         self.decoders = nn.ModuleList(
             UnetrUpBlock(3, chans[i], chans[i - 1], kernel_size=3, upsample_kernel_size=2, norm_name="instance",
@@ -278,7 +285,11 @@ class LLMSeg(nn.Module):
         """Two-way attention between text tokens and the voxels of one scale; returns updated voxel features."""
         b, c = features.shape[:2]
         tokens = self.text_proj[scale](text)  # (B, P, C)
-        _, keys = self.fusion[scale](features, torch.zeros_like(features), tokens)  # keys: (B, N, C)
+        if self.spec.image_pe == "random":
+            pe = self.position[scale](tuple(features.shape[2:])).to(features.dtype).unsqueeze(0).expand_as(features)
+        else:
+            pe = torch.zeros_like(features)
+        _, keys = self.fusion[scale](features, pe, tokens)  # keys: (B, N, C)
         return keys.transpose(1, 2).reshape(features.shape)
 
     def segment(self, image: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:

@@ -76,7 +76,7 @@ class TrainConfig(_ManifestStage):
         # 32x32x64 volumes at 8x12x6 mm, MiniLM frozen; sized for minutes on 2 CPU cores
         "demo": {"text_encoder": "sentence", "text_encoder_path": "all-minilm-l6-v2", "feature_size": 8,
                  "roi": (32, 32, 64), "epochs": 20, "batch_size": 2, "lr": 1e-2, "weight_decay": 1e-5,
-                 "warmup_epochs": 1, "center_text": True},
+                 "warmup_epochs": 1, "center_text": True, "image_pe": "random"},
         "full": {},
     }
 
@@ -90,6 +90,8 @@ class TrainConfig(_ManifestStage):
     context_length: int = param(8, "embeddings per context prompt (public code --context_length)")
     num_heads: int = param(8, "attention heads of the fusion blocks (fewer where the width does not divide)")
     center_text: bool = param(False, "subtract the empty report's text tokens (our addition, not in the public code)")
+    image_pe: Literal["zeros", "random"] = param("zeros", "voxel positional encoding in the fusion: zeros (public "
+                                                          "code) or SAM's random Fourier features (our addition)")
     roi: tuple[int, int, int] = param((64, 352, 352), "(D, H, W) training crop and sliding-window patch; "
                                                        "multiples of 32 (seed's command; our D-first reading)")
     epochs: int = param(101, "training epochs (public code max_epochs)")
@@ -249,6 +251,7 @@ def report_variant(prompt: str, variant: str) -> str:
 def model_spec(cfg: TrainConfig, use_text: bool = True) -> LLMSegSpec:
     return LLMSegSpec(feature_size=cfg.feature_size, n_prompts=cfg.n_prompts, context_length=cfg.context_length,
                       num_heads=cfg.num_heads, use_text=use_text, center_text=cfg.center_text,
+                      image_pe=cfg.image_pe,
                       text_encoder=cfg.text_encoder,
                       text_encoder_path=cfg.text_encoder_path if cfg.text_encoder in ("causal", "sentence") else "",
                       roi=tuple(cfg.roi))

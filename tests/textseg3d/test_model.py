@@ -71,3 +71,21 @@ def test_roi_must_be_divisible_by_32() -> None:
     with pytest.raises(ValueError, match="divisible by 32"):
         build_llmseg(_spec(roi=(32, 48, 64)))
     assert voxels_per_scale((64, 352, 352)) == [32 * 176 * 176, 16 * 88 * 88, 8 * 44 * 44, 4 * 22 * 22, 2 * 11 * 11]
+
+
+def test_random_positional_encoding_lets_the_fusion_tell_positions_apart() -> None:
+    """With image_pe="zeros" (public code) a uniform volume gives the same fused feature everywhere; with SAM's random
+    Fourier features the text tokens' attention, and so the fused features, depend on where a voxel is."""
+    image = torch.full((1, 1, 32, 32, 64), 0.5)
+    fused = {}
+    for pe in ("zeros", "random"):
+        model = build_llmseg(_spec(image_pe=pe)).eval()
+        torch.manual_seed(1)
+        text = 3 * torch.randn(1, 2, model.text_encoder.hidden_size)  # two clearly different text tokens
+        with torch.no_grad():
+            fused[pe] = model.fuse(0, model.encoders[0](image), text)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))  # away from the padded borders
+    assert fused["zeros"][inner].std(dim=(2, 3, 4)).max() < 1e-4
+    assert fused["random"][inner].std(dim=(2, 3, 4)).max() > 1e-2
+    with pytest.raises(ValueError, match="image_pe"):
+        build_llmseg(_spec(image_pe="learned"))
