@@ -102,3 +102,21 @@ def test_training_the_unet_with_diceceloss_segments_the_target_of_known_cases(tm
         optimizer.zero_grad()
     after = dice()
     assert after > max(before, 0.0) + 0.3, (before, after)
+
+
+def test_a_new_case_is_segmented_from_an_image_file_and_a_report_string(tmp_path: Path) -> None:
+    from nbsupport.runs import RunFolder
+    from nbsupport.textseg3d.pipeline import InferConfig, predict_new_case
+
+    root = ts_data.write_demo_dataset(tmp_path / "d", layout="nifti", table="csv", **SMOKE)
+    image = root / "BC003" / "data.nii.gz"
+    run = RunFolder(tmp_path / "runs" / "r" / "textseg3d")
+    cfg = InferConfig.from_params({"profile": "smoke", "input_image": str(image),
+                                   "input_report": "N0, cT2, breast conserving surgery, left side"})
+    model = build_llmseg(LLMSegSpec(feature_size=4, text_encoder="tiny_sentence", roi=SMOKE["shape"]))
+    result = predict_new_case(cfg, run, model, torch.device("cpu"))
+    written = nib.load(str(result.result_path))
+    assert result.result_path.name == "BC003.nii.gz"
+    np.testing.assert_array_equal(written.affine, nib.load(str(image)).affine)
+    assert written.shape == nib.load(str(image)).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    assert (run.path / "figures" / "03_new_case.png").exists()
