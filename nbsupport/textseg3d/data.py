@@ -234,7 +234,7 @@ def load_case(image_path: str | os.PathLike, label_path: str | os.PathLike | Non
     out: dict[str, Any] = {"image": to_canonical(image.astype(np.float32), affine), "affine": affine,
                            "spacing": canonical_spacing(affine), "label": None}
     if label_path is not None:
-        label, label_affine = read_volume(label_path, "label")
+        label, _ = read_volume(label_path, "label")
         if label.shape != image.shape:
             raise ValueError(f"{label_path}: label shape {label.shape} differs from image shape {image.shape} "
                              f"of {image_path}")
@@ -412,7 +412,7 @@ def render_demo_case(case: DemoCase, shape: Sequence[int], spacing: Sequence[flo
     zz, yy, xx = np.meshgrid((np.arange(d) - (d - 1) / 2) * sd, (np.arange(h) - (h - 1) / 2) * sh,
                              (np.arange(w) - (w - 1) / 2) * sw, indexing="ij")
     # z grows towards the feet (I), y towards the back (P), x towards the patient's left (L)
-    jitter = lambda s: float(rng.normal(1.0, s))  # noqa: E731
+    jitter = lambda s: float(rng.normal(1.0, s))
     fov_w, fov_h = w * sw, h * sh
     body_a, body_b = 0.36 * fov_w * jitter(0.04), 0.24 * fov_h * jitter(0.04)
     y_shift = 0.04 * fov_h
@@ -525,13 +525,11 @@ def write_case(folder: Path, image: np.ndarray, label: np.ndarray | None, spacin
     folder.mkdir(parents=True, exist_ok=True)
     data_name, label_name = LAYOUTS[layout]
     if layout == "npz":
-        with atomic_path(folder / data_name) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, data=image, spacing=np.asarray(spacing, dtype=float))
+        with atomic_path(folder / data_name) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, data=image, spacing=np.asarray(spacing, dtype=float))
         if label is not None:
-            with atomic_path(folder / label_name) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, label=label)
+            with atomic_path(folder / label_name) as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, label=label)
         return
     import nibabel as nib
 

@@ -60,7 +60,7 @@ class LLMSegSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "LLMSegSpec":
+    def from_json(cls, text: str) -> LLMSegSpec:
         values = json.loads(text)
         values["roi"] = tuple(values["roi"])
         return cls(**values)
@@ -106,7 +106,7 @@ class ReportEncoder(nn.Module):
         if kind == "causal":
             self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
 
-    def train(self, mode: bool = True) -> "ReportEncoder":
+    def train(self, mode: bool = True) -> ReportEncoder:
         super().train(mode)
         self.backbone.eval()  # frozen: no dropout, whatever the outer module's mode
         return self
@@ -283,7 +283,6 @@ class LLMSeg(nn.Module):
 
     def fuse(self, scale: int, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Two-way attention between text tokens and the voxels of one scale; returns updated voxel features."""
-        b, c = features.shape[:2]
         tokens = self.text_proj[scale](text)  # (B, P, C)
         if self.spec.image_pe == "random":
             pe = self.position[scale](tuple(features.shape[2:])).to(features.dtype).unsqueeze(0).expand_as(features)

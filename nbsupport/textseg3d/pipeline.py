@@ -195,8 +195,8 @@ def case_figure(cases: Sequence[dict[str, Any]], titles: Sequence[str], prompts:
     drawn, and the prompt text beside them."""
     import matplotlib.pyplot as plt
 
-    from nbsupport.viz import overlay_masks
     from nbsupport.textseg3d.transforms import window_hu
+    from nbsupport.viz import overlay_masks
 
     n = max(1, len(cases))
     fig = plt.figure(figsize=(13, 3.4 * n), layout="constrained")

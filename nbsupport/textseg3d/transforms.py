@@ -9,8 +9,17 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (Compose, CropForegroundd, MapTransform, Orientationd, RandCropByPosNegLabeld,
-                              RandScaleIntensityd, RandShiftIntensityd, ScaleIntensityRanged, SpatialPadd)
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    SpatialPadd,
+)
 
 from nbsupport.textseg3d.data import CANONICAL_AXCODES, ORIENTATION_LABELS, read_volume
 

@@ -10,10 +10,24 @@ import pandas as pd
 import pytest
 
 from nbsupport.manifest import ManifestError, read_manifest, write_manifest
-from nbsupport.textseg3d.data import (DEMO_SIZES, REPORT_COLUMNS, TEXTSEG3D_SCHEMA, ReportError, build_manifest,
-                                      canonical_spacing, flip_side, from_canonical, laterality, load_case,
-                                      read_report_table, render_demo_case, report_to_prompt, demo_cases,
-                                      to_canonical, write_demo_dataset)
+from nbsupport.textseg3d.data import (
+    DEMO_SIZES,
+    REPORT_COLUMNS,
+    TEXTSEG3D_SCHEMA,
+    ReportError,
+    build_manifest,
+    canonical_spacing,
+    demo_cases,
+    flip_side,
+    from_canonical,
+    laterality,
+    load_case,
+    read_report_table,
+    render_demo_case,
+    report_to_prompt,
+    to_canonical,
+    write_demo_dataset,
+)
 
 SMOKE = DEMO_SIZES["smoke"]
 

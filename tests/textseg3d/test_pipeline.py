@@ -13,8 +13,16 @@ from monai.losses import DiceCELoss
 
 from nbsupport.textseg3d import data as ts_data
 from nbsupport.textseg3d.model import LLMSegSpec, build_llmseg
-from nbsupport.textseg3d.pipeline import (CaseEvaluation, TrainConfig, case_items, predict_volume, report_variant,
-                                          result_table, save_prediction_nifti, write_result_csv)
+from nbsupport.textseg3d.pipeline import (
+    CaseEvaluation,
+    TrainConfig,
+    case_items,
+    predict_volume,
+    report_variant,
+    result_table,
+    save_prediction_nifti,
+    write_result_csv,
+)
 from nbsupport.textseg3d.transforms import collate_cases, eval_transforms, train_transforms
 
 SMOKE = ts_data.DEMO_SIZES["smoke"]
