@@ -1,0 +1,91 @@
+"""LLMSeg network: shapes, the frozen encoder with learnable context prompts, <SEG> read-out, image-only ablation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nbsupport.textseg3d.model import SEG_TOKEN, LLMSegSpec, build_llmseg, count_parameters, voxels_per_scale
+
+REPORTS = ["N0, cT2, breast conserving surgery, left side",
+           "N1, cT3, total mastectomy surgery, right side, with a much longer remark about the axilla"]
+
+
+def _spec(**changes) -> LLMSegSpec:
+    values = dict(feature_size=8, n_prompts=2, context_length=3, text_encoder="tiny_sentence", roi=(32, 32, 64))
+    values.update(changes)
+    return LLMSegSpec(**values)
+
+
+@pytest.mark.parametrize("kind", ["tiny_sentence", "tiny_causal"])
+def test_text_tokens_are_one_per_prompt_and_independent_of_batch_padding(kind: str) -> None:
+    model = build_llmseg(_spec(text_encoder=kind))
+    enc = model.text_encoder
+    alone = enc([REPORTS[0]])
+    batched = enc(REPORTS)  # the first report is right-padded here
+    assert alone.shape == (1, 2, enc.hidden_size) and batched.shape == (2, 2, enc.hidden_size)
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])
+    assert not torch.allclose(alone[0, 0], alone[0, 1])  # the two context prompts give two different tokens
+
+
+def test_causal_encoder_reads_the_seg_token_added_to_the_vocabulary() -> None:
+    model = build_llmseg(_spec(text_encoder="tiny_causal"))
+    enc = model.text_encoder
+    seg_id = enc.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    assert seg_id == len(enc.tokenizer) - 1 and enc.embedding_layer().num_embeddings >= len(enc.tokenizer)
+    ids, mask = enc._token_ids(REPORTS)
+    last = mask.sum(1) - 1
+    assert (ids[torch.arange(2), last] == seg_id).all()
+    # the feature is the hidden state at <SEG>: changing a word before it changes it, padding after it does not
+    a, b = enc(["N0, cT2, bcs, left side"]), enc(["N0, cT2, bcs, right side"])
+    assert not torch.allclose(a, b)
+
+
+def test_only_contexts_and_the_unet_train_and_gradients_reach_the_contexts() -> None:
+    model = build_llmseg(_spec())
+    counts = count_parameters(model)
+    assert counts["frozen"] == sum(p.numel() for p in model.text_encoder.backbone.parameters())
+    image = torch.randn(2, 1, 32, 32, 64)
+    logits = model(image, REPORTS)
+    assert logits.shape == (2, 2, 32, 32, 64)
+    logits[:, 1].mean().backward()
+    assert model.text_encoder.contexts.grad is not None and model.text_encoder.contexts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text_encoder.backbone.parameters())
+    assert all(f.layers[0].cross_attn_image_to_token.q_proj.weight.grad is not None for f in model.fusion)
+
+
+def test_the_report_changes_the_segmentation_and_the_image_only_model_has_no_text_path() -> None:
+    model = build_llmseg(_spec()).eval()
+    image = torch.randn(1, 1, 32, 32, 64)
+    with torch.no_grad():
+        left, right = model(image, REPORTS[:1]), model(image, REPORTS[1:])
+    assert (left - right).abs().max() > 1e-4
+    image_only = build_llmseg(_spec(use_text=False))
+    assert image_only.text_encoder is None and not hasattr(image_only, "fusion")
+    assert count_parameters(image_only)["frozen"] == 0
+    assert image_only(image).shape == (1, 2, 32, 32, 64)
+    assert _spec().fingerprint() != _spec(use_text=False).fingerprint()
+
+
+def test_roi_must_be_divisible_by_32() -> None:
+    with pytest.raises(ValueError, match="divisible by 32"):
+        build_llmseg(_spec(roi=(32, 48, 64)))
+    assert voxels_per_scale((64, 352, 352)) == [32 * 176 * 176, 16 * 88 * 88, 8 * 44 * 44, 4 * 22 * 22, 2 * 11 * 11]
+
+
+def test_random_positional_encoding_lets_the_fusion_tell_positions_apart() -> None:
+    """With image_pe="zeros" (public code) a uniform volume gives the same fused feature everywhere; with SAM's random
+    Fourier features the text tokens' attention, and so the fused features, depend on where a voxel is."""
+    image = torch.full((1, 1, 32, 32, 64), 0.5)
+    fused = {}
+    for pe in ("zeros", "random"):
+        model = build_llmseg(_spec(image_pe=pe)).eval()
+        torch.manual_seed(1)
+        text = 3 * torch.randn(1, 2, model.text_encoder.hidden_size)  # two clearly different text tokens
+        with torch.no_grad():
+            fused[pe] = model.fuse(0, model.encoders[0](image), text)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))  # away from the padded borders
+    assert fused["zeros"][inner].std(dim=(2, 3, 4)).max() < 1e-4
+    assert fused["random"][inner].std(dim=(2, 3, 4)).max() > 1e-2
+    with pytest.raises(ValueError, match="image_pe"):
+        build_llmseg(_spec(image_pe="learned"))
