@@ -55,7 +55,7 @@ class DicomImageInfo:
         modality: e.g. ``"CR"``, ``"DX"``, ``"CT"``, ``"MR"``.
         rows, columns: image height and width in pixels.
         pixel_spacing_mm: (row spacing, column spacing) in mm from PixelSpacing, else ImagerPixelSpacing (the
-            detector plane, for radiographs); None when neither is present.
+            detector plane, for radiographs); None when neither is present or both are written as 0\\0.
         slice_thickness_mm: SliceThickness, or None.
         photometric: PhotometricInterpretation as stored (``MONOCHROME1`` / ``MONOCHROME2``).
         inverted: the pixels were inverted because the file is MONOCHROME1.
@@ -230,6 +230,9 @@ def _pixels(ds: Any, path: Path, window: Any, apply_modality_lut: Any,
                 spacing = tuple(float(v) for v in raw)
             except (TypeError, ValueError):
                 raise DicomError(f"{path}: {keyword} is {str(raw)!r}; expected two numbers in mm") from None
+            if spacing == (0.0, 0.0):  # written as 'not recorded' by real exporters (pydicom-data's RG1_UNCR.dcm)
+                spacing = None
+                continue
             if len(spacing) != 2 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
                 raise DicomError(f"{path}: {keyword} is {list(spacing)}; expected two positive spacings in mm")
             break

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nbsupport.cxr_report.labeler import LABELS, label_report
+from nbsupport.dicom import read_dicom_image
 from nbsupport.manifest import Column, ManifestError, ManifestProblem, ManifestSchema
 from nbsupport.progress import progress
 from nbsupport.runs import atomic_path, atomic_write_text
@@ -90,23 +91,12 @@ CXR_SCHEMA = ManifestSchema(
 def read_dicom(path: str | Path) -> np.ndarray:
     """A DICOM radiograph as float32 (H, W) in [0, 1] for display, bright = dense (bone white).
 
-    Modality LUT (rescale slope/intercept) then the VOI LUT or window of the file (``apply_voi_lut``); a
-    MONOCHROME1 image (where low values are bright) is inverted. Patient identifiers are never read out.
+    Pixels come from :func:`nbsupport.dicom.read_dicom_image` (modality LUT, the file's VOI LUT or window,
+    MONOCHROME1 inverted, identifiers never carried forward), then stretched to the full [0, 1] range.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(str(path))
-    pixels = ds.pixel_array
-    if pixels.ndim != 2:
-        raise ValueError(f"{path}: expected a single-frame grayscale DICOM, got pixel array {pixels.shape}")
-    values = apply_modality_lut(pixels, ds)
-    values = apply_voi_lut(values, ds, index=0).astype(np.float32)
+    values, _ = read_dicom_image(path)
     low, high = float(values.min()), float(values.max())
-    values = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        values = 1.0 - values
-    return values
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
 def read_xray(path: str | Path) -> np.ndarray:
