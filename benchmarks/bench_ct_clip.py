@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nbsupport.ct_clip import data as ct_data  # noqa: E402
-from nbsupport.ct_clip import preprocessing as ct_pre  # noqa: E402
+from nbsupport.ct_clip import data as ct_data
+from nbsupport.ct_clip import preprocessing as ct_pre
 
 
 def large_phantom(path: Path, seed: int) -> None:

@@ -7,8 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from nbsupport.metrics import (auroc, best_f1_threshold, binary_classification_metrics, retrieval_metrics,
-                               retrieval_ranks)
+from nbsupport.metrics import (
+    auroc,
+    best_f1_threshold,
+    binary_classification_metrics,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 
 
 def _pairwise_auroc(labels, scores) -> float:

@@ -22,7 +22,7 @@ import gzip
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,8 @@ def _read_csv(path: Path, required: Sequence[str], problems: list[ManifestProble
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        problems.append(ManifestProblem(None, ", ".join(missing), f"required columns are missing; has {list(df.columns)}",
-                                        file=str(path)))
+        problems.append(ManifestProblem(None, ", ".join(missing),
+                                        f"required columns are missing; has {list(df.columns)}", file=str(path)))
         return None
     dup = df["VolumeName"].duplicated(keep="first")
     for i in np.flatnonzero(dup.to_numpy()):
@@ -335,7 +335,8 @@ def _demo_case(rng: np.random.Generator) -> dict[str, Any]:
     present = {name: bool(rng.random() < p) for name, p in _DEMO_PREVALENCE.items()}
     case: dict[str, Any] = {"present": present,
                             "body": (rng.uniform(140, 165), rng.uniform(100, 120)),
-                            "heart_scale": rng.uniform(1.3, 1.45) if present["Cardiomegaly"] else rng.uniform(0.9, 1.05),
+                            "heart_scale": (rng.uniform(1.3, 1.45) if present["Cardiomegaly"]
+                                            else rng.uniform(0.9, 1.05)),
                             "effusion_side": rng.choice(["right", "left", "bilateral"]),
                             "effusion_size": rng.choice(["small", "moderate"]),
                             "consolidation_side": rng.choice(["right", "left"]),

@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         target = out / (Path(name).name.split(".")[0] + ".npy")
-        with atomic_path(target) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, embedding)
+        with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, embedding)
         print(f"{name} -> {target} ({embedding.shape[0]} values)")
     return 1 if failures else 0
 

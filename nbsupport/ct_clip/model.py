@@ -65,7 +65,7 @@ class CTClipSpec:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "CTClipSpec":
+    def from_json(cls, text: str) -> CTClipSpec:
         d = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 

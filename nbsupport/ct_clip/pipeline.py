@@ -19,7 +19,7 @@ from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip.model import CTClip, CTClipSpec, contrastive_loss, count_parameters
 from nbsupport.device import resolve_device
 from nbsupport.manifest import read_manifest
-from nbsupport.metrics import (RETRIEVAL_KS, auroc, binary_classification_metrics, retrieval_metrics)
+from nbsupport.metrics import RETRIEVAL_KS, auroc, binary_classification_metrics, retrieval_metrics
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
 from nbsupport.runs import RunFolder, atomic_write_text, runs_root
@@ -248,7 +248,8 @@ def before_after_figure(rows: pd.DataFrame, root: Path) -> Any:
         ornt = np.array([[a, -1 if f else 1] for a, f in zip(ct.ras_axis, ct.flipped)], dtype=float)
         hu = nib.orientations.apply_orientation(hu, ornt)
         images.append(np.clip((_axial(hu) + 1000) / 2500, 0, 1))
-        titles.append(f"{r.volume}: {'x'.join(map(str, ct.stored.shape))}\n{ct.spacing[0]:.2f} x {ct.spacing[2]:.2f} mm")
+        shape = "x".join(map(str, ct.stored.shape))
+        titles.append(f"{r.volume}: {shape}\n{ct.spacing[0]:.2f} x {ct.spacing[2]:.2f} mm")
         spacings.append((ct.spacing[1], ct.spacing[0]))
         after = ct_data.read_preprocessed(root / r.image)[0].astype(np.float32)
         images.append(_axial(after))
@@ -418,7 +419,7 @@ def training_task(config: dict[str, Any], manifest: str, data_root: str, spec_js
 class TrainOutcome:
     history: list[dict[str, Any]]
     checkpoint: Path
-    evaluation: "Evaluation"
+    evaluation: Evaluation
     curves: Any
     n_params: int
     n_trainable: int

@@ -262,9 +262,8 @@ def reference_preprocess(ct: CTVolume, spec: PreprocessSpec = PreprocessSpec()) 
 
 def save_preprocessed(path: str | os.PathLike, image: np.ndarray, compress: bool = False) -> None:
     """Write ``image`` as ``.npz`` (key ``image``) atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            (np.savez_compressed if compress else np.savez)(fh, image=image)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        (np.savez_compressed if compress else np.savez)(fh, image=image)
 
 
 # ---------------------------------------------------------------------------------------------- many volumes

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from nbsupport.ct_clip.model import (CTClip, CTClipSpec, ResNet3DEncoder, ViT3DEncoder, clip_loss, contrastive_loss,
-                                     siglip_loss, split_sentences)
-from nbsupport.metrics import auroc, retrieval_metrics
+from nbsupport.ct_clip.model import (
+    CTClip,
+    CTClipSpec,
+    ResNet3DEncoder,
+    ViT3DEncoder,
+    clip_loss,
+    contrastive_loss,
+    siglip_loss,
+    split_sentences,
+)
+from nbsupport.metrics import auroc
 
 TINY = dict(input_size=(16, 16, 16), image_width=4, image_blocks=(1, 1), text_encoder="tiny", embed_dim=16)
 
