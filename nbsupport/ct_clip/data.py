@@ -342,7 +342,7 @@ def _demo_case(rng: np.random.Generator) -> dict[str, Any]:
                             "consolidation_side": rng.choice(["right", "left"]),
                             "consolidation_lobe": rng.choice(["upper", "lower"]),
                             "nodules": [(rng.choice([-1, 1]) * rng.uniform(45, 90), rng.uniform(-40, 40),
-                                         rng.uniform(-80, 80), rng.uniform(7, 12)) for _ in range(rng.integers(1, 4))],
+                                         rng.uniform(-80, 80), rng.uniform(9, 14)) for _ in range(rng.integers(1, 4))],
                             "noise": rng.uniform(12, 25)}
     return case
 
@@ -363,7 +363,7 @@ def _render_demo_volume(case: dict[str, Any], shape: tuple[int, int, int], spaci
     vol[np.broadcast_to(muscle, shape)] = 45.0
     # Lungs: two ellipsoids, narrowing towards the apex.
     z_taper = np.clip(1.0 - np.maximum(z, 0) / 170.0, 0.25, 1.0)
-    lung_base = -930.0 if p["Emphysema"] else -850.0
+    lung_base = -950.0 if p["Emphysema"] else -850.0
     lungs = {}
     for side, cx in (("right", 0.47 * a), ("left", -0.47 * a)):
         lung = ((x - cx) / (0.38 * a * z_taper)) ** 2 + ((y + 5) / (0.75 * b * z_taper)) ** 2 + (z / 140) ** 2 <= 1
@@ -372,14 +372,14 @@ def _render_demo_volume(case: dict[str, Any], shape: tuple[int, int, int], spaci
     lung_any = lungs["right"] | lungs["left"]
     if p["Emphysema"]:
         # Low-attenuation holes: bullae of -990 HU scattered through both lungs.
-        holes = (np.sin(x / 7.0 + 1.3) * np.sin(y / 6.0) * np.sin(z / 8.0 + 0.7)) > 0.35
-        vol[lung_any & holes] = -990.0
+        holes = (np.sin(x / 7.0 + 1.3) * np.sin(y / 6.0) * np.sin(z / 8.0 + 0.7)) > 0.15
+        vol[lung_any & holes] = -1000.0
     # Heart (+ optional pericardial fluid ring) in the anterior mediastinum, slightly to the left.
     hs = case["heart_scale"]
     hx, hy, hz = -0.12 * a, 0.25 * b, -40.0
     r_heart = ((x - hx) / (48 * hs)) ** 2 + ((y - hy) / (40 * hs)) ** 2 + ((z - hz) / (50 * hs)) ** 2
     if p["Pericardial effusion"]:
-        ring = (r_heart <= 1.55) & (r_heart > 1)
+        ring = (r_heart <= 1.8) & (r_heart > 1)
         vol[ring] = 5.0
     vol[r_heart <= 1] = 45.0
     # Descending aorta left of the spine, and the spine.
@@ -387,19 +387,19 @@ def _render_demo_volume(case: dict[str, Any], shape: tuple[int, int, int], spaci
     r_aorta = np.sqrt((x - ax_) ** 2 + (y - ay_) ** 2)
     vol[np.broadcast_to(r_aorta <= 13, shape)] = 40.0
     if p["Arterial wall calcification"]:
-        plaques = (r_aorta > 10) & (r_aorta <= 14) & (np.sin(z / 9.0 + x / 5.0) > 0.3)
-        vol[np.broadcast_to(plaques, shape)] = 700.0
+        plaques = (r_aorta > 9) & (r_aorta <= 15) & (np.sin(z / 9.0 + x / 5.0) > 0.0)
+        vol[np.broadcast_to(plaques, shape)] = 900.0
     spine = (x ** 2 + (y + 0.72 * b) ** 2) <= 20 ** 2
     vol[np.broadcast_to(spine, shape)] = 450.0
     if p["Pleural effusion"]:
-        depth = {"small": 0.55, "moderate": 0.25}[case["effusion_size"]] * b
+        depth = {"small": 0.45, "moderate": 0.15}[case["effusion_size"]] * b
         sides = ["right", "left"] if case["effusion_side"] == "bilateral" else [case["effusion_side"]]
         for side in sides:
             vol[lungs[side] & np.broadcast_to(y < -depth, shape)] = 12.0  # dependent (posterior) fluid
     if p["Consolidation"]:
         cx = (0.47 if case["consolidation_side"] == "right" else -0.47) * a
         cz = 55.0 if case["consolidation_lobe"] == "upper" else -55.0
-        blob = ((x - cx) ** 2 + (y - 5) ** 2 + (z - cz) ** 2) <= 32 ** 2
+        blob = ((x - cx) ** 2 + (y - 5) ** 2 + (z - cz) ** 2) <= 38 ** 2
         vol[blob & lungs[case["consolidation_side"]]] = 25.0
     if p["Lung nodule"]:
         for nx_, ny_, nz_, r in case["nodules"]:
@@ -484,7 +484,7 @@ def write_demo_dataset(root: str | os.PathLike, n_train_patients: int = 150, n_v
 
     root = resolve_path(root)
     params = {"n_train_patients": n_train_patients, "n_valid_patients": n_valid_patients, "scale": scale,
-              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 2}
+              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 3}
     marker = root / DEMO_MARKER
     if root.is_dir() and any(root.iterdir()):
         previous = read_json(marker)

@@ -93,7 +93,11 @@ class BasicBlock3D(nn.Module):
 
 
 class ResNet3DEncoder(nn.Module):
-    """I3ResNet-like encoder: (B, 1, X, Y, Z) -> feature map (B, C, X/32, Y/32, Z/32) -> pooled (B, C)."""
+    """I3ResNet-like encoder: (B, 1, X, Y, Z) -> feature map (B, C, X/2^(1+stages), ...) -> pooled (B, 2C).
+
+    Pooling concatenates the spatial mean and max: a finding of a few voxels (a nodule, a pacemaker) barely moves
+    the mean of a whole chest but sets the max of the channels that detect it.
+    """
 
     def __init__(self, width: int, blocks: Sequence[int]):
         super().__init__()
@@ -106,13 +110,13 @@ class ResNet3DEncoder(nn.Module):
                                           for b in range(n)]))
             c_in = c_out
         self.stages = nn.Sequential(*stages)
-        self.out_dim = c_in
+        self.out_dim = 2 * c_in
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        return features.mean(dim=(2, 3, 4))
+        return torch.cat([features.mean(dim=(2, 3, 4)), features.amax(dim=(2, 3, 4))], dim=1)
 
 
 class ViT3DEncoder(nn.Module):

@@ -105,7 +105,7 @@ class TrainConfig(_ManifestStage):
         # ~5 min on a 2-core CPU: frozen packaged MiniLM (embeddings cached), small 3-D ResNet
         "demo": {"input_size": (64, 64, 48), "image_width": 16, "image_blocks": (1, 1, 1, 1),
                  "text_encoder": "all-minilm-l6-v2", "text_pooling": "sentence_mean", "embed_dim": 128,
-                 "epochs": 14, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 20,
+                 "epochs": 20, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 20,
                  "augment": True},
         # CT-Data run.sh: 10 epochs, lr 1e-4, wd 0.05, warmup 1000, grad clip 5, batch 10 per GPU, ZeRO-1, bf16
         "full": {"text_pooling": "latent_attention", "text_tuning": "lora", "num_processes": 6,

@@ -25,7 +25,7 @@ def test_encoders_map_volumes_to_vectors():
     x = torch.rand(2, 1, 32, 32, 16)
     resnet = ResNet3DEncoder(4, (1, 1, 1))
     fmap = resnet.feature_map(x)
-    assert fmap.shape == (2, 16, 2, 2, 1) and resnet.pool(fmap).shape == (2, 16)  # stem and stages halve
+    assert fmap.shape == (2, 16, 2, 2, 1) and resnet.pool(fmap).shape == (2, 32)  # stem and stages halve
     vit = ViT3DEncoder((32, 32, 16), (8, 8, 8), dim=24, depth=1, heads=2)
     fmap = vit.feature_map(x)
     assert fmap.shape == (2, 24, 4, 4, 2) and vit.pool(fmap).shape == (2, 24)
