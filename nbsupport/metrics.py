@@ -301,7 +301,114 @@ def clinical_efficacy(predicted: Any, reference: Any, label_names: Sequence[str]
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
-# Image-text retrieval metrics (ct_clip: recall@k both ways, median rank, zero-shot AUROC per finding) go here.
+# Image-text retrieval (recall@k both ways, mean/median rank) and binary classification (AUROC, F1, accuracy) as
+# CT-CLIP reports them. Ranks are 1-based; ties are broken pessimistically (a candidate that scores the same as the
+# true match counts as ranked above it), so a constant similarity matrix gives rank N, never a lucky rank 1.
+RETRIEVAL_KS = (1, 5, 10, 50, 100)
+
+
+def retrieval_ranks(similarity: Any, match: Any = None) -> np.ndarray:
+    """1-based rank of the true match of each query among all candidates.
+
+    Args:
+        similarity: [Q, C] scores, larger = more similar (query i against candidate j).
+        match: [Q] index of each query's true candidate; default ``arange(Q)`` (the diagonal, Q == C).
+
+    Returns:
+        [Q] int array: 1 + the number of candidates scoring at least as high as the true one (itself excluded).
+    """
+    sim = np.asarray(similarity.detach().cpu() if isinstance(similarity, torch.Tensor) else similarity,
+                     dtype=np.float64)
+    if sim.ndim != 2:
+        raise ValueError(f"similarity must be a [queries, candidates] matrix, got shape {sim.shape}")
+    match = np.arange(sim.shape[0]) if match is None else np.asarray(match, dtype=np.int64)
+    if match.shape != (sim.shape[0],) or (match.size and (match.min() < 0 or match.max() >= sim.shape[1])):
+        raise ValueError(f"match must hold one candidate index in [0, {sim.shape[1]}) per query, got {match!r}")
+    true = sim[np.arange(sim.shape[0]), match][:, None]
+    return (sim >= true).sum(axis=1).astype(np.int64)  # includes the true candidate itself: rank >= 1
+
+
+def retrieval_metrics(similarity: Any, match: Any = None, ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
+    """Recall@k (fraction of queries whose match ranks <= k), mean and median rank, and chance R@k.
+
+    Returns:
+        ``{"R@1": .., "R@5": .., ..., "mean_rank": .., "median_rank": .., "n_queries": Q, "n_candidates": C,
+        "chance_R@1": 1/C, ...}``; k larger than C are left out.
+    """
+    ranks = retrieval_ranks(similarity, match)
+    n_candidates = int(np.shape(similarity)[1])
+    out: dict[str, float] = {}
+    for k in ks:
+        if k <= n_candidates:
+            out[f"R@{k}"] = float((ranks <= k).mean()) if ranks.size else float("nan")
+    out["mean_rank"] = float(ranks.mean()) if ranks.size else float("nan")
+    out["median_rank"] = float(np.median(ranks)) if ranks.size else float("nan")
+    out["n_queries"] = int(ranks.size)
+    out["n_candidates"] = n_candidates
+    for k in ks:
+        if k <= n_candidates:
+            out[f"chance_R@{k}"] = k / n_candidates
+    return out
+
+
+def auroc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney U) formula, ties counted half.
+
+    Args:
+        labels: [N] 0/1 ground truth.
+        scores: [N] larger = more likely positive.
+
+    Returns:
+        AUROC in [0, 1]; NaN when only one class is present (it is undefined there).
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.shape} vs {s.shape}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)  # average ranks for ties: a tied (positive, negative) pair counts 1/2
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_classification_metrics(labels: Any, scores: Any, threshold: float = 0.5) -> dict[str, float]:
+    """AUROC (threshold-free) plus accuracy, precision, recall, specificity and F1 of ``scores >= threshold``.
+
+    Precision/recall/F1 are NaN when undefined (no predicted / no true positives), not a silent 0.
+    """
+    y = np.asarray(labels).astype(bool).ravel()
+    pred = np.asarray(scores, dtype=np.float64).ravel() >= threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fn else float("nan")
+    return {"auroc": auroc(y, scores), "accuracy": (tp + tn) / max(len(y), 1), "precision": precision,
+            "recall": recall, "specificity": tn / (tn + fp) if tn + fp else float("nan"), "f1": f1,
+            "n_positive": tp + fn, "n": int(len(y))}
+
+
+def best_f1_threshold(labels: Any, scores: Any) -> float:
+    """The score threshold that maximises F1 on (labels, scores): how CT-CLIP picks its per-label cut-off.
+
+    Choose it on a validation split and apply it to the test split; choosing it on the test split is optimistic.
+    """
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not y.any():
+        return float(np.inf)
+    candidates = np.unique(s)
+    best, best_t = -1.0, float(candidates[-1])
+    for t in candidates:
+        pred = s >= t
+        tp = int((pred & y).sum())
+        f1 = 2 * tp / (pred.sum() + y.sum())
+        if f1 > best:
+            best, best_t = f1, float(t)
+    return best_t
 
 
 # ---------------------------------------------------------------------------------------------- position reasoning

@@ -757,13 +757,15 @@ def _restore_rng(states: list[dict[str, Any]], process_index: int, seed: int) ->
 
 # ============================================================================================== launching
 def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSettings, out_dir: str | os.PathLike,
-           config_hash: str = "") -> TrainResult:
+           config_hash: str = "", accelerate_config: str | os.PathLike | None = None) -> TrainResult:
     """Build the task with ``factory(**factory_kwargs)`` and train it in ``settings.num_processes`` processes.
 
     Args:
         factory: ``"package.module:function"`` returning a :class:`TrainingTask`; importable by a new process
             (this process's ``sys.path`` is passed on).
         factory_kwargs: JSON-serialisable keyword arguments of ``factory``.
+        accelerate_config: an ``accelerate`` config file for the launched processes (e.g. DeepSpeed ZeRO-1);
+            None: plain DDP. Ignored with one process.
 
     One process: in this process. More: ``accelerate launch`` of ``python -m nbsupport.train`` (DDP; gloo on a
     machine without CUDA), its output streamed here and kept in ``out_dir/launch.log``.
@@ -785,7 +787,8 @@ def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSetti
     settings_file = atomic_write_json(out_dir / "launch_settings.json", settings.to_dict())
     command = launch_command(settings.num_processes, ["--factory", factory, "--kwargs", str(kwargs_file),
                                                       "--settings", str(settings_file), "--out", str(out_dir),
-                                                      "--config-hash", config_hash])
+                                                      "--config-hash", config_hash],
+                             accelerate_config=accelerate_config)
     env = dict(os.environ)
     # The children must import the factory's module just as this process (a notebook kernel, pytest) can.
     path = [os.getcwd() if p == "" else p for p in sys.path if p == "" or os.path.isdir(p)]
@@ -816,15 +819,21 @@ def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSetti
     return TrainResult.from_dict(result)
 
 
-def launch_command(num_processes: int, entry_args: list[str]) -> list[str]:
+def launch_command(num_processes: int, entry_args: list[str],
+                   accelerate_config: str | os.PathLike | None = None) -> list[str]:
     """``accelerate launch`` of ``python -m nbsupport.train`` in ``num_processes`` local processes.
 
     ``--multi_gpu`` selects accelerate's torchrun launcher, the one that starts N processes; without CUDA the
     processes join a gloo group on the CPU (``--cpu`` would start a single process, multi-CPU being mpirun's
-    job there). Precision is left to :func:`fit`, which decides it from the settings.
+    job there). Precision is left to :func:`fit`, which decides it from the settings. With
+    ``accelerate_config`` (e.g. a DeepSpeed ZeRO-1 file) that file chooses the launcher and its precision.
     """
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    if accelerate_config is not None:
+        mode = ["--config_file", str(accelerate_config)]
+    else:
+        mode = ["--multi_gpu", "--mixed_precision", "no"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
+            "--num_machines", "1", "--dynamo_backend", "no",
             "--main_process_port", str(_free_port()), "-m", "nbsupport.train", *entry_args]
 
 

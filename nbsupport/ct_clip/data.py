@@ -1,0 +1,549 @@
+"""CT-RATE exactly as released, a synthetic chest-CT dataset in the same layout, and the preprocessed manifest.
+
+Layout under a data root (the folder called ``dataset/`` in the Hugging Face release)::
+
+    train_fixed/train_{P}/train_{P}_{s}/train_{P}_{s}_{r}.nii.gz      volumes; P patient, s scan (a, b, ..), r recon
+    valid_fixed/valid_{P}/valid_{P}_{s}/valid_{P}_{s}_{r}.nii.gz
+    radiology_text_reports/{train_reports,validation_reports}.csv    VolumeName, ClinicalInformation_EN,
+                                                                      Technique_EN, Findings_EN, Impressions_EN
+    metadata/{train_metadata,validation_metadata}.csv                 VolumeName, ..., XYSpacing "[0.7, 0.7]",
+                                                                      RescaleIntercept, RescaleSlope, ZSpacing, ...
+    multi_abnormality_labels/{train,valid}_predicted_labels.csv       VolumeName + the 18 ``LABELS`` (0/1)
+
+``HU = RescaleSlope * stored + RescaleIntercept`` with the slope/intercept of the metadata CSV (CT-CLIP does the
+same); spacing comes from the metadata too, orientation from the NIfTI affine. :func:`scan_dataset` joins the
+CSVs with the volumes on disk and reports every problem at once; :func:`write_demo_dataset` writes synthetic
+chest CTs (HU, varied spacings and sizes, some stored in LPS order) with 8 of the 18 abnormalities drawn in,
+reports written from them (with negations) and the label CSV.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from nbsupport.manifest import SPLITS, Column, ManifestError, ManifestProblem, ManifestSchema
+from nbsupport.paths import resolve_path
+from nbsupport.progress import progress
+from nbsupport.runs import atomic_path, atomic_write_json, read_json
+
+LABELS = (
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
+    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
+    "Peribronchial thickening", "Consolidation", "Bronchiectasis", "Interlobular septal thickening",
+)
+REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+METADATA_COLUMNS = (
+    "VolumeName", "Manufacturer", "SeriesDescription", "ManufacturerModelName", "PatientSex", "PatientAge",
+    "ReconstructionDiameter", "DistanceSourceToDetector", "DistanceSourceToPatient", "GantryDetectorTilt",
+    "TableHeight", "RotationDirection", "ExposureTime", "XRayTubeCurrent", "Exposure", "FilterType",
+    "GeneratorPower", "FocalSpots", "ConvolutionKernel", "PatientPosition", "RevolutionTime",
+    "SingleCollimationWidth", "TotalCollimationWidth", "TableSpeed", "TableFeedPerRotation", "SpiralPitchFactor",
+    "DataCollectionCenterPatient", "ReconstructionTargetCenterPatient", "ExposureModulationType", "CTDIvol",
+    "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "SamplesPerPixel",
+    "PhotometricInterpretation", "Rows", "Columns", "XYSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType",
+    "NumberofSlices", "ZSpacing", "StudyDate",
+)
+VOLUME_FOLDERS = {"train": "train_fixed", "valid": "valid_fixed"}
+REPORT_FILES = {"train": "radiology_text_reports/train_reports.csv",
+                "valid": "radiology_text_reports/validation_reports.csv"}
+METADATA_FILES = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
+LABEL_FILES = {"train": "multi_abnormality_labels/train_predicted_labels.csv",
+               "valid": "multi_abnormality_labels/valid_predicted_labels.csv"}
+CT_RATE_LAYOUT = ("train_fixed/train_P/train_P_s/train_P_s_r.nii.gz (and valid_fixed/...), "
+                  "radiology_text_reports/*.csv, metadata/*.csv, multi_abnormality_labels/*.csv")
+_VOLUME_NAME = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
+PREPROCESSED_FOLDER = "preprocessed"
+
+
+# ---------------------------------------------------------------------------------------------- names and values
+def parse_volume_name(name: str) -> dict[str, Any]:
+    """``valid_53_a_1(.nii.gz)`` -> ``{"source_split": "valid", "patient": "valid_53", "scan": "valid_53_a",
+    "volume": "valid_53_a_1"}``; ValueError for anything else."""
+    stem = name.removesuffix(".nii.gz").removesuffix(".nii")
+    m = _VOLUME_NAME.match(stem)
+    if not m:
+        raise ValueError(f"volume name {name!r} is not split_patient_scan_recon (e.g. 'valid_53_a_1.nii.gz')")
+    split, patient, scan, _ = m.groups()
+    return {"source_split": split, "patient": f"{split}_{patient}", "scan": f"{split}_{patient}_{scan}",
+            "volume": stem}
+
+
+def volume_relative_path(volume: str) -> str:
+    """Where CT-RATE keeps a volume: ``valid_fixed/valid_53/valid_53_a/valid_53_a_1.nii.gz``."""
+    info = parse_volume_name(volume)
+    return f"{VOLUME_FOLDERS[info['source_split']]}/{info['patient']}/{info['scan']}/{info['volume']}.nii.gz"
+
+
+def parse_xy_spacing(value: Any) -> tuple[float, float]:
+    """CT-RATE's ``XYSpacing`` string ``"[0.341796875, 0.341796875]"`` -> (row, column) spacing in mm."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return float(value[0]), float(value[1])
+    text = str(value).strip()
+    m = re.fullmatch(r"\[\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\]", text)
+    if not m:
+        raise ValueError(f"expected a string like '[0.7, 0.7]' (mm), got {value!r}")
+    out = float(m.group(1)), float(m.group(2))
+    if min(out) <= 0:
+        raise ValueError(f"spacing must be positive, got {value!r}")
+    return out
+
+
+def report_text(findings: str, impressions: str = "", fields: str = "findings") -> str:
+    """The text a model reads: ``findings`` (CT-Data's caption key), ``impressions`` or ``findings+impressions``."""
+    parts = {"findings": [findings], "impressions": [impressions], "findings+impressions": [findings, impressions]}
+    if fields not in parts:
+        raise ValueError(f"report fields must be one of {list(parts)}, got {fields!r}")
+    return " ".join(p.strip() for p in parts[fields] if p and p.strip() and p.strip() != "Not given.")
+
+
+# ---------------------------------------------------------------------------------------------- reading CT-RATE
+def _read_csv(path: Path, required: Sequence[str], problems: list[ManifestProblem]) -> pd.DataFrame | None:
+    if not path.is_file():
+        problems.append(ManifestProblem(None, None, "file is missing", file=str(path)))
+        return None
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        problems.append(ManifestProblem(None, ", ".join(missing),
+                                        f"required columns are missing; has {list(df.columns)}", file=str(path)))
+        return None
+    dup = df["VolumeName"].duplicated(keep="first")
+    for i in np.flatnonzero(dup.to_numpy()):
+        problems.append(ManifestProblem(int(i) + 2, "VolumeName", f"{df.VolumeName.iloc[i]!r} appears twice",
+                                        file=str(path)))
+    df = df[~dup].copy()
+    df["_line"] = np.arange(len(dup))[~dup.to_numpy()] + 2
+    df["VolumeName"] = df["VolumeName"].str.strip().str.removesuffix(".nii.gz")
+    return df.set_index("VolumeName")
+
+
+def scan_dataset(root: str | os.PathLike, splits: Sequence[str] = ("train", "valid")) -> pd.DataFrame:
+    """One row per volume of a CT-RATE data root: the NIfTI path, report, labels, spacing and rescale values.
+
+    Every volume named in a reports CSV must have its ``.nii.gz``, a metadata row (spacing, slope, intercept) and a
+    labels row with 0/1 values; volumes on disk without a report are left out (they cannot be trained on).
+
+    Returns:
+        columns ``volume, patient, scan, source_split, nifti, findings, impressions, xy_spacing_row,
+        xy_spacing_col, z_spacing, rescale_slope, rescale_intercept`` and the 18 ``LABELS``.
+
+    Raises:
+        ManifestError: listing every missing file, missing column, bad value (file, line, column, expectation).
+    """
+    root = resolve_path(root)
+    problems: list[ManifestProblem] = []
+    rows = []
+    for split in splits:
+        reports = _read_csv(root / REPORT_FILES[split], REPORT_COLUMNS, problems)
+        meta = _read_csv(root / METADATA_FILES[split], ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope",
+                                                          "RescaleIntercept"), problems)
+        labels = _read_csv(root / LABEL_FILES[split], ("VolumeName", *LABELS), problems)
+        if reports is None or meta is None or labels is None:
+            continue
+        for volume, rep in reports.iterrows():
+            where = str(root / REPORT_FILES[split])
+            try:
+                info = parse_volume_name(volume)
+            except ValueError as err:
+                problems.append(ManifestProblem(int(rep["_line"]), "VolumeName", str(err), file=where))
+                continue
+            nifti = volume_relative_path(volume)
+            if not (root / nifti).is_file():
+                problems.append(ManifestProblem(int(rep["_line"]), "VolumeName",
+                                                f"volume file {nifti} does not exist under {root}", file=where))
+                continue
+            row: dict[str, Any] = {**info, "nifti": nifti, "findings": rep["Findings_EN"],
+                                   "impressions": rep["Impressions_EN"]}
+            if volume not in meta.index:
+                problems.append(ManifestProblem(None, "VolumeName", f"no metadata row for {volume}",
+                                                file=str(root / METADATA_FILES[split])))
+                continue
+            m = meta.loc[volume]
+            mfile, mline = str(root / METADATA_FILES[split]), int(m["_line"])
+            try:
+                row["xy_spacing_row"], row["xy_spacing_col"] = parse_xy_spacing(m["XYSpacing"])
+            except ValueError as err:
+                problems.append(ManifestProblem(mline, "XYSpacing", str(err), file=mfile))
+            for column, key in (("ZSpacing", "z_spacing"), ("RescaleSlope", "rescale_slope"),
+                                ("RescaleIntercept", "rescale_intercept")):
+                try:
+                    row[key] = float(m[column])
+                    if key != "rescale_intercept" and not row[key] > 0:
+                        raise ValueError
+                except ValueError:
+                    kind = "a positive number" if key != "rescale_intercept" else "a number"
+                    problems.append(ManifestProblem(mline, column, f"expected {kind}, got {m[column]!r}", file=mfile))
+            if volume not in labels.index:
+                problems.append(ManifestProblem(None, "VolumeName", f"no labels row for {volume}",
+                                                file=str(root / LABEL_FILES[split])))
+                continue
+            lab = labels.loc[volume]
+            for name in LABELS:
+                if str(lab[name]).strip() not in ("0", "1"):
+                    problems.append(ManifestProblem(int(lab["_line"]), name, f"expected 0 or 1, got {lab[name]!r}",
+                                                    file=str(root / LABEL_FILES[split])))
+                else:
+                    row[name] = int(str(lab[name]).strip())
+            rows.append(row)
+    if problems:
+        raise ManifestError(problems, str(root), hint=f"Expected the CT-RATE layout: {CT_RATE_LAYOUT}")
+    return pd.DataFrame(rows)
+
+
+def assign_splits(volumes: pd.DataFrame, val_fraction: float, seed: int) -> pd.Series:
+    """CT-RATE ``valid`` -> test; ``train`` patients -> train / val (``val_fraction`` of patients), so no patient
+    is in two splits. Without any ``valid`` volume, ``val_fraction`` of the train patients go to test as well."""
+    rng = np.random.default_rng(seed)
+    split = pd.Series("train", index=volumes.index, dtype=object)
+    split[volumes.source_split == "valid"] = "test"
+    train_patients = np.array(sorted(volumes.loc[volumes.source_split == "train", "patient"].unique()))
+    rng.shuffle(train_patients)
+    n_val = int(round(val_fraction * len(train_patients)))
+    val = set(train_patients[:n_val])
+    split[volumes.patient.isin(val)] = "val"
+    if not (split == "test").any():
+        test = set(train_patients[n_val:2 * n_val])
+        split[volumes.patient.isin(test)] = "test"
+    return split
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def read_preprocessed(path: str | os.PathLike) -> np.ndarray:
+    """The float16 ``(1, X, Y, Z)`` volume (RAS axes, 0..1 for -1000..1500 HU) of a preprocessed ``.npz``."""
+    with np.load(path) as npz:
+        if "image" not in npz:
+            raise ValueError(f"{path} has no 'image' array (keys: {list(npz.keys())})")
+        image = npz["image"]
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"{path}: expected an image of shape (1, X, Y, Z), got {image.shape}")
+    return image
+
+
+def _check_label(value: Any) -> str | None:
+    return None if str(value).strip() in ("0", "1") else f"expected 0 or 1, got {value!r}"
+
+
+CT_CLIP_SCHEMA = ManifestSchema(
+    dataset="ct-rate",
+    key="volume",
+    columns=(
+        Column("volume", help="CT-RATE VolumeName without .nii.gz, e.g. valid_53_a_1"),
+        Column("patient", help="patient id (train_P / valid_P); splits never share a patient"),
+        Column("image", "path", help="preprocessed float16 npz (key 'image', (1, X, Y, Z) RAS), relative to the root"),
+        Column("nifti", "str", nullable=True, help="source .nii.gz relative to the data root"),
+        Column("report", help="the text the model reads (Findings_EN by default)"),
+        Column("findings", nullable=True, help="Findings_EN"),
+        Column("impressions", nullable=True, help="Impressions_EN"),
+        Column("spacing_x", "float", help="output voxel size along R (mm)"),
+        Column("spacing_y", "float", help="output voxel size along A (mm)"),
+        Column("spacing_z", "float", help="output voxel size along S (mm)"),
+        *(Column(name, _check_label, help="0/1 label (CT-RATE multi_abnormality_labels)") for name in LABELS),
+        Column("split", "split", allowed=SPLITS, help="train / val / test (CT-RATE valid = test), by patient"),
+    ),
+    readers={},  # reading every npz would double the preprocessing time; 02_train opens them anyway
+)
+
+
+def label_matrix(manifest: pd.DataFrame, labels: Sequence[str] = LABELS) -> np.ndarray:
+    """[N, L] int8 labels of manifest rows."""
+    return manifest[list(labels)].astype(int).to_numpy(dtype=np.int8)
+
+
+def labels_present(manifest: pd.DataFrame) -> list[str]:
+    """The labels with at least one positive and one negative row (AUROC is defined for them only)."""
+    y = label_matrix(manifest)
+    return [name for name, col in zip(LABELS, y.T) if 0 < col.sum() < len(col)]
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+def resize_volume(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize of ``(C, X, Y, Z)`` to ``(C, *size)`` (align_corners=False: an area-like downsample)."""
+    if tuple(image.shape[1:]) == tuple(size):
+        return image
+    return F.interpolate(image[None].float(), size=tuple(size), mode="trilinear", align_corners=False,
+                         antialias=False)[0]
+
+
+class CTVolumeDataset(Dataset):
+    """Preprocessed volumes resized to the model input, with their report and labels.
+
+    Items: ``{"image": float32 (1, X, Y, Z) in 0..1, "report_index": int, "labels": float32 (18,), "index": int}``.
+    The resized volumes are kept in memory as float16 (64x64x48 is 0.4 MB), so every epoch after the first reads
+    no file. ``augment`` adds CT-Data's intensity shift (±0.08) and Gaussian noise (σ 0.015), clamped to 0..1;
+    no flips, since reports name the side.
+    """
+
+    def __init__(self, manifest: pd.DataFrame, root: str | os.PathLike, input_size: Sequence[int],
+                 augment: bool = False, cache: bool = True):
+        self.manifest = manifest.reset_index(drop=True)
+        self.root = Path(root)
+        self.input_size = tuple(int(s) for s in input_size)
+        self.augment = augment
+        self.labels = torch.from_numpy(label_matrix(self.manifest).astype(np.float32))
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def volume(self, index: int) -> torch.Tensor:
+        """float32 (1, *input_size) of row ``index``."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index].float()
+        path = self.root / self.manifest.at[index, "image"]
+        image = resize_volume(torch.from_numpy(read_preprocessed(path).astype(np.float32)), self.input_size)
+        if self._cache is not None:
+            self._cache[index] = image.half()
+        return image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.volume(index)
+        if self.augment:
+            image = (image + (torch.rand(()) * 0.16 - 0.08) + torch.randn_like(image) * 0.015).clamp(0, 1)
+        return {"image": image, "report_index": index, "labels": self.labels[index], "index": index}
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+DEMO_SIZES = {
+    "smoke": {"n_train_patients": 10, "n_valid_patients": 4, "scale": 0.35},
+    "demo": {"n_train_patients": 150, "n_valid_patients": 70, "scale": 0.35},
+}
+DEMO_MARKER = "nbsupport_demo.json"
+DEMO_LABELS = ("Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+               "Emphysema", "Lung nodule", "Pleural effusion", "Consolidation")
+_DEMO_PREVALENCE = {"Medical material": 0.25, "Arterial wall calcification": 0.35, "Cardiomegaly": 0.3,
+                    "Pericardial effusion": 0.2, "Emphysema": 0.3, "Lung nodule": 0.35, "Pleural effusion": 0.3,
+                    "Consolidation": 0.3}
+# Native grids of the demo scans: (in-plane voxels, in-plane mm, slices, slice mm) at scale 1; `scale` shrinks
+# the voxel counts (and grows the voxel size) so the same anatomy is drawn in fewer voxels.
+_DEMO_GRIDS = ((512, 0.70, 240, 1.5), (512, 0.78, 200, 2.0), (448, 0.82, 150, 2.5), (384, 0.95, 120, 3.0))
+
+
+def _demo_case(rng: np.random.Generator) -> dict[str, Any]:
+    """Findings of one synthetic scan and the geometry they are drawn with (mm, RAS: +x right, +y anterior)."""
+    present = {name: bool(rng.random() < p) for name, p in _DEMO_PREVALENCE.items()}
+    case: dict[str, Any] = {"present": present,
+                            "body": (rng.uniform(140, 165), rng.uniform(100, 120)),
+                            "heart_scale": (rng.uniform(1.3, 1.45) if present["Cardiomegaly"]
+                                            else rng.uniform(0.9, 1.05)),
+                            "effusion_side": rng.choice(["right", "left", "bilateral"]),
+                            "effusion_size": rng.choice(["small", "moderate"]),
+                            "consolidation_side": rng.choice(["right", "left"]),
+                            "consolidation_lobe": rng.choice(["upper", "lower"]),
+                            "nodules": [(rng.choice([-1, 1]) * rng.uniform(45, 90), rng.uniform(-40, 40),
+                                         rng.uniform(-80, 80), rng.uniform(9, 14)) for _ in range(rng.integers(1, 4))],
+                            "noise": rng.uniform(12, 25)}
+    return case
+
+
+def _render_demo_volume(case: dict[str, Any], shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                        rng: np.random.Generator) -> np.ndarray:
+    """HU volume (X, Y, Z) in RAS index order (x: left->right, y: posterior->anterior, z: inferior->superior)."""
+    nx, ny, nz = shape
+    x = ((np.arange(nx) - (nx - 1) / 2) * spacing[0]).astype(np.float32)[:, None, None]
+    y = ((np.arange(ny) - (ny - 1) / 2) * spacing[1]).astype(np.float32)[None, :, None]
+    z = ((np.arange(nz) - (nz - 1) / 2) * spacing[2]).astype(np.float32)[None, None, :]
+    p = case["present"]
+    a, b = case["body"]
+    vol = np.full(shape, -1000.0, dtype=np.float32)
+    body = (x / a) ** 2 + (y / b) ** 2 <= 1
+    vol[np.broadcast_to(body, shape)] = -90.0  # subcutaneous fat
+    muscle = (x / (a - 12)) ** 2 + (y / (b - 12)) ** 2 <= 1
+    vol[np.broadcast_to(muscle, shape)] = 45.0
+    # Lungs: two ellipsoids, narrowing towards the apex.
+    z_taper = np.clip(1.0 - np.maximum(z, 0) / 170.0, 0.25, 1.0)
+    lung_base = -950.0 if p["Emphysema"] else -850.0
+    lungs = {}
+    for side, cx in (("right", 0.47 * a), ("left", -0.47 * a)):
+        lung = ((x - cx) / (0.38 * a * z_taper)) ** 2 + ((y + 5) / (0.75 * b * z_taper)) ** 2 + (z / 140) ** 2 <= 1
+        lungs[side] = lung
+        vol[lung] = lung_base
+    lung_any = lungs["right"] | lungs["left"]
+    if p["Emphysema"]:
+        # Low-attenuation holes: bullae of -990 HU scattered through both lungs.
+        holes = (np.sin(x / 7.0 + 1.3) * np.sin(y / 6.0) * np.sin(z / 8.0 + 0.7)) > 0.15
+        vol[lung_any & holes] = -1000.0
+    # Heart (+ optional pericardial fluid ring) in the anterior mediastinum, slightly to the left.
+    hs = case["heart_scale"]
+    hx, hy, hz = -0.12 * a, 0.25 * b, -40.0
+    r_heart = ((x - hx) / (48 * hs)) ** 2 + ((y - hy) / (40 * hs)) ** 2 + ((z - hz) / (50 * hs)) ** 2
+    if p["Pericardial effusion"]:
+        ring = (r_heart <= 1.8) & (r_heart > 1)
+        vol[ring] = 5.0
+    vol[r_heart <= 1] = 45.0
+    # Descending aorta left of the spine, and the spine.
+    ax_, ay_ = -0.18 * a, -0.45 * b
+    r_aorta = np.sqrt((x - ax_) ** 2 + (y - ay_) ** 2)
+    vol[np.broadcast_to(r_aorta <= 13, shape)] = 40.0
+    if p["Arterial wall calcification"]:
+        plaques = (r_aorta > 9) & (r_aorta <= 15) & (np.sin(z / 9.0 + x / 5.0) > 0.0)
+        vol[np.broadcast_to(plaques, shape)] = 900.0
+    spine = (x ** 2 + (y + 0.72 * b) ** 2) <= 20 ** 2
+    vol[np.broadcast_to(spine, shape)] = 450.0
+    if p["Pleural effusion"]:
+        depth = {"small": 0.45, "moderate": 0.15}[case["effusion_size"]] * b
+        sides = ["right", "left"] if case["effusion_side"] == "bilateral" else [case["effusion_side"]]
+        for side in sides:
+            vol[lungs[side] & np.broadcast_to(y < -depth, shape)] = 12.0  # dependent (posterior) fluid
+    if p["Consolidation"]:
+        cx = (0.47 if case["consolidation_side"] == "right" else -0.47) * a
+        cz = 55.0 if case["consolidation_lobe"] == "upper" else -55.0
+        blob = ((x - cx) ** 2 + (y - 5) ** 2 + (z - cz) ** 2) <= 38 ** 2
+        vol[blob & lungs[case["consolidation_side"]]] = 25.0
+    if p["Lung nodule"]:
+        for nx_, ny_, nz_, r in case["nodules"]:
+            vol[((x - nx_) ** 2 + (y - ny_) ** 2 + (z - nz_) ** 2) <= r ** 2] = 35.0
+    if p["Medical material"]:
+        # A pacemaker can in the left anterior chest wall and its lead towards the heart.
+        can = ((x + 0.55 * a) / 22) ** 2 + ((y - 0.8 * b) / 8) ** 2 + ((z - 60) / 18) ** 2 <= 1
+        vol[can] = 2500.0
+        t = np.linspace(0, 1, 200)
+        for px, py, pz in zip(-0.55 * a + t * (hx + 0.55 * a), 0.8 * b + t * (hy - 0.8 * b), 60 + t * (hz - 60)):
+            i, j, k = (int(round(px / spacing[0] + (nx - 1) / 2)), int(round(py / spacing[1] + (ny - 1) / 2)),
+                       int(round(pz / spacing[2] + (nz - 1) / 2)))
+            vol[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(k, 0):k + 1] = 2500.0
+    vol += rng.normal(0.0, case["noise"], size=shape).astype(np.float32)
+    return vol
+
+
+_ABSENT = {
+    "Medical material": ["No medical material is seen.", "Medical material is not present."],
+    "Arterial wall calcification": ["No calcification is seen in the aortic wall.",
+                                    "Arterial wall calcification is not present."],
+    "Cardiomegaly": ["Heart size is normal.", "Cardiomegaly is not present."],
+    "Pericardial effusion": ["No pericardial effusion.", "Pericardial effusion is not present."],
+    "Emphysema": ["Lung parenchyma shows normal attenuation.", "Emphysema is not present."],
+    "Lung nodule": ["No nodule was detected in either lung.", "Lung nodule is not present."],
+    "Pleural effusion": ["No pleural effusion.", "Pleural effusion is not present."],
+    "Consolidation": ["No consolidation is seen.", "Consolidation is not present."],
+}
+
+
+def _present_sentence(name: str, case: dict[str, Any], rng: np.random.Generator) -> str:
+    if name == "Medical material":
+        return str(rng.choice(["A pacemaker is seen in the left chest wall with its lead in the heart.",
+                               "Medical material is present: cardiac pacemaker."]))
+    if name == "Arterial wall calcification":
+        return str(rng.choice(["Atherosclerotic calcified plaques are seen in the aortic wall.",
+                               "Arterial wall calcification is present."]))
+    if name == "Cardiomegaly":
+        return str(rng.choice(["The heart is enlarged.", "Cardiomegaly is present."]))
+    if name == "Pericardial effusion":
+        return str(rng.choice(["Pericardial effusion is present.", "Fluid is seen in the pericardial space."]))
+    if name == "Emphysema":
+        return str(rng.choice(["Emphysematous changes are seen in both lungs.", "Emphysema is present."]))
+    if name == "Lung nodule":
+        n = len(case["nodules"])
+        count = "A nodule" if n == 1 else f"{n} nodules"
+        return str(rng.choice([f"{count} up to {2 * max(r for *_, r in case['nodules']):.0f} mm "
+                               f"{'is' if n == 1 else 'are'} seen in the lungs.", "Lung nodule is present."]))
+    if name == "Pleural effusion":
+        side = case["effusion_side"]
+        where = "bilateral" if side == "bilateral" else f"{side}-sided"
+        return f"There is a {case['effusion_size']} {where} pleural effusion."
+    if name == "Consolidation":
+        return (f"Consolidation is present in the {case['consolidation_side']} "
+                f"{case['consolidation_lobe']} lobe.")
+    raise KeyError(name)
+
+
+def _demo_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, str]:
+    """(Findings_EN, Impressions_EN) written from the drawn findings, negations for the absent ones."""
+    sentences = ["Trachea and both main bronchi are patent."]
+    for name in DEMO_LABELS:
+        sentences.append(_present_sentence(name, case, rng) if case["present"][name]
+                         else str(rng.choice(_ABSENT[name])))
+    sentences.append("Bone structures in the study area are natural.")
+    positives = [n for n in DEMO_LABELS if case["present"][n]]
+    impression = ("; ".join(positives) + ".") if positives else "No significant pathology."
+    return " ".join(sentences), impression
+
+
+def write_demo_dataset(root: str | os.PathLike, n_train_patients: int = 150, n_valid_patients: int = 70,
+                       scale: float = 0.5, seed: int = 0) -> Path:
+    """Write synthetic chest CTs in the CT-RATE layout (NIfTI + the three CSV kinds) under ``root``.
+
+    Each patient has one scan with one reconstruction on one of four native grids (0.70-0.95 mm in-plane,
+    1.5-3.0 mm slices at ``scale`` 1; ``scale`` < 1 uses proportionally fewer, larger voxels). Stored values are
+    ``HU - intercept`` (int16) with ``RescaleIntercept`` -1024 or -1000 in the metadata, and half of the volumes
+    are stored with flipped x/y axes (an LPS affine), so preprocessing must apply the rescale and reorient.
+    Deterministic given the arguments; an existing complete demo with the same arguments is reused.
+    """
+    import nibabel as nib
+
+    root = resolve_path(root)
+    params = {"n_train_patients": n_train_patients, "n_valid_patients": n_valid_patients, "scale": scale,
+              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 3}
+    marker = root / DEMO_MARKER
+    if root.is_dir() and any(root.iterdir()):
+        previous = read_json(marker)
+        if previous is None:
+            raise FileExistsError(f"{root} is not empty and holds no {DEMO_MARKER}; write the demo into an empty "
+                                  "folder (a demo folder is replaced when regenerated)")
+        if previous.get("params") == params and previous.get("complete"):
+            return root
+        for stale in root.iterdir():
+            if stale.name != DEMO_MARKER:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"params": params, "complete": False})
+    tables: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"reports": [], "metadata": [], "labels": []}
+                                                          for s in ("train", "valid")}
+    patients = [("train", i + 1) for i in range(n_train_patients)] + [("valid", i + 1) for i in range(n_valid_patients)]
+    for k, (split, number) in enumerate(progress(patients, desc="writing demo CT volumes")):
+        rng = np.random.default_rng([seed, k, 2654435761])
+        case = _demo_case(rng)
+        n_xy, s_xy, n_z, s_z = _DEMO_GRIDS[k % len(_DEMO_GRIDS)]
+        n_xy, n_z = max(int(round(n_xy * scale)), 8), max(int(round(n_z * scale)), 4)
+        s_xy, s_z = s_xy / scale, s_z / scale
+        s_xy = round(s_xy * (1 + rng.uniform(-0.05, 0.05)), 4)
+        hu = _render_demo_volume(case, (n_xy, n_xy, n_z), (s_xy, s_xy, s_z), rng)
+        intercept = -1024.0 if k % 3 else -1000.0
+        stored = np.clip(np.round(hu - intercept), -32768, 32767).astype(np.int16)
+        affine = np.diag([s_xy, s_xy, s_z, 1.0])
+        affine[:3, 3] = [-(n_xy - 1) / 2 * s_xy, -(n_xy - 1) / 2 * s_xy, -(n_z - 1) / 2 * s_z]
+        if k % 2:  # stored in LPS order (as DICOM): x towards the left, y towards posterior
+            stored = stored[::-1, ::-1]
+            affine[0, 0], affine[1, 1] = -s_xy, -s_xy
+            affine[:2, 3] = -affine[:2, 3]
+        volume = f"{split}_{number}_a_1"
+        path = root / volume_relative_path(volume)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = nib.Nifti1Image(np.ascontiguousarray(stored), affine)
+        image.header.set_xyzt_units("mm")
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6))
+        findings, impressions = _demo_report(case, rng)
+        tables[split]["reports"].append({"VolumeName": f"{volume}.nii.gz", "ClinicalInformation_EN": "Not given.",
+                                         "Technique_EN": "Non-contrast chest CT (synthetic demo).",
+                                         "Findings_EN": findings, "Impressions_EN": impressions})
+        meta = {c: "" for c in METADATA_COLUMNS}
+        meta.update({"VolumeName": f"{volume}.nii.gz", "Manufacturer": "SYNTHETIC", "PatientSex": "",
+                     "PatientAge": "", "Rows": n_xy, "Columns": n_xy, "XYSpacing": f"[{s_xy}, {s_xy}]",
+                     "RescaleIntercept": intercept, "RescaleSlope": 1, "RescaleType": "HU", "NumberofSlices": n_z,
+                     "ZSpacing": s_z, "PhotometricInterpretation": "MONOCHROME2", "SamplesPerPixel": 1})
+        tables[split]["metadata"].append(meta)
+        tables[split]["labels"].append({"VolumeName": f"{volume}.nii.gz",
+                                        **{name: int(case["present"].get(name, False)) for name in LABELS}})
+    for split in ("train", "valid"):
+        for kind, files, columns in (("reports", REPORT_FILES, REPORT_COLUMNS),
+                                     ("metadata", METADATA_FILES, METADATA_COLUMNS),
+                                     ("labels", LABEL_FILES, ("VolumeName", *LABELS))):
+            path = root / files[split]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                pd.DataFrame(tables[split][kind], columns=list(columns)).to_csv(tmp, index=False, lineterminator="\n")
+    atomic_write_json(marker, {"params": params, "complete": True, "n_volumes": len(patients)})
+    return root
+

@@ -1,0 +1,59 @@
+"""ct_clip configs, the cluster command line, and the distributed launch choice (DDP vs DeepSpeed ZeRO-1)."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from nbsupport import ct_clip
+from nbsupport.config import PROFILES, ConfigError
+from nbsupport.ct_clip import data as ct_data
+from nbsupport.ct_clip import preprocessing as ct_pre
+from nbsupport.ct_clip.pipeline import ACCELERATE_ZERO1, distributed_config
+from nbsupport.train import launch_command
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_stage_config_builds_for_every_profile(profile):
+    for cls in (ct_clip.PreprocessConfig, ct_clip.TrainConfig, ct_clip.InferConfig, ct_clip.AttentionConfig):
+        cfg = cls.from_params({"profile": profile})
+        assert cfg.profile == profile
+    full = ct_clip.PreprocessConfig.from_params({"profile": "full"})
+    assert full.spacing == (1.25, 1.25, 2.0) and full.shape == (256, 256, 192)  # CT-Data's
+    assert ct_clip.TrainConfig.from_params({"profile": "full"}).loss == "siglip"  # the seed's loss
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ConfigError, match="loss"):
+        ct_clip.TrainConfig.from_params({"loss": "triplet"})
+    with pytest.raises(ConfigError, match="label must be one of"):
+        ct_clip.AttentionConfig.from_params({"label": "Pneumothorax"})
+    with pytest.raises(ConfigError, match="hu_max"):
+        ct_clip.PreprocessConfig.from_params({"hu_min": 100.0, "hu_max": 0.0})
+
+
+def test_deepspeed_zero1_on_cuda_ddp_otherwise():
+    assert distributed_config(2, cuda=True) == ACCELERATE_ZERO1
+    assert distributed_config(2, cuda=False) is None and distributed_config(1, cuda=True) is None
+    settings = yaml.safe_load(ACCELERATE_ZERO1.read_text())
+    assert settings["distributed_type"] == "DEEPSPEED" and settings["deepspeed_config"]["zero_stage"] == 1
+    command = launch_command(2, ["--out", "x"], accelerate_config=ACCELERATE_ZERO1)
+    assert command[command.index("--config_file") + 1] == str(ACCELERATE_ZERO1) and "--multi_gpu" not in command
+    assert "--multi_gpu" in launch_command(2, ["--out", "x"])  # the default launch is unchanged
+
+
+def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_path, capsys):
+    root = ct_data.write_demo_dataset(tmp_path / "data", n_train_patients=4, n_valid_patients=2, scale=0.2)
+    manifest = tmp_path / "ct.csv"
+    argv = ["--data-root", str(root), "--manifest", str(manifest), "--workers", "1", "--spacing", "5", "5", "8",
+            "--shape", "64", "64", "48", "--val-fraction", "0.25", "--status-csv", str(tmp_path / "status.csv")]
+    assert ct_pre.main(argv) == 0
+    frame = pd.read_csv(manifest)
+    assert len(frame) == 6 and set(frame.split) == {"train", "val", "test"}
+    assert list(frame.columns[:3]) == ["volume", "patient", "image"]
+    assert frame.spacing_x.between(4.8, 5.2).all() and frame.spacing_z.between(7.6, 8.4).all()
+    assert (pd.read_csv(tmp_path / "status.csv").status == "done").all()
+    assert ct_pre.main(argv) == 0
+    assert (pd.read_csv(tmp_path / "status.csv").status == "skipped").all()
+    image = ct_data.read_preprocessed(root / frame.image[0])
+    assert image.shape == (1, 64, 64, 48)
