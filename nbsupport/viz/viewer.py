@@ -27,7 +27,7 @@ from nbsupport.viz.attention import normalise_map, upsample_bilinear
 from nbsupport.viz.overlay import (_aspect, legend_handles, named_masks, new_figure, overlay_masks, resolve_colors,
                                    to_numpy)
 
-CASE_KEYS = ("image", "masks", "title", "text", "spacing", "attention")
+CASE_KEYS = ("image", "masks", "title", "text", "spacing", "attention", "modality")
 
 
 @dataclasses.dataclass
@@ -41,6 +41,8 @@ class ViewerCase:
     spacing: tuple[float, float] | None = None  # (row_mm, col_mm) in-plane
     attention: np.ndarray | None = None  # (d, h, w), any in-plane size; d == D or mapped proportionally
     is_volume: bool = False
+    slice_mm: float | None = None  # distance between slices when the spacing gave it (3 values)
+    modality: str = ""  # "CT" enables the window presets; anything else gets an automatic window
 
     @property
     def depth(self) -> int:
@@ -68,7 +70,8 @@ class ViewerCase:
 
 
 def _case(image: Any, masks: Any = None, class_names: Sequence[str] | None = None, title: str = "", text: str = "",
-          spacing: Sequence[float] | None = None, attention: Any = None, where: str = "volume") -> ViewerCase:
+          spacing: Sequence[float] | None = None, attention: Any = None, where: str = "volume",
+          modality: str = "") -> ViewerCase:
     img = to_numpy(image).astype(np.float32)
     if img.ndim not in (2, 3):
         raise ValueError(f"{where}: image must be (H, W) or (D, H, W), got shape {img.shape}")
@@ -79,12 +82,15 @@ def _case(image: Any, masks: Any = None, class_names: Sequence[str] | None = Non
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     named = {k: (m if is_volume else m[None]) for k, m in named.items()}
-    in_plane = None
+    in_plane, slice_mm = None, None
     if spacing is not None:
         sp = tuple(float(s) for s in spacing)
         if len(sp) not in (2, 3):
             raise ValueError(f"{where}: spacing must be (row_mm, col_mm) or (slice_mm, row_mm, col_mm), got {sp}")
+        if min(sp) <= 0:
+            raise ValueError(f"{where}: spacing must be positive (mm), got {sp}")
         in_plane = sp[-2:]
+        slice_mm = sp[0] if len(sp) == 3 else None
     att = None
     if attention is not None:
         att = to_numpy(attention).astype(np.float32)
@@ -92,7 +98,8 @@ def _case(image: Any, masks: Any = None, class_names: Sequence[str] | None = Non
             att = att[None]
         if att.ndim != 3:
             raise ValueError(f"{where}: attention must be (h, w) or (d, h, w), got shape {att.shape}")
-    return ViewerCase(vol, named, str(title or ""), str(text or ""), in_plane, att, is_volume)
+    return ViewerCase(vol, named, str(title or ""), str(text or ""), in_plane, att, is_volume, slice_mm,
+                      str(modality or ""))
 
 
 def as_cases(volume_or_cases: Any, masks: Any = None, class_names: Sequence[str] | None = None, text: str = "",
@@ -108,7 +115,8 @@ def as_cases(volume_or_cases: Any, masks: Any = None, class_names: Sequence[str]
             if unknown or "image" not in c:
                 raise ValueError(f"case {i}: keys {sorted(c)}; expected 'image' and optionally {CASE_KEYS[1:]}")
             cases.append(_case(c["image"], c.get("masks"), class_names, c.get("title") or f"case {i}",
-                               c.get("text", ""), c.get("spacing"), c.get("attention"), where=f"case {i}"))
+                               c.get("text", ""), c.get("spacing"), c.get("attention"), where=f"case {i}",
+                               modality=c.get("modality", "")))
         return cases
     return [_case(volume_or_cases, masks, class_names, title, text, spacing, attention)]
 
