@@ -30,17 +30,8 @@ import numpy as np
 
 from nbsupport.runs import atomic_write_text
 from nbsupport.viz.overlay import display_window, resolve_colors
-from nbsupport.viz.viewer import ViewerCase, as_cases
+from nbsupport.viz.viewer import CT_WINDOWS, ViewerCase, as_cases
 
-CASE_VIEWER_NAME = "case_viewer.html"
-
-# (window width, level) in Hounsfield units; the usual radiology presets.
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "soft tissue": (400.0, 40.0),
-    "lung": (1500.0, -600.0),
-    "mediastinum": (350.0, 50.0),
-    "bone": (1800.0, 400.0),
-}
 CT_MODALITIES = ("CT",)
 
 
