@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chromium import missing_browser, start_chromium  # noqa: E402
+from chromium import missing_browser, start_chromium
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).parent == Path(__file__).parent:
             item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.slow)  # a browser, a kernel or a JupyterLab server per session
 
 
 @pytest.fixture(scope="session")
@@ -77,14 +78,20 @@ class Pages:
 
 
 NOTEBOOK_CELLS = [
-    "%matplotlib inline\nimport numpy as np\nimport torch\nfrom transformers import BertConfig, BertModel\n"
-    "from nbsupport.viz import attention_view, slice_viewer",
-    "image = np.add.outer(np.arange(64.0), np.arange(64.0))\nmask = np.zeros((64, 64), bool)\nmask[20:40, 24:44] = True\n"
-    "slice_viewer([{'image': image, 'masks': {'lesion': mask}, 'title': 'demo', 'text': 'a square lesion'}])",
-    "config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,\n"
-    "                    intermediate_size=37, attn_implementation='eager')\n"
-    "torch.manual_seed(0)\nout = BertModel(config).eval()(torch.tensor([[1, 5, 7, 9, 2]]), output_attentions=True)\n"
-    "attention_view(out.attentions, ['[CLS]', 'no', 'acute', 'findings', '[SEP]'])",
+    """%matplotlib inline
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel
+from nbsupport.viz import attention_view, slice_viewer""",
+    """image = np.add.outer(np.arange(64.0), np.arange(64.0))
+mask = np.zeros((64, 64), bool)
+mask[20:40, 24:44] = True
+slice_viewer([{'image': image, 'masks': {'lesion': mask}, 'title': 'demo', 'text': 'a square lesion'}])""",
+    """config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=37, attn_implementation='eager')
+torch.manual_seed(0)
+out = BertModel(config).eval()(torch.tensor([[1, 5, 7, 9, 2]]), output_attentions=True)
+attention_view(out.attentions, ['[CLS]', 'no', 'acute', 'findings', '[SEP]'])""",
 ]
 
 

@@ -98,7 +98,8 @@ def test_viewer_slider_renders_and_responds_in_jupyterlab(browser, tmp_path, scr
         wait_for(lambda: readout.text == str(start + 1), timeout_s=10, what="the slider to move")
         wait_for(lambda: image.get_attribute("src") != before, timeout_s=30,
                  what="the kernel to send the new slice's image")
-        wait_for(lambda: f"slice {start + 2} / 24" in panel.text, timeout_s=10, what="the text panel to follow the slider")
+        wait_for(lambda: f"slice {start + 2} / 24" in panel.text, timeout_s=10,
+                 what="the text panel to follow the slider")
     finally:
         lab.terminate()
         try:

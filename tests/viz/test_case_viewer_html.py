@@ -13,7 +13,7 @@ from nbsupport.viz.case_viewer_html import CT_WINDOWS, save_case_viewer_html
 
 def page_data(path) -> dict:
     text = path.read_text(encoding="utf-8")
-    match = re.search(r'<script id="case-data" type="application/json">(.*?)</script>', text, re.S)
+    match = re.search(r'<script id="case-data" type="application/json">(.*?)</script>', text, re.DOTALL)
     return json.loads(match.group(1).replace("<\\/", "</"))
 
 
