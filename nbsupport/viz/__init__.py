@@ -12,7 +12,10 @@ from nbsupport.viz.case_viewer_html import save_case_viewer_html
 from nbsupport.viz.attention import attention_grid, attention_overlay, upsample_bilinear
 from nbsupport.viz.figures import image_grid, metric_table_figure, plot_training_curves
 from nbsupport.viz.overlay import ERROR_COLORS, PALETTE, class_color, compare_masks, compare_masks_grid, overlay_masks
+from nbsupport.viz.display import register_figure_display
 from nbsupport.viz.viewer import SliceViewer, build_slice_viewer, slice_overview, slice_viewer
+
+register_figure_display()
 
 __all__ = [
     "ERROR_COLORS",
@@ -29,6 +32,7 @@ __all__ = [
     "metric_table_figure",
     "overlay_masks",
     "plot_training_curves",
+    "register_figure_display",
     "save_attention_html",
     "save_case_viewer_html",
     "slice_overview",

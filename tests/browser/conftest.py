@@ -78,8 +78,7 @@ class Pages:
 
 
 NOTEBOOK_CELLS = [
-    """%matplotlib inline
-import numpy as np
+    """import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 from nbsupport.viz import attention_view, slice_viewer""",
@@ -125,8 +124,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> Pages:
     source = run / "source.ipynb"
     nbformat.write(nb, source)
     executed = run / "03_viewer_demo.ipynb"
-    # the kernel must use matplotlib's inline backend, as under `nbsupport run`: the tests' MPLBACKEND=Agg would
-    # leave returned figures as "<Figure ...>" text
+    # the kernel's environment as under `nbsupport run`, without the tests' MPLBACKEND=Agg
     backend = os.environ.pop("MPLBACKEND", None)
     try:
         papermill.execute_notebook(str(source), str(executed), kernel_name="nbsupport", progress_bar=False,
