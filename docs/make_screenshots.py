@@ -1,8 +1,9 @@
 """Screenshots of a run's offline pages for the README, taken by the same headless chromium (network blocked) as
-the browser tests: ``python docs/make_screenshots.py <run folder> [<out folder>]``.
+the browser tests: ``python docs/make_screenshots.py <run folder> [<out folder>]``, the run folder being
+``<outputs>/runs/<run id>/<system>``.
 
 For every ``*viewer*.html`` in the run folder: the page as it opens and, for volumes, the coronal view; the run's
-executed-notebook pages are checked to load without network requests. Fails (exit 1) when a page asks the network
+executed-notebook pages are checked to load without network requests; and the outputs' ``index.html``. Fails (exit 1) when a page asks the network
 or logs a console error, so a screenshot never shows a broken page.
 """
 from __future__ import annotations
@@ -29,6 +30,15 @@ def main(run_dir: Path, out_dir: Path) -> int:
                 target = out_dir / f"{system}_{page.stem}.png"
                 driver.save_screenshot(str(target))
                 print(target)
+        index = run_dir.parents[2] / "index.html"  # <outputs>/runs/<run id>/<system>
+        if index.is_file():
+            record = open_page(driver, index.as_uri())
+            if record.remote_requests() or record.errors():
+                problems.append(f"{index}: remote {record.remote_requests()}, errors {record.errors()}")
+            else:
+                driver.set_window_size(1400, 520)
+                driver.save_screenshot(str(out_dir / f"{system}_index.png"))
+                print(out_dir / f"{system}_index.png")
     finally:
         driver.quit()
     for p in problems:
