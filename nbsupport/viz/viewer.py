@@ -243,7 +243,9 @@ def slice_overview(volume_or_cases: Any, masks: Any = None, count: int = 6, ncol
                      + (0.35 if has_text else 0.0), extra_width=1.5 if names else 0.0)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, (case, k) in zip(axes, picks):
-        draw_case_slice(ax, case, k, colors=palette, alpha=alpha, legend=False)
+        # CT in the soft-tissue window, as the interactive viewer opens; others on robust percentiles
+        draw_case_plane(ax, case, k, colors=palette, alpha=alpha, legend=False,
+                        window="soft tissue" if len(window_options(case)) > 1 else "auto")
         if len(cases) == 1:
             ax.set_title(f"slice {k + 1}/{case.depth}" if case.is_volume else case.title, fontsize="medium")
         else:

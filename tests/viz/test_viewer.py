@@ -163,3 +163,9 @@ def test_mask_colour_and_heatmap_opacity_redraw():
     viewer.attention_opacity.value = 0.4
     viewer.mask_colors["lesion"].value = viewer.palette["lesion"]
     assert viewer.image.value == first  # same state, same picture (from the cache)
+
+
+def test_static_overview_shows_ct_in_the_soft_tissue_window():
+    fig = slice_overview([_ct_volume()], count=1)
+    image = fig.axes[0].get_images()[0]
+    assert image.get_clim() == (40.0 - 200.0, 40.0 + 200.0)
