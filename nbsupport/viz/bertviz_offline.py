@@ -3,7 +3,7 @@ standalone page.
 
 bertviz's HTML pulls require.js from cdnjs, and its script asks require.js for d3 and jQuery from cdnjs too
 (bertviz#63): with no network the view is blank. Here the page carries d3 5.7.0 and jQuery 2.2.4 inline (the
-versions bertviz asks for, vendored in ``nbsupport/viz/vendor`` from the npm packages, MIT licences alongside)
+versions bertviz asks for, vendored in ``nbsupport/viz/vendor`` from the npm packages, their licences alongside)
 and a ten-line stand-in for ``require``/``requirejs`` that hands bertviz those two modules. No ``<script src>``
 remains, so nothing is fetched.
 """
