@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SYSTEMS ?= all
 
-.PHONY: setup demo test test-fast bench clean-venv
+.PHONY: setup demo test test-fast test-browser screenshots bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not notebook"
+	$(BIN)/python -m pytest -q -m "not slow and not notebook and not browser"
+
+# Headless chromium with the network blocked (apt-get install chromium chromium-driver; .ci/run does).
+test-browser: setup
+	$(BIN)/python -m pytest -q -m browser tests/browser
+
+# Regenerates docs/screenshots/ from the browser tests' pages.
+screenshots: setup
+	NBSUPPORT_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q -m browser tests/browser
 
 bench: setup
 	$(BIN)/nbsupport bench seg2d

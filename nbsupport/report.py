@@ -7,7 +7,8 @@ is self-contained; the price is that LaTeX in markdown cells shows as source ins
 
 The index (``outputs/index.html``) lists runs newest first, one row per system, from what the run folders
 hold: ``run_status.json`` (written by ``nbsupport run``), ``metrics.json``, ``config.json``,
-``provenance.json``, the executed notebooks' HTML and ``figures/*.png``. Links are relative, so the whole
+``provenance.json``, the executed notebooks' HTML, the other HTML pages (case viewers, offline attention
+views: "views") and ``figures/*.png``. Links are relative, so the whole
 ``outputs/`` folder can be moved or archived.
 """
 from __future__ import annotations
@@ -85,6 +86,8 @@ class SystemEntry:
     metrics: list[tuple[str, float]] = field(default_factory=list)
     pages: list[Path] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
+    views: list[Path] = field(default_factory=list)  # other HTML pages: case viewers, offline attention views
+    metrics_file: Path | None = None
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
@@ -134,7 +137,12 @@ def _read_system(path: Path) -> SystemEntry:
     git = status.get("git") or first_prov.get("git") or {}
     # A folder without run_status.json was made by a notebook run by hand (JupyterLab), not by `nbsupport run`.
     state = status.get("status") or ("interactive" if configs else "empty")
-    pages = sorted(path.glob("*.html")) or sorted(path.glob("*.ipynb"))
+    # An HTML page named like a notebook is its export; any other page is a view (case viewer, attention view).
+    notebooks = sorted(path.glob("*.ipynb"))
+    htmls = sorted(path.glob("*.html"))
+    stems = {p.stem for p in notebooks}
+    pages = [p for p in htmls if p.stem in stems] or notebooks or htmls
+    views = [p for p in htmls if p not in pages]
     return SystemEntry(
         run_id=path.parent.name,
         system=path.name,
@@ -149,6 +157,8 @@ def _read_system(path: Path) -> SystemEntry:
         metrics=flatten_metrics(read_json(path / "metrics.json", {}) or {}),
         pages=pages,
         figures=sorted((path / "figures").glob("*.png")),
+        views=views,
+        metrics_file=path / "metrics.json" if (path / "metrics.json").is_file() else None,
     )
 
 
@@ -195,7 +205,7 @@ def _render_index(entries: list[SystemEntry], outputs_dir: Path) -> str:
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     n_runs = len({e.run_id for e in entries})
     rows = "\n".join(_render_rows(entries, outputs_dir)) or (
-        '<tr><td colspan="8">No runs yet: <code>nbsupport run &lt;system&gt; --profile smoke</code> '
+        '<tr><td colspan="9">No runs yet: <code>nbsupport run &lt;system&gt; --profile smoke</code> '
         "creates one.</td></tr>"
     )
     return f"""<!DOCTYPE html>
@@ -211,7 +221,7 @@ def _render_index(entries: list[SystemEntry], outputs_dir: Path) -> str:
 <p class="note">{n_runs} run(s) under <code>{_e(str(outputs_dir / "runs"))}</code>, newest first. Written {_e(now)}.</p>
 <table>
 <thead><tr><th>run</th><th>system</th><th>status</th><th>profile</th><th>commit</th><th>metrics</th>
-<th>notebooks</th><th>figures</th></tr></thead>
+<th>notebooks</th><th>views</th><th>figures</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
@@ -242,7 +252,10 @@ def _render_rows(entries: list[SystemEntry], outputs_dir: Path) -> Iterator[str]
         if e.commit:
             commit = f"<code>{_e(e.commit[:10])}</code>" + (" <small>+dirty</small>" if e.dirty else "")
         metrics = _render_metrics(e.metrics)
+        if e.metrics_file is not None:
+            metrics += f'<br><a href="{_href(e.metrics_file, outputs_dir)}">metrics.json</a>'
         pages = "<br>".join(f'<a href="{_href(p, outputs_dir)}">{_e(p.name)}</a>' for p in e.pages) or "&ndash;"
+        views = "<br>".join(f'<a class="view" href="{_href(p, outputs_dir)}">{_e(p.name)}</a>' for p in e.views)
         figures = "".join(
             f'<a href="{_href(p, outputs_dir)}" title="{_e(p.name)}"><img class="thumb" src="{_href(p, outputs_dir)}" '
             f'alt="{_e(p.stem)}" loading="lazy"></a>' for p in e.figures[:MAX_THUMBNAILS]
@@ -252,7 +265,7 @@ def _render_rows(entries: list[SystemEntry], outputs_dir: Path) -> Iterator[str]
             figures += f'<br><a href="{folder}/">all {len(e.figures)} figures</a>'
         yield (f'<tr class="{"run-first" if first else ""}"><td>{run_cell}</td><td><b>{_e(e.system)}</b></td>'
                f"<td>{status}</td><td>{_e(e.profile or '')}</td><td>{commit}</td><td>{metrics}</td>"
-               f"<td>{pages}</td><td>{figures or '&ndash;'}</td></tr>")
+               f"<td>{pages}</td><td>{views or '&ndash;'}</td><td>{figures or '&ndash;'}</td></tr>")
 
 
 def _render_metrics(metrics: list[tuple[str, float]]) -> str:

@@ -141,3 +141,19 @@ def test_index_without_runs_says_how_to_make_one(tmp_path):
 def test_index_defaults_to_nbsupport_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("NBSUPPORT_OUTPUTS", str(tmp_path))
     assert write_index() == tmp_path / "index.html"
+
+
+def test_index_lists_case_viewers_and_attention_pages_as_views_and_links_metrics(tmp_path):
+    from nbsupport.report import write_index
+
+    run = tmp_path / "runs" / "r1" / "seg2d"
+    run.mkdir(parents=True)
+    for name in ("03_infer.ipynb", "03_infer.html", "03_case_viewer.html", "04_attention_head_view.html"):
+        (run / name).write_text("{}" if name.endswith(".ipynb") else "<html></html>")
+    (run / "metrics.json").write_text('{"03_infer": {"test_dice": 0.7}}')
+    page = write_index(tmp_path).read_text()
+    notebooks_cell, views_cell = page.split("</td><td>")[6:8]
+    assert "03_infer.html" in notebooks_cell and "03_case_viewer.html" not in notebooks_cell
+    assert 'href="runs/r1/seg2d/03_case_viewer.html"' in views_cell
+    assert 'href="runs/r1/seg2d/04_attention_head_view.html"' in views_cell
+    assert 'href="runs/r1/seg2d/metrics.json"' in page

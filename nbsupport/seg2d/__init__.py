@@ -4,8 +4,9 @@ Notebooks use the configs and verbs re-exported here; ``data`` (Kaggle format ad
 ``model`` (SegFormer / DPT / BEiT / UperNet factory) and ``scoring`` (competition metric) hold the parts.
 """
 from nbsupport.seg2d.pipeline import (AttentionConfig, InferConfig, PreprocessConfig, TrainConfig, attention_maps,
-                                      baseline_scores, evaluate_split, load_manifest, predict, preprocess, train,
-                                      viewer_cases)
+                                      attention_viewer_cases, baseline_scores, evaluate_split, load_manifest, predict,
+                                      preprocess, train, viewer_cases)
 
-__all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps", "baseline_scores",
-           "evaluate_split", "load_manifest", "predict", "preprocess", "train", "viewer_cases"]
+__all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps",
+           "attention_viewer_cases", "baseline_scores", "evaluate_split", "load_manifest", "predict", "preprocess",
+           "train", "viewer_cases"]

@@ -478,7 +478,7 @@ def viewer_cases(result: InferResult, limit: int = 24) -> list[dict[str, Any]]:
             masks.update({f"true {c}": ev.truth[i][k] for k, c in enumerate(CLASSES)})
         cases.append({"image": seg_data.read_slice(result.root / row["image"]), "masks": masks, "title": row["id"],
                       "text": f"{row['width']}x{row['height']} px, spacing {row['pixel_spacing_w']:.2f} mm",
-                      "spacing": (float(row["pixel_spacing_h"]), float(row["pixel_spacing_w"]))})
+                      "spacing": (float(row["pixel_spacing_h"]), float(row["pixel_spacing_w"])), "modality": "MR"})
     return cases
 
 
@@ -499,6 +499,9 @@ class AttentionResult:
     layers_figure: Any
     heads_figure: Any
     overlay_figure: Any
+    pred: np.ndarray | None = None  # (3, S, S) bool at model input size
+    truth: np.ndarray | None = None  # (3, S, S) bool
+    spacing: tuple[float, float] | None = None  # (row_mm, col_mm) of the model input's pixels
 
 
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
@@ -542,8 +545,27 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     overlay_fig = compare_masks_grid([image], [dict(zip(CLASSES, pred))], [dict(zip(CLASSES, truth))],
                                      titles=[str(part.iloc[row_index]["id"])])
     run.save_figure(overlay_fig, "04_prediction_vs_truth")
-    return AttentionResult(str(part.iloc[row_index]["id"]), query, layer_maps, head_maps, image, layers_fig,
-                           heads_fig, overlay_fig)
+    row = part.iloc[row_index]
+    spacing = (float(row["height"]) * float(row["pixel_spacing_h"]) / size,
+               float(row["width"]) * float(row["pixel_spacing_w"]) / size)
+    return AttentionResult(str(row["id"]), query, layer_maps, head_maps, image, layers_fig, heads_fig, overlay_fig,
+                           pred, truth, spacing)
+
+
+def attention_viewer_cases(att: AttentionResult, heads: bool = False) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the slice once per layer (or per head of the
+    chosen layer), with that map as the heatmap and the predicted and true masks."""
+    masks: dict[str, np.ndarray] = {}
+    if att.pred is not None:
+        masks.update({f"pred {c}": att.pred[k] for k, c in enumerate(CLASSES)})
+    if att.truth is not None:
+        masks.update({f"true {c}": att.truth[k] for k, c in enumerate(CLASSES)})
+    row, col = att.query_point
+    return [{"image": att.image, "masks": masks, "attention": amap, "spacing": att.spacing, "modality": "MR",
+             "title": title, "text": f"{att.slice_id}\nattention of the query pixel (row {row}, col {col}) over the "
+                                     f"slice: {title}, {'one head' if heads else 'mean of the heads'}; "
+                                     f"key grid {amap.shape[0]}x{amap.shape[1]}"}
+            for title, amap in (att.head_maps if heads else att.layer_maps)]
 
 
 def query_attention(attentions: tuple[torch.Tensor, ...], spec: Seg2DModelSpec, query: tuple[int, int],

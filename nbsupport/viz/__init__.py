@@ -7,10 +7,15 @@ figure-level ones return a new ``Figure`` outside pyplot's registry (shown once 
 """
 from __future__ import annotations
 
+from nbsupport.viz.bertviz_offline import attention_view, save_attention_html
+from nbsupport.viz.case_viewer_html import save_case_viewer_html
 from nbsupport.viz.attention import attention_grid, attention_overlay, upsample_bilinear
 from nbsupport.viz.figures import image_grid, metric_table_figure, plot_training_curves
 from nbsupport.viz.overlay import ERROR_COLORS, PALETTE, class_color, compare_masks, compare_masks_grid, overlay_masks
+from nbsupport.viz.display import register_figure_display
 from nbsupport.viz.viewer import SliceViewer, build_slice_viewer, slice_overview, slice_viewer
+
+register_figure_display()
 
 __all__ = [
     "ERROR_COLORS",
@@ -18,6 +23,7 @@ __all__ = [
     "SliceViewer",
     "attention_grid",
     "attention_overlay",
+    "attention_view",
     "build_slice_viewer",
     "class_color",
     "compare_masks",
@@ -26,6 +32,9 @@ __all__ = [
     "metric_table_figure",
     "overlay_masks",
     "plot_training_curves",
+    "register_figure_display",
+    "save_attention_html",
+    "save_case_viewer_html",
     "slice_overview",
     "slice_viewer",
     "upsample_bilinear",

@@ -91,3 +91,10 @@ def test_attention_maps_for_a_query_pixel(smoke_run: dict) -> None:
     assert att.query_point == (int(0.25 * (size - 1)), int(0.75 * (size - 1)))
     assert len(att.layer_maps) >= 4 and len(att.head_maps) >= 1
     assert all(np.isfinite(m).all() for _, m in att.layer_maps)
+    # the viewer cases: one per layer, the map as heatmap, masks at the model input's size, physical spacing
+    cases = seg2d.attention_viewer_cases(att)
+    assert [c["title"] for c in cases] == [title for title, _ in att.layer_maps]
+    assert all(m.shape == att.image.shape for c in cases for m in c["masks"].values())
+    assert sorted(cases[0]["masks"]) == sorted([f"pred {c}" for c in seg_data.CLASSES]
+                                               + [f"true {c}" for c in seg_data.CLASSES])
+    assert min(att.spacing) > 0 and str(att.query_point[0]) in cases[0]["text"]

@@ -106,3 +106,66 @@ def test_bad_case_keys_are_named():
         build_slice_viewer([{"image": np.zeros((4, 4)), "mask": {}}])
     with pytest.raises(ValueError, match="'tumour'"):
         build_slice_viewer(np.zeros((3, 8, 8)), {"tumour": np.zeros((3, 4, 4), dtype=bool)})
+
+
+def _ct_volume() -> dict:
+    z, y, x = np.mgrid[0:12, 0:16, 0:20]
+    hu = np.where((y - 8) ** 2 + (x - 10) ** 2 < 49, 40.0, -1000.0)
+    hu[:, 2:5, 3:7] = -850.0  # lung-density block
+    lesion = (z - 6) ** 2 + (y - 8) ** 2 + (x - 10) ** 2 < 9
+    return {"image": hu, "masks": {"lesion": lesion}, "spacing": (3.0, 0.8, 0.8), "modality": "CT",
+            "attention": np.random.default_rng(0).random((4, 4, 5)), "title": "ct"}
+
+
+def test_ct_window_presets_change_the_grey_levels_and_mr_has_auto_only():
+    from nbsupport.viz.viewer import build_slice_viewer
+
+    mr = {"image": np.random.default_rng(1).random((16, 16)), "title": "mr", "modality": "MR"}
+    viewer = build_slice_viewer([_ct_volume(), mr])
+    assert list(viewer.window.options) == ["auto", "soft tissue", "lung", "mediastinum", "bone"]
+    assert viewer.window.value == "soft tissue"
+    soft = viewer.render()
+    viewer.window.value = "lung"
+    assert viewer.image.value != soft
+    viewer.case_slider.value = 1
+    assert list(viewer.window.options) == ["auto"] and viewer.window.value == "auto"
+    assert viewer.view.layout.display == "none"
+
+
+def test_coronal_and_sagittal_planes_have_the_physical_aspect_and_own_slider_range():
+    from nbsupport.viz.viewer import build_slice_viewer, case_plane
+
+    viewer = build_slice_viewer([_ct_volume()])
+    assert viewer.slice_slider.max == 11 and viewer.slice_slider.value == 6
+    viewer.view.value = "coronal"
+    assert viewer.slice_slider.max == 15 and viewer.slice_slider.description == "row"
+    image, masks, att, spacing = case_plane(viewer.case, "coronal", 8)
+    assert image.shape == (12, 20) and spacing == (3.0, 0.8) and att.shape == (4, 5)
+    assert masks["lesion"].any()
+    fig = viewer.figure()
+    ax = fig.axes[0]
+    assert ax.get_aspect() == pytest.approx(3.0 / 0.8)
+    viewer.view.value = "sagittal"
+    assert viewer.slice_slider.max == 19
+    assert "sagittal plane" in viewer.text_panel.value
+
+
+def test_mask_colour_and_heatmap_opacity_redraw():
+    from nbsupport.viz.viewer import build_slice_viewer
+
+    viewer = build_slice_viewer([_ct_volume()])
+    first = viewer.render()
+    viewer.mask_colors["lesion"].value = "#0000ff"
+    recoloured = viewer.image.value
+    assert recoloured != first
+    viewer.attention_opacity.value = 0.0
+    assert viewer.image.value != recoloured
+    viewer.attention_opacity.value = 0.4
+    viewer.mask_colors["lesion"].value = viewer.palette["lesion"]
+    assert viewer.image.value == first  # same state, same picture (from the cache)
+
+
+def test_static_overview_shows_ct_in_the_soft_tissue_window():
+    fig = slice_overview([_ct_volume()], count=1)
+    image = fig.axes[0].get_images()[0]
+    assert image.get_clim() == (40.0 - 200.0, 40.0 + 200.0)

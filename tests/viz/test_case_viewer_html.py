@@ -1,0 +1,78 @@
+"""The offline case viewer's file: what it embeds decodes back to the input, size bounds hold, nothing remote."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from nbsupport.viz.case_viewer_html import CT_WINDOWS, save_case_viewer_html
+
+
+def page_data(path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    match = re.search(r'<script id="case-data" type="application/json">(.*?)</script>', text, re.DOTALL)
+    return json.loads(match.group(1).replace("<\\/", "</"))
+
+
+def decode(b64: str, dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(b64), dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def test_ct_volume_round_trips_hounsfield_units_masks_and_attention(tmp_path):
+    rng = np.random.default_rng(1)
+    volume = rng.integers(-1000, 1500, size=(12, 20, 24)).astype(float)
+    lesion = np.zeros(volume.shape, bool)
+    lesion[5:8, 4:10, 6:12] = True
+    organ = np.zeros(volume.shape, bool)
+    organ[2:10, 10:18, 2:20] = True
+    attention = rng.random((3, 5, 6))
+    path = save_case_viewer_html([{"image": volume, "masks": {"lesion": lesion, "organ": organ}, "modality": "CT",
+                                   "spacing": (3.0, 0.8, 0.7), "attention": attention, "text": "a report"}],
+                                 tmp_path / "viewer.html", title="t")
+    data = page_data(path)
+    case = data["cases"][0]
+    assert case["shape"] == [12, 20, 24] and case["spacing"] == [3.0, 0.8, 0.7] and case["volume"]
+    assert case["dtype"] == "i16"
+    np.testing.assert_array_equal(decode(case["pixels"], np.int16).reshape(volume.shape), volume.astype(np.int16))
+    values = decode(case["mask_runs"], np.uint8)
+    lengths = decode(case["mask_run_lengths"], np.uint32)
+    bits = np.repeat(values, lengths).reshape(volume.shape)
+    names = [m["name"] for m in data["masks"]]
+    np.testing.assert_array_equal((bits >> names.index("lesion")) & 1, lesion)
+    np.testing.assert_array_equal((bits >> names.index("organ")) & 1, organ)
+    heat = decode(case["attention"]["data"], np.uint8).reshape(attention.shape)
+    assert heat.min() == 0 and heat.max() == 255
+    assert np.unravel_index(heat.argmax(), heat.shape) == np.unravel_index(attention.argmax(), attention.shape)
+    assert case["default_slice"] == 5 or organ[case["default_slice"]].any()
+    assert data["ct_windows"]["lung"] == list(CT_WINDOWS["lung"])
+    assert case["text"] == "a report"
+
+
+def test_size_bounds_downsample_in_plane_and_slices_with_spacing_rescaled(tmp_path):
+    volume = np.random.default_rng(0).random((100, 256, 200))
+    path = save_case_viewer_html(volume, tmp_path / "v.html", spacing=(1.0, 0.5, 0.5), modality="MR",
+                                 max_side=128, max_slices=50)
+    case = page_data(path)["cases"][0]
+    assert case["shape"] == [50, 128, 100]
+    assert case["spacing"] == pytest.approx([2.0, 1.0, 1.0])
+    assert case["dtype"] == "u8"
+    assert path.stat().st_size < 1.0e6
+
+
+def test_page_has_no_remote_reference(tmp_path):
+    path = save_case_viewer_html(np.zeros((8, 8)), tmp_path / "v.html", masks={"m": np.eye(8, dtype=bool)})
+    text = path.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert "http://" not in text and "https://" not in text
+
+
+def test_bad_input_names_the_case_and_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match=r"case 1: spacing must be positive"):
+        save_case_viewer_html([{"image": np.zeros((4, 4))}, {"image": np.zeros((4, 4)), "spacing": (0.0, 1.0)}],
+                              tmp_path / "v.html")
+    with pytest.raises(ValueError, match="at most 32 masks"):
+        save_case_viewer_html(np.zeros((4, 4)), tmp_path / "v.html",
+                              masks={f"m{i}": np.zeros((4, 4), bool) for i in range(33)})
