@@ -88,7 +88,7 @@ def small_config(arch: str, width: str, num_labels: int, image_size: int) -> Any
     common = {"num_labels": num_labels, "attn_implementation": "eager"}  # eager: attention maps can be returned
     if arch == "segformer":
         hidden = [8, 16, 32, 64] if tiny else [32, 64, 160, 256]
-        return tf.SegformerConfig(num_channels=1, hidden_sizes=hidden, decoder_hidden_size=64 if tiny else 256,
+        return tf.SegformerConfig(num_channels=1, hidden_sizes=hidden, decoder_hidden_size=64 if tiny else 128,
                                   depths=[1, 1, 1, 1] if tiny else [2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8],
                                   **common)
     if arch in ("dpt", "beit"):
