@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from nbsupport import ct_clip
@@ -57,3 +58,26 @@ def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_pat
     assert (pd.read_csv(tmp_path / "status.csv").status == "skipped").all()
     image = ct_data.read_preprocessed(root / frame.image[0])
     assert image.shape == (1, 64, 64, 48)
+
+
+def test_sentence_sampling_trains_on_report_subsets_and_evaluates_whole_reports(tmp_path):
+    root = ct_data.write_demo_dataset(tmp_path / "data", n_train_patients=3, n_valid_patients=1, scale=0.2)
+    manifest = tmp_path / "ct.csv"
+    assert ct_pre.main(["--data-root", str(root), "--manifest", str(manifest), "--workers", "1", "--spacing", "8",
+                        "8", "8", "--shape", "16", "16", "16", "--val-fraction", "0.34"]) == 0
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "sentence_keep": 0.4})
+    task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
+    model = task.build_model()
+    train = task.manifest[task.manifest.split == "train"].reset_index(drop=True)
+    sentences = ct_clip.pipeline.split_sentences(train.report[0])
+    assert len(sentences) >= 8 and len(task._sentence_cache[0]) == len(sentences)
+    whole = task._text_cache["train"][0]
+    assert torch.allclose(task._sentence_cache[0].mean(0), whole, atol=1e-5)  # sentence_mean of all = the report
+    index = torch.tensor([0])
+    model.eval()
+    assert torch.equal(task._text(model, "train", index)[0], whole)  # evaluation reads whole reports
+    model.train()
+    sampled = torch.stack([task._text(model, "train", index)[0] for _ in range(20)])
+    assert not torch.allclose(sampled, whole.expand_as(sampled), atol=1e-4)  # training reads subsets
+    with pytest.raises(ConfigError, match="sentence_keep"):
+        ct_clip.TrainConfig.from_params({"sentence_keep": 0.0})
