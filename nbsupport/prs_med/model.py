@@ -60,6 +60,7 @@ class PRSMedSpec:
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_stem: str = "patch"  # assembled towers: 'patch' (CLIP's one linear patch conv) or 'conv' (ConvPatchStem)
+    projector: str = "mlp"  # assembled VLMs: 'mlp' (LLaVA's per-token 2-layer MLP) or 'spatial' (SpatialProjector)
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -215,6 +216,33 @@ class ConvPatchStem(nn.Module):
         return self.layers(torch.cat([pixels, ys, xs], dim=1))
 
 
+class SpatialProjector(nn.Module):
+    """LLaVA's per-token MLP plus a branch that sees the whole patch grid at once: the flattened (N * C) image
+    features -> Linear -> GELU -> Linear -> N tokens of the LM width, added to the per-token output.
+    (B, N, C) -> (B, N, H).
+
+    Why: a language model reads image tokens through attention, whose values carry a token's content but not its
+    place in the sequence (RoPE only touches queries and keys), so "where" must be written into the content. A
+    per-token projector of a small random tower leaves it in CLIP's near-zero position embeddings; the grid branch
+    has one weight per (patch, feature) and so states where a finding is in every token it writes.
+    """
+
+    def __init__(self, n_tokens: int, vision_hidden: int, text_hidden: int, width: int = 256):
+        super().__init__()
+        self.n_tokens, self.text_hidden = n_tokens, text_hidden
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+        self.grid = nn.Sequential(nn.Linear(n_tokens * vision_hidden, width), nn.GELU(),
+                                  nn.Linear(width, n_tokens * text_hidden))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        b, n, _ = image_features.shape
+        if n != self.n_tokens:
+            raise ValueError(f"SpatialProjector was built for {self.n_tokens} image tokens, got {n}")
+        per_token = self.linear_2(F.gelu(self.linear_1(image_features)))
+        return per_token + self.grid(image_features.flatten(1)).view(b, n, self.text_hidden)
+
+
 def _truncate_layers(lm: Any, n: int) -> None:
     """Keep the first ``n`` decoder layers (the demo's CPU budget); ``n = 0`` keeps all."""
     if n and n < lm.config.num_hidden_layers:
@@ -257,6 +285,11 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
             vlm.model.vision_tower.embeddings.patch_embedding = ConvPatchStem(spec.vision_hidden, spec.vision_patch)
         elif spec.vision_stem != "patch":
             raise ValueError(f"vision_stem must be 'patch' or 'conv', got {spec.vision_stem!r}")
+        if spec.projector == "spatial":
+            vlm.model.multi_modal_projector = SpatialProjector(n_image_tokens, spec.vision_hidden,
+                                                               lm.config.hidden_size)
+        elif spec.projector != "mlp":
+            raise ValueError(f"projector must be 'mlp' or 'spatial', got {spec.projector!r}")
         vlm.model.language_model.load_state_dict(lm.model.state_dict())
         vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
         vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -76,7 +76,8 @@ class TrainConfig(_ManifestStage):
                   "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
         # 343 s of CPU time for preprocess + train + image-only baseline + test evaluation on the 650-image demo set
         "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
-                 "epochs": 3, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 5.0, "lambda_txt": 1.0,
+                 "projector": "spatial", "epochs": 3, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 2.5,
+                 "lambda_txt": 1.0,
                  "position_weight": 5.0, "cls_epochs": 2},
         "full": {"sam_path": "weights/sam-vit-base", "vlm": "weights/llava-med-v1.5-mistral-7b-hf", "image_size": 1024,
                  "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
@@ -96,6 +97,7 @@ class TrainConfig(_ManifestStage):
     vision_hidden: int = param(64, "assembled VLM: vision tower width")
     vision_layers: int = param(2, "assembled VLM: vision tower depth")
     vision_stem: str = param("patch", "assembled VLM: 'patch' (CLIP's linear patch conv) or 'conv' (small conv stem)")
+    projector: str = param("mlp", "assembled VLM: 'mlp' (LLaVA's per-token MLP) or 'spatial' (+ a whole-grid branch)")
     lora_r: int = param(16, "LoRA rank on q/k/v/o of the language model")
     lora_alpha: int = param(16, "LoRA alpha")
     lora_dropout: float = param(0.05, "LoRA dropout")
@@ -125,7 +127,8 @@ class TrainConfig(_ManifestStage):
                           sam_layers=self.sam_layers, sam_patch=self.sam_patch, sam_out_channels=self.sam_out_channels,
                           vlm=self.vlm, vlm_num_layers=self.vlm_num_layers, vision_size=self.vision_size,
                           vision_patch=self.vision_patch, vision_hidden=self.vision_hidden,
-                          vision_layers=self.vision_layers, vision_stem=self.vision_stem, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                          vision_layers=self.vision_layers, vision_stem=self.vision_stem,
+                          projector=self.projector, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                           lora_dropout=self.lora_dropout, decoder_hidden=self.decoder_hidden, seed=self.seed)
 
 

@@ -123,6 +123,31 @@ def test_conv_stem_keeps_the_patch_grid() -> None:
         PRSMedNet(dataclasses.replace(TINY, vision_stem="resnet"))
 
 
+def test_spatial_projector_writes_where_into_the_tokens() -> None:
+    """Moving a feature to another patch leaves the per-token MLP's token mean unchanged (the LM's values would not
+    know where it was) but changes the spatial projector's; the projector sits in the assembled LLaVA."""
+    import dataclasses
+
+    from nbsupport.prs_med.model import SpatialProjector
+
+    torch.manual_seed(0)
+    proj = SpatialProjector(n_tokens=4, vision_hidden=8, text_hidden=12)
+    grid = torch.zeros(1, 4, 8)
+    grid[0, 0, 3] = 1.0  # a "finding" feature in the first patch ...
+    moved = grid.roll(1, dims=1)  # ... and in the second
+    per_token = proj.linear_2(torch.nn.functional.gelu(proj.linear_1(torch.cat([grid, moved]))))
+    assert torch.allclose(per_token[0].mean(0), per_token[1].mean(0), atol=1e-6)
+    out = proj(torch.cat([grid, moved]))
+    assert out.shape == (2, 4, 12) and not torch.allclose(out[0].mean(0), out[1].mean(0), atol=1e-3)
+    with pytest.raises(ValueError, match="4 image tokens"):
+        proj(torch.zeros(1, 5, 8))
+    model = PRSMedNet(dataclasses.replace(TINY, projector="spatial"))
+    assert isinstance(model.llava.model.multi_modal_projector, SpatialProjector)
+    assert all(p.requires_grad for p in model.llava.model.multi_modal_projector.parameters())
+    answers = model.generate_answers(torch.randn(1, 3, 32, 32), ["Where?"], max_new_tokens=2)
+    assert len(answers) == 1
+
+
 def test_full_parameter_counts_on_the_meta_device() -> None:
     counts = full_parameter_counts()
     # Mistral-7B: 7.24 B parameters; LLaVA's vocabulary adds 64 rows to both embedding and head (2 x 64 x 4096)
