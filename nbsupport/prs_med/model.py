@@ -59,6 +59,8 @@ class PRSMedSpec:
     vision_patch: int = 32
     vision_hidden: int = 64
     vision_layers: int = 2
+    vision_stem: str = "patch"  # assembled towers: 'patch' (CLIP's one linear patch conv) or 'conv' (ConvPatchStem)
+    projector: str = "mlp"  # assembled VLMs: 'mlp' (LLaVA's per-token 2-layer MLP) or 'spatial' (SpatialProjector)
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -183,6 +185,64 @@ def _tiny_vision_config(spec: PRSMedSpec) -> Any:
                             patch_size=spec.vision_patch)
 
 
+class ConvPatchStem(nn.Module):
+    """Drop-in for CLIP's linear patch embedding: (x, y) coordinate channels appended to the pixels (CoordConv),
+    two stride-2 3x3 conv + ReLU layers, then a patch/4 conv to the tower width.
+    (B, 3, S, S) -> (B, hidden, S/patch, S/patch).
+
+    A random tower reads *where* a finding is only as well as its patch features say *that* the patch holds one
+    and *where* the patch is; one linear map of a 32x32 patch cannot tell a blob from texture or vignetting, and
+    CLIP's learned position embeddings start near zero next to the patch features. The coordinate channels let
+    the first ReLU layers form "finding here" features directly.
+    """
+
+    def __init__(self, hidden: int, patch: int, width: int = 32):
+        super().__init__()
+        if patch % 4:
+            raise ValueError(f"vision_patch must be a multiple of 4 for the conv stem, got {patch}")
+        self.layers = nn.Sequential(nn.Conv2d(5, width // 2, 3, stride=2, padding=1), nn.ReLU(),
+                                    nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.ReLU(),
+                                    nn.Conv2d(width, hidden, patch // 4, stride=patch // 4))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """CLIPVisionEmbeddings reads the input dtype from ``patch_embedding.weight``."""
+        return self.layers[0].weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = pixels.shape
+        ys = torch.linspace(-1, 1, h, device=pixels.device, dtype=pixels.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=pixels.device, dtype=pixels.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        return self.layers(torch.cat([pixels, ys, xs], dim=1))
+
+
+class SpatialProjector(nn.Module):
+    """LLaVA's per-token MLP plus a branch that sees the whole patch grid at once: the flattened (N * C) image
+    features -> Linear -> GELU -> Linear -> N tokens of the LM width, added to the per-token output.
+    (B, N, C) -> (B, N, H).
+
+    Why: a language model reads image tokens through attention, whose values carry a token's content but not its
+    place in the sequence (RoPE only touches queries and keys), so "where" must be written into the content. A
+    per-token projector of a small random tower leaves it in CLIP's near-zero position embeddings; the grid branch
+    has one weight per (patch, feature) and so states where a finding is in every token it writes.
+    """
+
+    def __init__(self, n_tokens: int, vision_hidden: int, text_hidden: int, width: int = 256):
+        super().__init__()
+        self.n_tokens, self.text_hidden = n_tokens, text_hidden
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+        self.grid = nn.Sequential(nn.Linear(n_tokens * vision_hidden, width), nn.GELU(),
+                                  nn.Linear(width, n_tokens * text_hidden))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        b, n, _ = image_features.shape
+        if n != self.n_tokens:
+            raise ValueError(f"SpatialProjector was built for {self.n_tokens} image tokens, got {n}")
+        per_token = self.linear_2(F.gelu(self.linear_1(image_features)))
+        return per_token + self.grid(image_features.flatten(1)).view(b, n, self.text_hidden)
+
+
 def _truncate_layers(lm: Any, n: int) -> None:
     """Keep the first ``n`` decoder layers (the demo's CPU budget); ``n = 0`` keeps all."""
     if n and n < lm.config.num_hidden_layers:
@@ -221,6 +281,15 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
                              image_seq_length=n_image_tokens, vision_feature_select_strategy="default",
                              vision_feature_layer=-1, tie_word_embeddings=lm.config.tie_word_embeddings)
         vlm = LlavaForConditionalGeneration(config)
+        if spec.vision_stem == "conv":
+            vlm.model.vision_tower.embeddings.patch_embedding = ConvPatchStem(spec.vision_hidden, spec.vision_patch)
+        elif spec.vision_stem != "patch":
+            raise ValueError(f"vision_stem must be 'patch' or 'conv', got {spec.vision_stem!r}")
+        if spec.projector == "spatial":
+            vlm.model.multi_modal_projector = SpatialProjector(n_image_tokens, spec.vision_hidden,
+                                                               lm.config.hidden_size)
+        elif spec.projector != "mlp":
+            raise ValueError(f"projector must be 'mlp' or 'spatial', got {spec.projector!r}")
         vlm.model.language_model.load_state_dict(lm.model.state_dict())
         vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
         vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -272,6 +341,10 @@ class PRSMedNet(nn.Module):
         self.mask_decoder = PromptedMaskDecoder(text_config.hidden_size, channels, spec.decoder_hidden)
         self.modality_classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                                  nn.Linear(channels, spec.modality_classes))
+        # Training batches this network has been trained on. A buffer, so it is saved in every checkpoint and comes
+        # back with the trainer's step on resume: schedules keyed on it (the early modality loss) continue instead of
+        # restarting at zero.
+        self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
 
     @property
     def llava(self) -> Any:
@@ -339,14 +412,30 @@ class PRSMedNet(nn.Module):
         return (raw - cmean) / cstd
 
     # ---------------------------------------------------------------- forward
+    @property
+    def position_token_ids(self) -> torch.Tensor:
+        """Vocabulary ids of the position words (' top', 'left', ' center', ...), with and without a leading space."""
+        if not hasattr(self, "_position_token_ids"):
+            ids = set()
+            for word in ("top", "bottom", "left", "right", "center", "centre", "middle"):
+                for form in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+                    pieces = self.tokenizer(form, add_special_tokens=False)["input_ids"]
+                    if len(pieces) == 1:  # a word split into pieces is left at weight 1
+                        ids.add(pieces[0])
+            self._position_token_ids = torch.tensor(sorted(ids), dtype=torch.long)
+        return self._position_token_ids
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None,
-                return_attention: bool = False) -> PRSMedOutput:
+                return_attention: bool = False, position_weight: float = 1.0) -> PRSMedOutput:
         """One teacher-forced pass.
 
         Args:
             images: (B, 3, S, S) ImageNet-normalised. input_ids / attention_mask / labels: from :meth:`encode`.
             return_attention: also return the decoder's cross-attention and the LM's attentions (eager attention).
+            position_weight: weight of the answer's position-word tokens in the answer loss (a weighted mean over
+                answer tokens). At 1 every answer token counts the same, and the one or two tokens that depend on
+                the image are a tenth of a template sentence whose other words do not.
         """
         image_embeddings = self.image_encoder(pixel_values=images).last_hidden_state  # (B, C, g, g)
         # The LlavaModel under the LoRA wrapper (LoRA is injected in place): hidden states without the vocabulary
@@ -360,7 +449,14 @@ class PRSMedNet(nn.Module):
             targets = labels[:, 1:]
             scored = targets != -100
             logits = self.llava.lm_head(prompt[:, :-1][scored])
-            lm_loss = F.cross_entropy(logits.float(), targets[scored])
+            wanted = targets[scored]
+            token_loss = F.cross_entropy(logits.float(), wanted, reduction="none")
+            if position_weight == 1.0:
+                lm_loss = token_loss.mean()
+            else:
+                is_position = torch.isin(wanted, self.position_token_ids.to(wanted.device))
+                weights = torch.where(is_position, position_weight, 1.0)
+                lm_loss = (token_loss * weights).sum() / weights.sum()
         logits, cross = self.mask_decoder(image_embeddings, prompt, attention_mask, images.shape[-1],
                                           return_attention=return_attention)
         return PRSMedOutput(logits, lm_loss, self.modality_classifier(image_embeddings), cross,

@@ -75,8 +75,10 @@ class TrainConfig(_ManifestStage):
                   "vision_patch": 16, "vision_hidden": 32, "decoder_hidden": 32, "epochs": 2, "batch_size": 10,
                   "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
         # 343 s of CPU time for preprocess + train + image-only baseline + test evaluation on the 650-image demo set
-        "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "epochs": 3, "batch_size": 8,
-                 "lr": 2e-3, "lambda_txt": 1.0, "cls_epochs": 2},
+        "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
+                 "projector": "spatial", "epochs": 3, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 2.5,
+                 "lambda_txt": 1.0,
+                 "position_weight": 5.0, "cls_epochs": 2},
         "full": {"sam_path": "weights/sam-vit-base", "vlm": "weights/llava-med-v1.5-mistral-7b-hf", "image_size": 1024,
                  "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
                  "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
@@ -94,6 +96,8 @@ class TrainConfig(_ManifestStage):
     vision_patch: int = param(32, "assembled VLM: patch size; (vision_size / vision_patch)^2 image tokens")
     vision_hidden: int = param(64, "assembled VLM: vision tower width")
     vision_layers: int = param(2, "assembled VLM: vision tower depth")
+    vision_stem: str = param("patch", "assembled VLM: 'patch' (CLIP's linear patch conv) or 'conv' (small conv stem)")
+    projector: str = param("mlp", "assembled VLM: 'mlp' (LLaVA's per-token MLP) or 'spatial' (+ a whole-grid branch)")
     lora_r: int = param(16, "LoRA rank on q/k/v/o of the language model")
     lora_alpha: int = param(16, "LoRA alpha")
     lora_dropout: float = param(0.05, "LoRA dropout")
@@ -105,6 +109,8 @@ class TrainConfig(_ManifestStage):
     weight_decay: float = param(0.01, "weight decay")
     grad_clip: float | None = param(1.0, "gradient-norm clipping")
     lambda_txt: float = param(0.5, "weight of the VLM's answer loss next to the structure loss")
+    position_weight: float = param(1.0, "weight of the answer's position-word tokens in the answer loss")
+    vision_lr_scale: float = param(1.0, "lr of the assembled VLM's random vision tower + projector, times lr")
     lambda_cls: float = param(0.5, "weight of the modality cross-entropy")
     cls_epochs: int = param(5, "epochs during which the modality loss is on (official: 5)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
@@ -121,7 +127,8 @@ class TrainConfig(_ManifestStage):
                           sam_layers=self.sam_layers, sam_patch=self.sam_patch, sam_out_channels=self.sam_out_channels,
                           vlm=self.vlm, vlm_num_layers=self.vlm_num_layers, vision_size=self.vision_size,
                           vision_patch=self.vision_patch, vision_hidden=self.vision_hidden,
-                          vision_layers=self.vision_layers, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                          vision_layers=self.vision_layers, vision_stem=self.vision_stem,
+                          projector=self.projector, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                           lora_dropout=self.lora_dropout, decoder_hidden=self.decoder_hidden, seed=self.seed)
 
 
@@ -225,7 +232,6 @@ class PRSMedTrainingTask:
         n_train = int((frame.split == "train").sum())
         # The modality loss is on for the first cls_epochs epochs; the trainer counts steps, so convert.
         self.cls_steps = self.cfg.cls_epochs * max(1, n_train // self.cfg.batch_size)
-        self.steps_seen = 0
         self.collate = prs_data.collate_qa
 
     def build_model(self) -> PRSMedNet:
@@ -243,18 +249,34 @@ class PRSMedTrainingTask:
         """``seg`` (structure loss), ``lm`` (answer tokens' cross-entropy), ``cls`` (modality) for one batch."""
         device = batch["image"].device
         enc = model.encode(batch["question"], batch["answer"], device=device)
-        out = model(batch["image"], enc["input_ids"], enc["attention_mask"], enc["labels"])
+        out = model(batch["image"], enc["input_ids"], enc["attention_mask"], enc["labels"],
+                    position_weight=self.cfg.position_weight)
         return {"seg": structure_loss(out.mask_logits, batch["mask"]), "lm": out.lm_loss,
                 "cls": torch.nn.functional.cross_entropy(out.modality_logits, batch["modality"].to(device)),
                 "logits": out.mask_logits}
+
+    def trainable_parameters(self, model: PRSMedNet) -> list[dict[str, Any]]:
+        """AdamW groups: the assembled VLM's random vision tower + projector at ``vision_lr_scale * lr`` (they start
+        from nothing, unlike the LoRA-adapted language model); weight decay on matrices only."""
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            vision = ".vision_tower." in name or ".multi_modal_projector." in name
+            groups.setdefault((vision, p.ndim >= 2), []).append(p)
+        return [{"params": ps, "lr": self.cfg.lr * (self.cfg.vision_lr_scale if vision else 1.0),
+                 "weight_decay": self.cfg.weight_decay if matrix else 0.0}
+                for (vision, matrix), ps in sorted(groups.items())]
 
     def training_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         bare = getattr(model, "module", model)
         parts = self.losses(bare, batch)
         loss = parts["seg"] + self.cfg.lambda_txt * parts["lm"]
-        if self.steps_seen < self.cls_steps:
+        # The step count lives in the model (restored from the checkpoint on resume), not in this task object,
+        # which a resumed run rebuilds from scratch.
+        if int(bare.trained_batches) < self.cls_steps:
             loss = loss + self.cfg.lambda_cls * parts["cls"]
-        self.steps_seen += 1
+        bare.trained_batches += 1
         return loss
 
     @torch.no_grad()

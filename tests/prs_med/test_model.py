@@ -82,6 +82,72 @@ def test_only_lora_vision_projector_and_heads_train(tiny_model: PRSMedNet) -> No
     assert tiny_model.vlm.peft_config["default"].r == 16
 
 
+def test_position_weight_scores_the_position_words(tiny_model: PRSMedNet) -> None:
+    """The weighted answer loss: every position word of the demo answers is one weighted token, and a huge weight
+    leaves the mean cross-entropy of those tokens alone (checked against the LLaVA model's own logits)."""
+    from nbsupport.prs_med.data import ANSWER_TEMPLATES, POSITION_WORDS
+
+    tok = tiny_model.tokenizer
+    answers = [ANSWER_TEMPLATES[i % len(ANSWER_TEMPLATES)].format(finding="polyp", modality="endoscopy image",
+                                                                   position=p)
+               for i, p in enumerate(POSITION_WORDS.values())]
+    enc = tiny_model.encode(["Where is it?"] * len(answers), answers)
+    targets = enc["labels"][:, 1:]
+    weighted = torch.isin(targets, tiny_model.position_token_ids)
+    for i, position in enumerate(POSITION_WORDS.values()):
+        words = tok.decode(targets[i][weighted[i]]).split()
+        assert words == position.split()
+    images = torch.randn(len(answers), 3, 32, 32)
+    tiny_model.eval()
+    with torch.no_grad():
+        out = tiny_model(images, enc["input_ids"], enc["attention_mask"], enc["labels"], position_weight=1e9)
+        logits = tiny_model.llava(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                  pixel_values=tiny_model.vlm_pixels(images)).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits[weighted].float(), targets[weighted])
+    assert torch.allclose(out.lm_loss, expected, atol=1e-3)
+    plain = tiny_model(images, enc["input_ids"], enc["attention_mask"], enc["labels"]).lm_loss
+    assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+def test_conv_stem_keeps_the_patch_grid() -> None:
+    """The conv stem replaces CLIP's patch embedding with the same token grid; the tower stays trainable."""
+    import dataclasses
+
+    model = PRSMedNet(dataclasses.replace(TINY, vision_stem="conv"))
+    tower = model.llava.model.vision_tower
+    pixels = model.vlm_pixels(torch.randn(2, 3, 32, 32))
+    tokens = tower(pixels).last_hidden_state
+    assert tokens.shape == (2, 1 + (32 // 16) ** 2, 16)
+    assert all(p.requires_grad for p in tower.embeddings.patch_embedding.parameters())
+    with pytest.raises(ValueError, match="vision_stem"):
+        PRSMedNet(dataclasses.replace(TINY, vision_stem="resnet"))
+
+
+def test_spatial_projector_writes_where_into_the_tokens() -> None:
+    """Moving a feature to another patch leaves the per-token MLP's token mean unchanged (the LM's values would not
+    know where it was) but changes the spatial projector's; the projector sits in the assembled LLaVA."""
+    import dataclasses
+
+    from nbsupport.prs_med.model import SpatialProjector
+
+    torch.manual_seed(0)
+    proj = SpatialProjector(n_tokens=4, vision_hidden=8, text_hidden=12)
+    grid = torch.zeros(1, 4, 8)
+    grid[0, 0, 3] = 1.0  # a "finding" feature in the first patch ...
+    moved = grid.roll(1, dims=1)  # ... and in the second
+    per_token = proj.linear_2(torch.nn.functional.gelu(proj.linear_1(torch.cat([grid, moved]))))
+    assert torch.allclose(per_token[0].mean(0), per_token[1].mean(0), atol=1e-6)
+    out = proj(torch.cat([grid, moved]))
+    assert out.shape == (2, 4, 12) and not torch.allclose(out[0].mean(0), out[1].mean(0), atol=1e-3)
+    with pytest.raises(ValueError, match="4 image tokens"):
+        proj(torch.zeros(1, 5, 8))
+    model = PRSMedNet(dataclasses.replace(TINY, projector="spatial"))
+    assert isinstance(model.llava.model.multi_modal_projector, SpatialProjector)
+    assert all(p.requires_grad for p in model.llava.model.multi_modal_projector.parameters())
+    answers = model.generate_answers(torch.randn(1, 3, 32, 32), ["Where?"], max_new_tokens=2)
+    assert len(answers) == 1
+
+
 def test_full_parameter_counts_on_the_meta_device() -> None:
     counts = full_parameter_counts()
     # Mistral-7B: 7.24 B parameters; LLaVA's vocabulary adds 64 rows to both embedding and head (2 x 64 x 4096)

@@ -1,6 +1,7 @@
 """prs_med verbs: configs per profile, the evaluation table and the predictions CSV of an untrained network."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +58,36 @@ def test_evaluate_split_writes_every_column_at_image_size(tmp_path: Path) -> Non
     assert list(ev.per_task.index) == ["lung_Xray", "polyp_endoscopy", "all"]
     assert ev.predictions["dice"].between(0, 1).all()
     assert ev.overall["n"] == 4
+
+
+def test_modality_loss_schedule_survives_a_resume(tmp_path: Path) -> None:
+    """The early modality loss is keyed on the batches the network was trained on, which a resumed run restores from
+    the checkpoint: after a resume past ``cls_epochs`` the loss stays off (a fresh counter would turn it back on)."""
+    from nbsupport.manifest import write_manifest
+    from nbsupport.train import fit, load_weights
+
+    root = data.write_demo_dataset(tmp_path / "d", n_train=4, n_val=0, n_test=0, image_size=32,
+                                   tasks=("polyp_endoscopy",))
+    manifest, _ = data.build_manifest(root)
+    write_manifest(manifest, tmp_path / "m.csv", data.PRSMED_SCHEMA, root)
+    config = pipeline.TrainConfig.from_params({"profile": "smoke", "image_size": 32, "vision_size": 32,
+                                               "batch_size": 2, "cls_epochs": 1, "lora_dropout": 0.0}).to_dict()
+    kwargs = {"config": config, "manifest": str(tmp_path / "m.csv"), "data_root": str(root)}
+    task = pipeline.training_task(**kwargs)
+    assert task.cls_steps == 2
+    settings = pipeline._settings(task.cfg, manifest)
+    fit(task, dataclasses.replace(settings, max_steps=2), tmp_path / "run")
+    resumed = pipeline.training_task(**kwargs)  # a new process: nothing carried over but the checkpoint
+    fit(resumed, dataclasses.replace(settings, max_steps=3, resume=True), tmp_path / "run")
+    model = resumed.build_model()
+    load_weights(model, tmp_path / "run" / "checkpoints" / "last")
+    model.eval()  # no dropout: the loss is a deterministic function of the batch
+    assert int(model.trained_batches) == 3
+    batch = data.collate_qa([resumed.train_dataset()[i] for i in range(2)])
+    parts = resumed.losses(model, batch)
+    without_cls = parts["seg"] + task.cfg.lambda_txt * parts["lm"]
+    assert torch.allclose(resumed.training_step(model, batch), without_cls, atol=1e-5)
+    fresh = resumed.build_model().eval()  # a network at batch 0 still gets the modality loss
+    parts = resumed.losses(fresh, batch)
+    with_cls = parts["seg"] + task.cfg.lambda_txt * parts["lm"] + task.cfg.lambda_cls * parts["cls"]
+    assert torch.allclose(resumed.training_step(fresh, batch), with_cls, atol=1e-5)
