@@ -52,7 +52,10 @@ def install(phase: str, nth: int, marker: Path) -> None:
         return arrivals["n"] == nth
 
     def freeze(**info: Any) -> None:
-        marker.write_text(json.dumps({"phase": phase, "nth": nth, **info}) + "\n")
+        # temp + rename: the test polls for the marker and must never read it half-written
+        partial = marker.with_name(marker.name + ".partial")
+        partial.write_text(json.dumps({"phase": phase, "nth": nth, **info}) + "\n")
+        partial.replace(marker)
         time.sleep(FROZEN_S)
         raise SystemExit("fault_trainer: not killed in time")
 
