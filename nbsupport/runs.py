@@ -264,3 +264,33 @@ def provenance(seed: int, device: str) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
     return info
+
+
+def find_checkpoint(checkpoint: str, run: RunFolder, system: str, model: str = "") -> Path:
+    """Resolve a notebook's ``checkpoint`` parameter: explicit path, else this run's best, else the newest run's best.
+
+    Args:
+        checkpoint: a checkpoint folder ('' = look it up).
+        run: the stage's run folder (``outputs/runs/<id>/<system>``).
+        system: the system whose runs are searched.
+        model: a second model trained in the same run, in a sub-folder of it (e.g. textseg3d's ``"image_only"``
+            baseline); with an explicit ``checkpoint`` its sibling under that sub-folder is taken.
+    """
+    if checkpoint:
+        path = resolve_path(checkpoint)
+        if model:
+            path = path.parent.parent / model / "checkpoints" / path.name
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return path
+    sub = f"{model}/" if model else ""
+    own = run.path / sub / "checkpoints" / "best"
+    if (own / "meta.json").exists():
+        return own
+    candidates = sorted(runs_root().glob(f"*/{system}/{sub}checkpoints/best/meta.json"),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no trained {system} {model + ' ' if model else ''}checkpoint in {run.path} or "
+                                f"under {runs_root()}; run 02_train first or set the `checkpoint` parameter")
+    print(f"using the newest checkpoint: {candidates[-1].parent}")
+    return candidates[-1].parent

@@ -22,7 +22,7 @@ from nbsupport.manifest import read_manifest
 from nbsupport.metrics import RETRIEVAL_KS, auroc, binary_classification_metrics, retrieval_metrics
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
-from nbsupport.runs import RunFolder, atomic_write_text, runs_root
+from nbsupport.runs import RunFolder, atomic_write_text, find_checkpoint
 from nbsupport.train import TrainSettings, launch, load_weights
 
 SYSTEM = "ct_clip"
@@ -497,24 +497,6 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
 
 
 # ============================================================================================ evaluation
-def find_checkpoint(checkpoint: str, run: RunFolder) -> Path:
-    """Resolve the ``checkpoint`` parameter: explicit path, else this run's best, else the newest run's best."""
-    if checkpoint:
-        path = resolve_path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    own = run.path / "checkpoints" / "best"
-    if (own / "meta.json").exists():
-        return own
-    candidates = sorted(runs_root().glob(f"*/{SYSTEM}/checkpoints/best/meta.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no trained {SYSTEM} checkpoint in {run.path} or under {runs_root()}; "
-                                "run 02_train first or set the `checkpoint` parameter")
-    print(f"using the newest checkpoint: {candidates[-1].parent}")
-    return candidates[-1].parent
-
-
 def load_trained_model(checkpoint_dir: Path) -> CTClip:
     """Rebuild the model from ``<run>/model_spec.json`` (frozen text tower from its path) and load the weights."""
     spec_path = checkpoint_dir.parent.parent / "model_spec.json"
@@ -664,7 +646,7 @@ def extract_features(model: CTClip, nifti: str | Path, spec: ct_pre.PreprocessSp
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     """Evaluate the checkpoint on ``cfg.split`` and extract the features of one CT file."""
-    checkpoint = find_checkpoint(cfg.checkpoint, run)
+    checkpoint = find_checkpoint(cfg.checkpoint, run, SYSTEM)
     model = load_trained_model(checkpoint)
     manifest, root = load_manifest(cfg)
     device = resolve_device(cfg.device)
@@ -757,7 +739,7 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
 
     from nbsupport.viz import attention_grid
 
-    checkpoint = find_checkpoint(cfg.checkpoint, run)
+    checkpoint = find_checkpoint(cfg.checkpoint, run, SYSTEM)
     model = load_trained_model(checkpoint)
     manifest, root = load_manifest(cfg)
     part = manifest[manifest.split == cfg.split].reset_index(drop=True)

@@ -29,7 +29,7 @@ from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
 from nbsupport.prs_med import data as prs_data
 from nbsupport.prs_med.model import ImageOnlySegmenter, PRSMedNet, PRSMedSpec, count_parameters, structure_loss
-from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, read_json, runs_root
+from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, find_checkpoint, read_json
 from nbsupport.train import TrainSettings, launch, load_weights
 
 SYSTEM = "prs_med"
@@ -398,24 +398,6 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
 
 
 # ============================================================================================ loading
-def find_checkpoint(checkpoint: str, run: RunFolder) -> Path:
-    """The ``checkpoint`` parameter, else this run's best, else the newest run's best."""
-    if checkpoint:
-        path = resolve_path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    own = run.path / "checkpoints" / "best"
-    if (own / "meta.json").exists():
-        return own
-    candidates = sorted(runs_root().glob(f"*/{SYSTEM}/checkpoints/best/meta.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no trained {SYSTEM} checkpoint in {run.path} or under {runs_root()}; "
-                                "run 02_train first or set the `checkpoint` parameter")
-    print(f"using the newest checkpoint: {candidates[-1].parent}")
-    return candidates[-1].parent
-
-
 def load_trained_model(checkpoint_dir: Path) -> PRSMedNet:
     """Rebuild the network from the run's ``model_spec.json`` and load the checkpoint (trainable weights)."""
     spec_path = checkpoint_dir.parent.parent / SPEC_FILE
@@ -580,7 +562,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     """Answer + segment a split (``predictions.csv`` and the per-task table) and optionally ``cfg.image_path``."""
     from nbsupport.viz import overlay_masks
 
-    checkpoint = find_checkpoint(cfg.checkpoint, run)
+    checkpoint = find_checkpoint(cfg.checkpoint, run, SYSTEM)
     model = load_trained_model(checkpoint)
     baseline = _baseline_of(checkpoint, model)
     manifest, root = load_manifest(cfg)
@@ -624,7 +606,7 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     attention from the generated answer's tokens over the image patches (per layer), and predicted vs true mask."""
     from nbsupport.viz import attention_grid, compare_masks_grid
 
-    checkpoint = find_checkpoint(cfg.checkpoint, run)
+    checkpoint = find_checkpoint(cfg.checkpoint, run, SYSTEM)
     model = load_trained_model(checkpoint)
     manifest, root = load_manifest(cfg)
     part = manifest[manifest.split == cfg.split].reset_index(drop=True)

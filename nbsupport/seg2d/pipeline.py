@@ -18,7 +18,7 @@ from nbsupport.device import resolve_device
 from nbsupport.manifest import read_manifest, write_manifest
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
-from nbsupport.runs import RunFolder, atomic_write_text, runs_root
+from nbsupport.runs import RunFolder, atomic_write_text, find_checkpoint
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d.model import (BCEDiceLoss, Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec)
 from nbsupport.seg2d.scoring import competition_score
@@ -402,24 +402,6 @@ def baseline_scores(manifest: pd.DataFrame, truth: list[np.ndarray] | None = Non
 
 
 # ============================================================================================ 03 infer
-def find_checkpoint(checkpoint: str, run: RunFolder) -> Path:
-    """Resolve the ``checkpoint`` parameter: explicit path, else this run's best, else the newest run's best."""
-    if checkpoint:
-        path = resolve_path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    own = run.path / "checkpoints" / "best"
-    if (own / "meta.json").exists():
-        return own
-    candidates = sorted(runs_root().glob(f"*/{SYSTEM}/checkpoints/best/meta.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no trained {SYSTEM} checkpoint in {run.path} or under {runs_root()}; "
-                                "run 02_train first or set the `checkpoint` parameter")
-    print(f"using the newest checkpoint: {candidates[-1].parent}")
-    return candidates[-1].parent
-
-
 def load_trained_model(checkpoint_dir: Path) -> Seg2DNet:
     """Rebuild the network from the run's ``model_spec.json`` and load the checkpoint's weights.
 
@@ -447,7 +429,7 @@ class InferResult:
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     """Predict a split (or ``input_dir``) and write ``submission.csv`` (``id,class,predicted`` with RLE)."""
-    checkpoint = find_checkpoint(cfg.checkpoint, run)
+    checkpoint = find_checkpoint(cfg.checkpoint, run, SYSTEM)
     model = load_trained_model(checkpoint)
     if cfg.input_dir:
         root = resolve_path(cfg.input_dir)
@@ -509,7 +491,7 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     """Self-attention of every transformer layer for one query pixel, over the chosen slice."""
     from nbsupport.viz import attention_grid
 
-    checkpoint = find_checkpoint(cfg.checkpoint, run)
+    checkpoint = find_checkpoint(cfg.checkpoint, run, SYSTEM)
     model = load_trained_model(checkpoint)
     if model.spec.arch == "upernet":
         raise ValueError("upernet uses a ConvNeXt backbone, which has no self-attention to show; "

@@ -20,7 +20,7 @@ from nbsupport.manifest import read_manifest, write_manifest
 from nbsupport.metrics import segmentation_metrics
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
-from nbsupport.runs import RunFolder, atomic_path, atomic_write_text, runs_root
+from nbsupport.runs import RunFolder, atomic_path, atomic_write_text, find_checkpoint
 from nbsupport.textseg3d import data as ts_data
 from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, build_llmseg, count_parameters
 from nbsupport.textseg3d.transforms import collate_cases, eval_transforms, train_transforms
@@ -418,32 +418,6 @@ def predict_volume(model: LLMSeg, image: torch.Tensor, prompt: str, roi: Sequenc
     return torch.softmax(logits.float(), dim=1)[0].cpu()
 
 
-def find_checkpoint(checkpoint: str, run: RunFolder, which: str = "") -> Path:
-    """Resolve ``checkpoint``: explicit path, else this run's best, else the newest run's best.
-
-    Args:
-        which: ``""`` for LLMSeg, ``"image_only"`` for the image-only baseline (a sub-folder of the run).
-    """
-    if checkpoint:
-        path = resolve_path(checkpoint)
-        if which:
-            path = path.parent.parent / which / "checkpoints" / path.name
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    sub = f"{which}/" if which else ""
-    own = run.path / sub / "checkpoints" / "best"
-    if (own / "meta.json").exists():
-        return own
-    candidates = sorted(runs_root().glob(f"*/{SYSTEM}/{sub}checkpoints/best/meta.json"),
-                        key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no trained {SYSTEM} {which or 'LLMSeg'} checkpoint in {run.path} or under "
-                                f"{runs_root()}; run 02_train first or set the `checkpoint` parameter")
-    print(f"using the newest checkpoint: {candidates[-1].parent}")
-    return candidates[-1].parent
-
-
 def load_trained_model(checkpoint_dir: Path) -> LLMSeg:
     """Rebuild the network from ``model_spec.json`` next to ``checkpoints/`` and load the trained weights (the
     frozen text encoder comes from its own path)."""
@@ -535,7 +509,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     """Predict a split with the true, flipped and empty reports (and the image-only model when trained); write
     ``<case>.nii.gz`` (true report), ``result.csv`` per variant and the ablation table."""
     device = resolve_device(cfg.device)
-    model = load_trained_model(find_checkpoint(cfg.checkpoint, run))
+    model = load_trained_model(find_checkpoint(cfg.checkpoint, run, SYSTEM))
     if cfg.input_image:
         return predict_new_case(cfg, run, model, device)
     manifest, root = load_manifest(cfg)
@@ -543,7 +517,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     evaluations = {v: evaluate_cases(model, part, root, v, device, cfg.overlap, cfg.sw_batch_size)
                    for v in REPORT_VARIANTS}
     try:
-        image_only = load_trained_model(find_checkpoint(cfg.checkpoint, run, "image_only"))
+        image_only = load_trained_model(find_checkpoint(cfg.checkpoint, run, SYSTEM, "image_only"))
         evaluations["image_only"] = evaluate_cases(image_only, part, root, "true", device, cfg.overlap,
                                                    cfg.sw_batch_size)
     except FileNotFoundError:
@@ -656,7 +630,7 @@ def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     """bertviz head view of the report in the frozen text encoder, a static per-layer token map, and the fusion
     attention of each text token over the voxels at each scale, on axial and coronal slices next to the mask."""
-    model = load_trained_model(find_checkpoint(cfg.checkpoint, run))
+    model = load_trained_model(find_checkpoint(cfg.checkpoint, run, SYSTEM))
     if model.text_encoder is None:
         raise ValueError("the checkpoint is an image-only model; 04_attention needs LLMSeg")
     manifest, root = load_manifest(cfg)
