@@ -123,6 +123,26 @@ def encode_case(case: ViewerCase, mask_names: Sequence[str], max_side: int = 256
     return encoded
 
 
+def _share_repeated(encoded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store each distinct image and mask set once: a case whose pixels (or masks) equal an earlier case's names
+    that case (``pixels_from`` / ``masks_from``) instead of repeating the data, so one volume shown with many
+    heatmaps (one case per layer, token or disease) costs one volume in the page."""
+    pixels_seen: dict[tuple[str, str], int] = {}
+    masks_seen: dict[tuple[int, str, str], int] = {}
+    for i, case in enumerate(encoded):
+        key = (case["dtype"], case["pixels"])
+        if key in pixels_seen:
+            case["pixels"], case["pixels_from"] = "", pixels_seen[key]
+        else:
+            pixels_seen[key] = i
+        mkey = (case["mask_bits"], case["mask_runs"], case["mask_run_lengths"])
+        if mkey in masks_seen and case["mask_runs"]:
+            case["mask_runs"], case["mask_run_lengths"], case["masks_from"] = "", "", masks_seen[mkey]
+        else:
+            masks_seen.setdefault(mkey, i)
+    return encoded
+
+
 def save_case_viewer_html(volume_or_cases: Any, path: str | os.PathLike, *, masks: Any = None,
                           class_names: Sequence[str] | None = None, text: str = "", title: str = "Case viewer",
                           spacing: Sequence[float] | None = None, attention: Any = None, modality: str = "",
@@ -161,7 +181,8 @@ def save_case_viewer_html(volume_or_cases: Any, path: str | os.PathLike, *, mask
         "masks": [{"name": n, "color": palette[n]} for n in names],
         "ct_windows": {k: list(v) for k, v in CT_WINDOWS.items()},
         "heatmap_opacity": float(heatmap_opacity), "mask_opacity": float(mask_opacity),
-        "cases": [encode_case(c, names, max_side, max_slices, m) for c, m in zip(cases, modalities)],
+        "cases": _share_repeated([encode_case(c, names, max_side, max_slices, m)
+                                  for c, m in zip(cases, modalities)]),
     }
     data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
     page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
@@ -238,11 +259,15 @@ h1 { font-size: 1.3em; margin: 0 0 .5em; }
     if (decoded[i]) return decoded[i];
     const c = DATA.cases[i];
     const n = c.shape[0] * c.shape[1] * c.shape[2];
-    const values = typed(c.mask_runs, c.mask_bits), lengths = typed(c.mask_run_lengths, 32);
+    const held = c.masks_from === undefined ? c : DATA.cases[c.masks_from];  // the case holding these masks
+    const values = typed(held.mask_runs, held.mask_bits), lengths = typed(held.mask_run_lengths, 32);
     const bits = new Uint32Array(n);
     let p = 0;
     for (let r = 0; r < values.length; r++) { bits.fill(values[r], p, p + lengths[r]); p += lengths[r]; }
-    const d = { pixels: typed(c.pixels, c.dtype), bits: bits,
+    const shared = c.pixels_from === undefined ? null : c.pixels_from;  // the first case holding these pixels
+    const pixels = shared === null ? typed(c.pixels, c.dtype)
+      : decoded[shared] ? decoded[shared].pixels : typed(DATA.cases[shared].pixels, c.dtype);
+    const d = { pixels: pixels, bits: bits,
                 bitOf: Object.fromEntries(DATA.masks.map((m, k) => [m.name, k])) };
     if (c.attention) d.attention = typed(c.attention.data, 8);
     decoded[i] = d;
