@@ -586,9 +586,10 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     return InferResult(evaluation.predictions, path, evaluation.per_task, fig, single, single_fig, evaluation, root)
 
 
-def _viewer_image(image: np.ndarray) -> np.ndarray:
-    """The viewer draws grey levels: an RGB image's luminance (ITU-R 601, as OpenCV)."""
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+def _viewer_image(image: np.ndarray) -> dict[str, Any]:
+    """``image`` and ``modality`` of a viewer case: uint8 RGB (H, W, 3) in colour (endoscopy, dermoscopy; grey
+    scans are repeated over the channels)."""
+    return {"image": image, "modality": "RGB"} if image.ndim == 3 else {"image": image}
 
 
 def _qa_text(task: str, question: str, answer: str, said: str, extra: str = "") -> str:
@@ -599,7 +600,7 @@ def _qa_text(task: str, question: str, answer: str, said: str, extra: str = "") 
 
 def viewer_cases(result: InferResult, limit: int = 12) -> list[dict[str, Any]]:
     """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: up to ``limit`` rows of the split, the same
-    number from each task, each image (grey levels) with its true and predicted mask, and the question, the
+    number from each task, each image (in colour) with its true and predicted mask, and the question, the
     reference answer and the model's answer (with Dice and the positions) as text."""
     ev = result.evaluation
     per_task = max(1, limit // max(1, ev.manifest.task.nunique()))
@@ -613,7 +614,7 @@ def viewer_cases(result: InferResult, limit: int = 12) -> list[dict[str, Any]]:
                              f"expected the true mask's {truth.shape}")
         extra = (f"Dice {pred['dice']:.3f} · position: true {row['position'] or '?'}, answered "
                  f"{pred['pred_position'] or '?'}, of the predicted mask {pred['mask_position'] or '?'}")
-        cases.append({"image": _viewer_image(prs_data.read_image(result.root / row["image"])),
+        cases.append({**_viewer_image(prs_data.read_image(result.root / row["image"])),
                       "masks": {"true finding": truth, "predicted finding": ev.pred_masks[i]},
                       "title": str(row["id"]),
                       "text": _qa_text(str(row["task"]), str(row["question"]), str(row["answer"]),
@@ -691,7 +692,7 @@ def attention_viewer_cases(att: AttentionResult, vlm: bool = False) -> list[dict
     maps = [("decoder cross-attention", title, amap) for title, amap in att.decoder_maps]
     if vlm:
         maps += [("VLM attention of the answer", title, amap) for title, amap in att.vlm_maps]
-    return [{"image": image, "masks": masks, "attention": amap, "title": f"{kind}: {title}",
+    return [{**image, "masks": masks, "attention": amap, "title": f"{kind}: {title}",
              "text": _qa_text(att.task, att.question, att.answer, att.pred_answer,
                               f"{att.sample_id}\nheatmap: {kind} over the image, {title} "
                               f"(grid {amap.shape[0]}x{amap.shape[1]})")}

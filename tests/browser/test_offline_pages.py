@@ -128,6 +128,12 @@ def test_index_links_notebooks_views_and_metrics(browser, pages):
     assert not drain(browser).remote_requests()
 
 
+HAS_COLOUR = """const c = document.getElementById('canvas');
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 1] || d[i] !== d[i + 2]) return true;
+return false;"""
+
+
 @pytest.mark.parametrize("system", sorted(SYSTEM_TEXT))
 def test_every_systems_case_viewer_renders_offline_and_responds(browser, system_pages, system):
     page = system_pages[system]
@@ -159,4 +165,9 @@ def test_every_systems_case_viewer_renders_offline_and_responds(browser, system_
     shown = canvas_png(browser)
     browser.find_element(By.ID, "opacity").send_keys(Keys.END)
     assert canvas_png(browser) != shown, f"{system}: the heatmap opacity slider did not change the image"
+    # without heatmap and masks, only prs_med's photographs have colour; the scans are grey
+    browser.find_element(By.ID, "heat").click()
+    for box in browser.find_elements(By.CSS_SELECTOR, "#masks input[type=checkbox]"):
+        box.click()
+    assert browser.execute_script(HAS_COLOUR) == (system == "prs_med"), f"{system}: wrong colour mode"
     assert_offline(drain(browser, PageRecord(requests=["file:"])), page)

@@ -94,3 +94,17 @@ def test_one_image_shown_with_many_heatmaps_is_stored_once(tmp_path):
     np.testing.assert_array_equal(decode(stored[4]["pixels"], np.int16).reshape(volume.shape), volume + 1)
     # each case keeps its own heatmap
     assert len({c["attention"]["data"] for c in stored[:4]}) == 4
+
+
+def test_an_rgb_photograph_is_stored_in_colour_and_refused_in_the_wrong_shape(tmp_path):
+    photo = np.zeros((30, 40, 3), np.uint8)
+    photo[..., 0], photo[5:10, 5:10, 1] = 180, 90
+    polyp = np.zeros((30, 40), bool)
+    polyp[5:10, 5:10] = True
+    data = page_data(save_case_viewer_html([{"image": photo, "masks": {"polyp": polyp}, "modality": "RGB"}],
+                                           tmp_path / "viewer.html"))
+    (case,) = data["cases"]
+    assert case["dtype"] == "rgb8" and case["shape"] == [1, 30, 40]
+    np.testing.assert_array_equal(decode(case["pixels"], np.uint8).reshape(1, 30, 40, 3)[0], photo)
+    with pytest.raises(ValueError, match=r"case 0: an RGB image must be \(H, W, 3\)"):
+        save_case_viewer_html([{"image": photo[..., 0], "modality": "RGB"}], tmp_path / "bad.html")
