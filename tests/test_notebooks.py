@@ -82,4 +82,8 @@ def test_series_runs_end_to_end_on_smoke(system: str, tmp_path: Path, monkeypatc
     assert sorted(config) == notebooks
     assert all(c["profile"] == "smoke" for c in config.values())
     assert list((run_dir / "figures").glob("*.png"))
-    assert (tmp_path / "outputs" / "index.html").read_text().count("nbtest") >= 1
+    index = (tmp_path / "outputs" / "index.html").read_text()
+    assert index.count("nbtest") >= 1
+    for page in ("03_case_viewer.html", "04_attention_viewer.html"):  # the offline case viewers, linked as views
+        assert (run_dir / page).is_file(), f"{system}: {page} was not written"
+        assert f'href="runs/nbtest/{system}/{page}"' in index, f"{system}: index.html does not link {page}"

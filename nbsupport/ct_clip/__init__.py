@@ -10,6 +10,7 @@ from nbsupport.ct_clip.pipeline import (
                                         PreprocessConfig,
                                         TrainConfig,
                                         attention_maps,
+                                        attention_viewer_cases,
                                         evaluate_split,
                                         extract_features,
                                         load_manifest,
@@ -17,7 +18,9 @@ from nbsupport.ct_clip.pipeline import (
                                         predict,
                                         preprocess,
                                         train,
+                                        viewer_cases,
 )
 
-__all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps", "evaluate_split",
-           "extract_features", "load_manifest", "load_trained_model", "predict", "preprocess", "train"]
+__all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps",
+           "attention_viewer_cases", "evaluate_split", "extract_features", "load_manifest", "load_trained_model",
+           "predict", "preprocess", "train", "viewer_cases"]

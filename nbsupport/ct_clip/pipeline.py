@@ -6,6 +6,7 @@ Each verb takes the stage's frozen config and its run folder, does one thing, re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -680,6 +681,49 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
                        {"file": str(source), "embedding": embedding, "path": str(feature_path)}, fig)
 
 
+def viewer_volume(preprocessed: np.ndarray, spacing_xyz: Sequence[float]) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A preprocessed ``(1, X, Y, Z)`` RAS volume (0..1 over ``ct_pre.HU_WINDOW``) as the viewer's (D, H, W) in
+    Hounsfield units: axial slices from inferior to superior, anterior at the top and the patient's right on the
+    left (radiological convention); and its (D, H, W) voxel size in mm. Values at the window's ends are clipped."""
+    lo, hi = ct_pre.HU_WINDOW
+    volume = np.asarray(preprocessed, dtype=np.float32)[0]
+    return (np.ascontiguousarray(volume.transpose(2, 1, 0)[:, ::-1, ::-1] * (hi - lo) + lo),
+            (float(spacing_xyz[2]), float(spacing_xyz[1]), float(spacing_xyz[0])))
+
+
+def viewer_attention(volume_map: np.ndarray) -> np.ndarray:
+    """An (X, Y, Z) map over the model input (RAS) in the viewer's (D, H, W) orientation (see ``viewer_volume``)."""
+    return np.ascontiguousarray(np.asarray(volume_map, dtype=np.float32).transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def viewer_cases(result: InferResult, cfg: InferConfig, limit: int = 4, top_k: int = 3) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the first ``limit`` volumes of the split as
+    preprocessed (Hounsfield units, CT window presets, axial/coronal/sagittal), with their report, the ``top_k``
+    reports the model retrieves for them (similarity, and whether it is the volume's own) and the zero-shot
+    probabilities of the labels the volume has, as text. No heatmap: 04's ``attention_viewer_cases`` has the
+    relevance of a label prompt."""
+    ev = result.evaluation
+    _, root = load_manifest(cfg, check_files=False)
+    part = ev.manifest
+    similarity = ev.similarity.detach().numpy()  # [reports, volumes]
+    cases = []
+    for i in range(min(limit, len(part))):
+        row = part.iloc[i]
+        image, spacing = viewer_volume(ct_data.read_preprocessed(root / row["image"]),
+                                       (row.spacing_x, row.spacing_y, row.spacing_z))
+        ranked = np.argsort(-similarity[:, i])[:top_k]
+        retrieved = "\n".join(f"{r + 1}. {similarity[j, i]:.3f} report of {part.volume.iloc[j]}"
+                              f"{' (its own)' if j == i else ''}: {part.report.iloc[j]}"
+                              for r, j in enumerate(ranked))
+        present = [(name, float(ev.scores[i, k])) for k, name in enumerate(LABELS) if int(row[name]) == 1]
+        zero_shot = ", ".join(f"{name} {p:.2f}" for name, p in present) or "none of the 18 labels"
+        cases.append({"image": image, "spacing": spacing, "modality": "CT", "masks": {},
+                      "title": str(row["volume"]),
+                      "text": f"report:\n{row['report']}\n\nzero-shot p of its labels: {zero_shot}"
+                              f"\n\ntop {len(ranked)} retrieved reports (cosine similarity):\n{retrieved}"})
+    return cases
+
+
 def _auroc_figure(zero_shot: pd.DataFrame) -> Any:
     from matplotlib.figure import Figure
 
@@ -707,6 +751,11 @@ class AttentionResult:
     top_reports: pd.DataFrame
     relevance_figure: Any
     relevance: np.ndarray  # (X, Y, Z) at model input size, 0..1
+    # for attention_viewer_cases: the preprocessed volume explained, its voxel size, the prompt and the report
+    preprocessed: Path | None = None  # npz (1, X, Y, Z) RAS, 0..1
+    spacing: tuple[float, float, float] | None = None  # (X, Y, Z) mm of the preprocessed voxels
+    prompt: str = ""
+    report: str = ""
 
 
 def relevance_map(model: CTClip, image: torch.Tensor, prompt: str) -> np.ndarray:
@@ -731,6 +780,23 @@ def relevance_map(model: CTClip, image: torch.Tensor, prompt: str) -> np.ndarray
     cam = torch.nn.functional.interpolate(cam, size=tuple(image.shape[1:]), mode="trilinear", align_corners=False)
     cam = cam[0, 0].numpy()
     return cam / cam.max() if cam.max() > 0 else cam
+
+
+def attention_viewer_cases(att: AttentionResult) -> list[dict[str, Any]]:
+    """One case for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the explained volume as preprocessed (HU,
+    CT window presets, three planes) with the Grad-CAM relevance of the label prompt as a 3-D heatmap, and the
+    prompt, the volume's report and the reports the model retrieves for it as text."""
+    if att.preprocessed is None or att.spacing is None:
+        raise ValueError("the attention result names no preprocessed volume (made by an older attention_maps)")
+    image, spacing = viewer_volume(ct_data.read_preprocessed(att.preprocessed), att.spacing)
+    top = "\n".join(f"{r['rank']}. {r['similarity']:.3f} report of {r['report of']}"
+                    f"{' (its own)' if r['is its own report'] else ''}: {r['report']}"
+                    for _, r in att.top_reports.iterrows())
+    return [{"image": image, "spacing": spacing, "modality": "CT", "masks": {},
+             "attention": viewer_attention(att.relevance), "title": f"{att.volume}: {att.prompt}",
+             "text": f"heatmap: Grad-CAM relevance of the prompt \u201c{att.prompt}\u201d (grid "
+                     f"{'x'.join(map(str, att.relevance.shape))})\n\nreport:\n{att.report}"
+                     f"\n\nretrieved reports (cosine similarity):\n{top}"}]
 
 
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
@@ -786,4 +852,7 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
         if ax_.images:
             ax_.images[0].set_data(volume[:, :, k].T)
     run.save_figure(fig2, "04_relevance")
-    return AttentionResult(str(part.volume[index]), fig, top, fig2, relevance)
+    chosen = part.iloc[index]
+    return AttentionResult(str(part.volume[index]), fig, top, fig2, relevance, root / chosen["image"],
+                           (float(chosen.spacing_x), float(chosen.spacing_y), float(chosen.spacing_z)),
+                           PROMPT_PRESENT.format(cfg.label), str(chosen.report))

@@ -722,6 +722,81 @@ def disease_maps_figure(model: TrainedModel, gray: np.ndarray, x: torch.Tensor, 
     return fig
 
 
+def disease_evidence(vision: VisionModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One encoder input (1, 3, S, S) -> (each disease's image-specific evidence over the patch grid, clipped at 0:
+    (14, side, side); the classifier's probabilities (14,)), as ``disease_maps_figure`` draws them."""
+    device = next(vision.parameters()).device
+    with torch.no_grad():
+        evidence = vision.patch_evidence(x.to(device))[0].float().cpu().numpy()  # (14, P)
+        probs = vision(x.to(device))[1].sigmoid()[0].float().cpu().numpy()
+    side = int(round(evidence.shape[1] ** 0.5))
+    return np.clip(evidence, 0, None).reshape(len(evidence), side, side), probs
+
+
+def _most_probable_finding(probabilities: np.ndarray) -> int:
+    """Index of the most probable label other than "No Finding" (the map a reader looks at first)."""
+    order = np.argsort(-probabilities)
+    return int(next((k for k in order if LABELS[k] != "No Finding"), order[0]))
+
+
+def _xray_case(gray: np.ndarray, evidence: np.ndarray, probabilities: np.ndarray, k: int, title: str,
+               report: str, reference: str) -> dict[str, Any]:
+    sentence = finding_sentences(report).get(LABELS[k])
+    ranked = ", ".join(f"{LABELS[j]} {probabilities[j]:.2f}" for j in np.argsort(-probabilities)[:5])
+    text = f"heatmap: evidence for {LABELS[k]} (classifier p = {probabilities[k]:.2f})"
+    if sentence:
+        text += f"\nthe generated sentence naming it: \u201c{sentence}\u201d"
+    text += f"\n\ngenerated report:\n{report}"
+    if reference:
+        text += f"\n\nreference report:\n{reference}"
+    text += f"\n\nmost probable labels: {ranked}"
+    return {"image": gray, "masks": {}, "attention": evidence[k], "title": title, "text": text, "modality": "XR"}
+
+
+def viewer_cases(result: InferResult, cfg: InferConfig, run: RunFolder, limit: int = 8,
+                 disease: str | None = None) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the first ``limit`` X-rays of the split (and
+    the real DICOM when 03 read it) with the generated and the reference report as text and one disease's
+    image-specific evidence map as the heatmap: ``disease`` (one of the 14 labels) for every image, or by default
+    each image's most probable finding. (The trained vision model is reloaded: the maps are not part of the result.)
+
+    ``attention_viewer_cases`` shows all 14 maps of one image.
+    """
+    if disease is not None and disease not in LABELS:
+        raise ValueError(f"disease must be one of the 14 labels {list(LABELS)}, got {disease!r}")
+    device = resolve_device(cfg.device)
+    training_run = find_training_run(cfg.checkpoint, run)
+    spec = CxrModelSpec.from_json((training_run / "model_spec.json").read_text())
+    vision = VisionModel(spec)
+    load_weights(vision, _best(training_run / "vision"), expected_config_hash=spec.fingerprint("vision"))
+    vision.eval().to(device)
+    manifest, root = load_manifest(cfg)
+    images = dict(zip(manifest["id"], manifest["image"]))
+    sources = [(root / images[r.id], str(r.id), str(r.generated), str(r.reference))
+               for r in result.predictions.head(limit).itertuples()]
+    if result.real_dicom is not None:
+        sources.append((real_cxr_path(), REAL_CXR_TITLE, str(result.real_dicom["report"]), ""))
+    cases = []
+    for path, title, generated, reference in sources:
+        x = cxr_data.load_encoder_input(path, spec.image_size)[None]
+        evidence, probs = disease_evidence(vision, x)
+        k = LABELS.index(disease) if disease is not None else _most_probable_finding(probs)
+        cases.append(_xray_case(cxr_data.read_xray(path), evidence, probs, k, f"{title}: {LABELS[k]}", generated,
+                                reference))
+    return cases
+
+
+def attention_viewer_cases(att: AttentionResult) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the X-ray once per disease (14 cases, the
+    most probable first), that disease's image-specific evidence map as the heatmap, the generated and the
+    reference report as text."""
+    if att.image is None or att.evidence is None or att.probabilities is None:
+        raise ValueError("the attention result carries no image or evidence maps (made by an older attention_maps)")
+    order = np.argsort(-att.probabilities)
+    return [_xray_case(att.image, att.evidence, att.probabilities, int(k),
+                       f"{LABELS[k]} p={att.probabilities[k]:.2f}", att.report, att.reference) for k in order]
+
+
 @dataclasses.dataclass
 class AttentionResult:
     image_id: str
@@ -730,6 +805,11 @@ class AttentionResult:
     evidence_figure: Any  # per-image evidence per disease beside the generated sentences
     token_figure: Any  # LM attention from generated tokens over visual + prompt + report tokens
     bertviz_html: Path | None
+    # for attention_viewer_cases: the X-ray, each disease's evidence map and probability, the reference report
+    image: np.ndarray | None = None  # uint8 (H, W)
+    evidence: np.ndarray | None = None  # (14, side, side), >= 0
+    probabilities: np.ndarray | None = None  # (14,)
+    reference: str = ""
 
 
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
@@ -768,7 +848,10 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     token_fig, html = token_attention(model, tokens.cpu(), prompt_ids, report, cfg.layer, run)
     run.save_figure(token_fig, "04_token_attention")
     run.write_metrics(cfg.STAGE, {"image_id": image_id, "report": report})
-    return AttentionResult(image_id, report, prior_fig, evidence_fig, token_fig, html)
+    evidence, probabilities = disease_evidence(model.vision, x)
+    reference = "" if cfg.input_image else str(row["report"])
+    return AttentionResult(image_id, report, prior_fig, evidence_fig, token_fig, html, gray, evidence,
+                           probabilities, reference)
 
 
 def token_attention(model: TrainedModel, tokens: torch.Tensor, prompt_ids: list[int], report: str, layer: int,
@@ -805,11 +888,10 @@ def token_attention(model: TrainedModel, tokens: torch.Tensor, prompt_ids: list[
     fig.tight_layout()
     html = None
     try:
-        from bertviz import head_view
+        from nbsupport.viz import save_attention_html  # offline: d3/jQuery inlined, no CDN
 
-        view = head_view([a.float() for a in out.attentions], names, html_action="return")
-        html = run.file("04_bertviz_head_view.html")
-        atomic_write_text(html, view.data if hasattr(view, "data") else str(view))
+        html = save_attention_html([a.float() for a in out.attentions], names, run.file("04_bertviz_head_view.html"),
+                                   title="LM attention over visual, prompt and report tokens (bertviz head view)")
     except Exception as err:  # bertviz is a view; the heatmap above carries the same numbers
         print(f"bertviz head view not written: {err}")
     return fig, html

@@ -11,12 +11,15 @@ from nbsupport.prs_med.pipeline import (
                                         TrainConfig,
                                         answer_image,
                                         attention_maps,
+                                        attention_viewer_cases,
                                         evaluate_split,
                                         load_manifest,
                                         predict,
                                         preprocess,
                                         train,
+                                        viewer_cases,
 )
 
 __all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "answer_image", "attention_maps",
-           "evaluate_split", "load_manifest", "predict", "preprocess", "train"]
+           "attention_viewer_cases", "evaluate_split", "load_manifest", "predict", "preprocess", "train",
+           "viewer_cases"]

@@ -586,6 +586,42 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     return InferResult(evaluation.predictions, path, evaluation.per_task, fig, single, single_fig, evaluation, root)
 
 
+def _viewer_image(image: np.ndarray) -> dict[str, Any]:
+    """``image`` and ``modality`` of a viewer case: uint8 RGB (H, W, 3) in colour (endoscopy, dermoscopy; grey
+    scans are repeated over the channels)."""
+    return {"image": image, "modality": "RGB"} if image.ndim == 3 else {"image": image}
+
+
+def _qa_text(task: str, question: str, answer: str, said: str, extra: str = "") -> str:
+    text = (f"task: {task}\nQ: {question}\nreference answer: {answer}\nmodel answer: {said}" if task else
+            f"Q: {question}\nreference answer: {answer}\nmodel answer: {said}")
+    return text + (f"\n\n{extra}" if extra else "")
+
+
+def viewer_cases(result: InferResult, limit: int = 12) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: up to ``limit`` rows of the split, the same
+    number from each task, each image (in colour) with its true and predicted mask, and the question, the
+    reference answer and the model's answer (with Dice and the positions) as text."""
+    ev = result.evaluation
+    per_task = max(1, limit // max(1, ev.manifest.task.nunique()))
+    order = list(ev.manifest.groupby("task", sort=True).head(per_task).index[:limit])
+    cases = []
+    for i in order:
+        row, pred = ev.manifest.loc[i], ev.predictions.loc[i]
+        truth = prs_data.read_mask(result.root / row["mask"]) > 0
+        if ev.pred_masks[i].shape != truth.shape:
+            raise ValueError(f"{result.root / row['mask']}: predicted mask has shape {ev.pred_masks[i].shape}, "
+                             f"expected the true mask's {truth.shape}")
+        extra = (f"Dice {pred['dice']:.3f} · position: true {row['position'] or '?'}, answered "
+                 f"{pred['pred_position'] or '?'}, of the predicted mask {pred['mask_position'] or '?'}")
+        cases.append({**_viewer_image(prs_data.read_image(result.root / row["image"])),
+                      "masks": {"true finding": truth, "predicted finding": ev.pred_masks[i]},
+                      "title": str(row["id"]),
+                      "text": _qa_text(str(row["task"]), str(row["question"]), str(row["answer"]),
+                                       str(pred["pred_answer"]), extra)})
+    return cases
+
+
 # ============================================================================================ 04 attention
 @dataclasses.dataclass
 class AttentionResult:
@@ -599,6 +635,9 @@ class AttentionResult:
     decoder_figure: Any
     vlm_figure: Any
     overlay_figure: Any
+    pred_mask: np.ndarray | None = None  # bool (H, W) at the image's size, for attention_viewer_cases
+    true_mask: np.ndarray | None = None  # bool (H, W)
+    task: str = ""
 
 
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
@@ -636,7 +675,28 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
                                  titles=[f"Q: {_wrap(question, 50)}\ntrue: {row['answer']}\nsaid: {said}"])
     run.save_figure(overlay, "04_prediction_vs_truth")
     return AttentionResult(str(row["id"]), question, str(row["answer"]), said, decoder_maps, vlm_maps, image,
-                           decoder_fig, vlm_fig, overlay)
+                           decoder_fig, vlm_fig, overlay, pred, truth > 0, str(row["task"]))
+
+
+def attention_viewer_cases(att: AttentionResult, vlm: bool = False) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the image once per mask-decoder
+    cross-attention map (the question's mean, the answer's position words, the question's words) as the heatmap,
+    with the true and predicted masks and the question / answers as text; ``vlm`` adds one case per LM layer
+    (the answer tokens' attention over the image patches)."""
+    masks = {}
+    if att.true_mask is not None:
+        masks["true finding"] = att.true_mask
+    if att.pred_mask is not None:
+        masks["predicted finding"] = att.pred_mask
+    image = _viewer_image(att.image)
+    maps = [("decoder cross-attention", title, amap) for title, amap in att.decoder_maps]
+    if vlm:
+        maps += [("VLM attention of the answer", title, amap) for title, amap in att.vlm_maps]
+    return [{**image, "masks": masks, "attention": amap, "title": f"{kind}: {title}",
+             "text": _qa_text(att.task, att.question, att.answer, att.pred_answer,
+                              f"{att.sample_id}\nheatmap: {kind} over the image, {title} "
+                              f"(grid {amap.shape[0]}x{amap.shape[1]})")}
+            for kind, title, amap in maps]
 
 
 def attention_over_image(model: PRSMedNet, out: Any, input_ids: torch.Tensor, labels: torch.Tensor
@@ -675,4 +735,5 @@ def attention_over_image(model: PRSMedNet, out: Any, input_ids: torch.Tensor, la
 
 
 __all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "answer_image", "attention_maps",
-           "evaluate_split", "load_manifest", "predict", "preprocess", "train"]
+           "attention_viewer_cases", "evaluate_split", "load_manifest", "predict", "preprocess", "train",
+           "viewer_cases"]

@@ -10,11 +10,13 @@ from nbsupport.textseg3d.pipeline import (
                                           PreprocessConfig,
                                           TrainConfig,
                                           attention_maps,
+                                          attention_viewer_cases,
                                           load_manifest,
                                           predict,
                                           preprocess,
                                           train,
+                                          viewer_cases,
 )
 
-__all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps", "load_manifest",
-           "predict", "preprocess", "train"]
+__all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps",
+           "attention_viewer_cases", "load_manifest", "predict", "preprocess", "train", "viewer_cases"]

@@ -569,6 +569,51 @@ def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: to
     return InferResult(table, out, pd.DataFrame(), fig, {"true": ev})
 
 
+def _superior_first(volume: np.ndarray) -> np.ndarray:
+    """Canonical IPL volumes run from superior to inferior along D; the viewer's coronal and sagittal planes put the
+    last slice at the top, so its volumes run inferior -> superior."""
+    return np.ascontiguousarray(np.asarray(volume)[::-1])
+
+
+def viewer_cases(result: InferResult, cfg: InferConfig, limit: int = 8) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: per case of the split (at most ``limit``)
+    the CT in Hounsfield units with the ground truth and the predictions with the true, the side-flipped and the
+    empty report (and the image-only UNet's when it ran), the report prompt and the Dice of each as text."""
+    true = result.evaluations["true"]
+    if cfg.input_image:
+        sources = {true.cases[0]: (resolve_path(cfg.input_image), None)}
+    else:
+        manifest, root = load_manifest(cfg)
+        rows = manifest[manifest.split == cfg.split].set_index("case")
+        sources = {c: (root / rows.at[c, "image"], root / rows.at[c, "label"] if rows.at[c, "label"] else None)
+                   for c in true.cases[:limit]}
+    names = {"true": "pred (true report)", "flipped": "pred (flipped report)", "empty": "pred (empty report)",
+             "image_only": "pred (image-only UNet)"}
+    cases = []
+    for i, case in enumerate(true.cases[:limit]):
+        image_path, label_path = sources[case]
+        loaded = ts_data.load_case(image_path, label_path)
+        masks = {}
+        if loaded["label"] is not None:
+            masks["ground truth"] = _superior_first(loaded["label"] > 0)
+        for variant, ev in result.evaluations.items():
+            if i < len(ev.predictions):
+                if ev.predictions[i].shape != loaded["image"].shape:
+                    raise ValueError(f"{image_path}: prediction ({variant} report) has shape "
+                                     f"{ev.predictions[i].shape}, expected the image's {loaded['image'].shape}")
+                masks[names.get(variant, f"pred ({variant})")] = _superior_first(ev.predictions[i] > 0)
+        dice = [f"{v.replace('_', '-')} {ev.metrics.loc[i, 'dice']:.3f}" for v, ev in result.evaluations.items()
+                if len(ev.metrics) > i and "dice" in ev.metrics]
+        text = "report prompt: " + (true.prompts[i] or "(empty report)")
+        if "flipped" in result.evaluations:
+            text += "\nside-flipped prompt: " + result.evaluations["flipped"].prompts[i]
+        if dice:
+            text += "\n\nDice: " + " · ".join(dice)
+        cases.append({"image": _superior_first(loaded["image"]), "masks": masks, "title": str(case), "text": text,
+                      "spacing": tuple(float(s) for s in loaded["spacing"]), "modality": "CT"})
+    return cases
+
+
 # ============================================================================================ 04 attention
 @dataclasses.dataclass
 class AttentionResult:
@@ -578,6 +623,12 @@ class AttentionResult:
     bertviz_html: Path | None
     token_figure: Any  # encoder self-attention, per layer (mean over heads), static
     fusion_figure: Any  # per text token and scale: attention over voxels on axial / coronal slices
+    # for attention_viewer_cases: the case in HU (canonical IPL), its target and prediction, the fusion maps
+    image_hu: np.ndarray | None = None  # (D, H, W)
+    label: np.ndarray | None = None  # (D, H, W) bool
+    pred: np.ndarray | None = None  # (D, H, W) bool
+    fusion_maps: list[np.ndarray] | None = None  # per scale (n_prompts, d, h, w), over the volume padded to 32
+    spacing: tuple[float, float, float] | None = None  # (D, H, W) mm
 
 
 def fusion_attention(model: LLMSeg, image: torch.Tensor, prompt: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -653,19 +704,50 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     scales = range(len(maps)) if cfg.scale < 0 else [cfg.scale]
     fusion_fig = fusion_attention_figure(image, label, probs[1] > 0.5, maps, list(scales), row["prompt"])
     run.save_figure(fusion_fig, "04_fusion_attention")
-    return AttentionResult(str(row["case"]), str(row["prompt"]), tokens, html_path, token_fig, fusion_fig)
+    loaded = ts_data.load_case(root / row["image"])
+    return AttentionResult(str(row["case"]), str(row["prompt"]), tokens, html_path, token_fig, fusion_fig,
+                           loaded["image"], label, probs[1] > 0.5, maps, loaded["spacing"])
+
+
+def attention_viewer_cases(att: AttentionResult, scales: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Cases for ``viz.slice_viewer`` / ``viz.save_case_viewer_html``: the CT (HU) once per fusion scale and text
+    prompt token, that token's attention over the voxels as the heatmap (a 3-D map: axial, coronal and sagittal),
+    with the ground truth and the prediction, and the report as text."""
+    if att.image_hu is None or att.fusion_maps is None:
+        raise ValueError("the attention result carries no volume or fusion maps (made by an older attention_maps)")
+    shape = att.image_hu.shape
+    padded = [s + (-s) % 32 for s in shape]  # fusion_attention pads the volume to a multiple of 32
+    masks = {}
+    if att.label is not None:
+        masks["ground truth"] = _superior_first(att.label)
+    if att.pred is not None:
+        masks["prediction"] = _superior_first(att.pred)
+    image = _superior_first(att.image_hu)
+    cases = []
+    for s in (range(len(att.fusion_maps)) if scales is None else scales):
+        maps = att.fusion_maps[s]
+        # the part of the map over the unpadded volume
+        keep = tuple(max(1, round(n * m / p)) for n, m, p in zip(shape, maps.shape[1:], padded))
+        for t in range(maps.shape[0]):
+            amap = _superior_first(maps[t, :keep[0], :keep[1], :keep[2]])
+            cases.append({"image": image, "masks": masks, "attention": amap, "spacing": att.spacing,
+                          "modality": "CT", "title": f"scale 1/{2 ** (s + 1)}, prompt token {t + 1}",
+                          "text": f"{att.case}\nreport prompt: {att.prompt}\n\nfusion attention of text prompt token "
+                                  f"{t + 1} over the voxels at scale 1/{2 ** (s + 1)} (grid "
+                                  f"{'x'.join(map(str, amap.shape))}, mean of heads)"})
+    return cases
 
 
 def _bertviz_html(attentions: tuple[torch.Tensor, ...], tokens: list[str], run: RunFolder) -> Path | None:
-    """bertviz head view saved as a standalone HTML file (it loads require.js from a CDN when opened)."""
+    """bertviz head view saved as a standalone HTML file that renders offline (d3/jQuery inlined, no CDN)."""
     try:
-        from bertviz import head_view
+        import bertviz  # noqa: F401
     except ImportError:
         return None
-    html = head_view(list(attentions), tokens, html_action="return")
-    path = run.file("04_bertviz_head_view.html")
-    atomic_write_text(path, html.data)
-    return path
+    from nbsupport.viz import save_attention_html
+
+    return save_attention_html(list(attentions), tokens, run.file("04_bertviz_head_view.html"),
+                               title="report self-attention in the text encoder (bertviz head view)")
 
 
 def token_attention_figure(tokens: list[str], attentions: tuple[torch.Tensor, ...]) -> Any:

@@ -66,7 +66,8 @@ def encode_case(case: ViewerCase, mask_names: Sequence[str], max_side: int = 256
         mask_names: the names of every mask on the page, in bit order (bit i = ``mask_names[i]``).
         max_side: longest in-plane side kept (pixels); larger slices are area-downsampled.
         max_slices: most slices kept; more are subsampled evenly.
-        modality: "CT" stores Hounsfield units (int16) and offers the CT window presets; anything else is
+        modality: "CT" stores Hounsfield units (int16) and offers the CT window presets; a case with colour
+            (modality "RGB") stores its RGB bytes ("rgb8", no window); anything else is
             scaled to uint8 over its 0.5-99.5 percentile range ("auto" window).
     """
     image = case.image.astype(np.float32)
@@ -79,15 +80,22 @@ def encode_case(case: ViewerCase, mask_names: Sequence[str], max_side: int = 256
         keep = keep[::step]
         slice_mm *= step
     image = image[keep]
+    color = case.color[keep] if case.color is not None else None
     masks = {n: m[keep] for n, m in case.masks.items()}
     scale = max(height, width) / max_side
     if scale > 1:
         size = (max(1, round(height / scale)), max(1, round(width / scale)))
         row_mm, col_mm = row_mm * height / size[0], col_mm * width / size[1]
         image = _resize_volume(image, size, nearest=False)
+        if color is not None:
+            color = _resize_volume(color, size, nearest=False)
         masks = {n: _resize_volume(m, size, nearest=True).astype(bool) for n, m in masks.items()}
     is_ct = modality.upper() in CT_MODALITIES
-    if is_ct:
+    if color is not None:  # a colour photograph: RGB bytes, no window
+        pixels = np.clip(np.round(color), 0, 255).astype(np.uint8)
+        auto = (0.0, 255.0)
+        dtype = "rgb8"
+    elif is_ct:
         pixels = np.clip(np.round(image), -32768, 32767).astype(np.int16)
         auto = display_window(image, percentiles=(0.5, 99.5))
         dtype = "i16"
@@ -123,6 +131,26 @@ def encode_case(case: ViewerCase, mask_names: Sequence[str], max_side: int = 256
     return encoded
 
 
+def _share_repeated(encoded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store each distinct image and mask set once: a case whose pixels (or masks) equal an earlier case's names
+    that case (``pixels_from`` / ``masks_from``) instead of repeating the data, so one volume shown with many
+    heatmaps (one case per layer, token or disease) costs one volume in the page."""
+    pixels_seen: dict[tuple[str, str], int] = {}
+    masks_seen: dict[tuple[int, str, str], int] = {}
+    for i, case in enumerate(encoded):
+        key = (case["dtype"], case["pixels"])
+        if key in pixels_seen:
+            case["pixels"], case["pixels_from"] = "", pixels_seen[key]
+        else:
+            pixels_seen[key] = i
+        mkey = (case["mask_bits"], case["mask_runs"], case["mask_run_lengths"])
+        if mkey in masks_seen and case["mask_runs"]:
+            case["mask_runs"], case["mask_run_lengths"], case["masks_from"] = "", "", masks_seen[mkey]
+        else:
+            masks_seen.setdefault(mkey, i)
+    return encoded
+
+
 def save_case_viewer_html(volume_or_cases: Any, path: str | os.PathLike, *, masks: Any = None,
                           class_names: Sequence[str] | None = None, text: str = "", title: str = "Case viewer",
                           spacing: Sequence[float] | None = None, attention: Any = None, modality: str = "",
@@ -134,7 +162,8 @@ def save_case_viewer_html(volume_or_cases: Any, path: str | os.PathLike, *, mask
         volume_or_cases: a (D, H, W) volume or (H, W) image, or a list of case dicts as for
             :func:`nbsupport.viz.slice_viewer`: ``{"image", "masks": {name: bool array}, "title", "text",
             "spacing": (row_mm, col_mm) or (slice_mm, row_mm, col_mm), "attention": (h, w) or (d, h, w),
-            "modality": "CT" | "MR" | "XR" | ...}``. Volumes get axial, coronal and sagittal views.
+            "modality": "CT" | "MR" | "XR" | "RGB" | ...}``. Volumes get axial, coronal and sagittal views; an
+            "RGB" image is (H, W, 3) uint8 and drawn in colour (endoscopy, dermoscopy).
         path: the HTML file to write (atomically).
         masks, class_names, text, spacing, attention: for a single volume/image, as in ``slice_viewer``.
         title: page title.
@@ -151,7 +180,7 @@ def save_case_viewer_html(volume_or_cases: Any, path: str | os.PathLike, *, mask
     if isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], Mapping):
         raw = list(raw)[:max_cases]
         modalities = [str(c.get("modality") or modality) for c in raw]
-    cases = as_cases(raw, masks, class_names, text, title if not modalities else "", spacing, attention)
+    cases = as_cases(raw, masks, class_names, text, title if not modalities else "", spacing, attention, modality)
     if not modalities:
         modalities = [modality] * len(cases)
     names = list(dict.fromkeys(n for c in cases for n in c.masks))
@@ -161,7 +190,8 @@ def save_case_viewer_html(volume_or_cases: Any, path: str | os.PathLike, *, mask
         "masks": [{"name": n, "color": palette[n]} for n in names],
         "ct_windows": {k: list(v) for k, v in CT_WINDOWS.items()},
         "heatmap_opacity": float(heatmap_opacity), "mask_opacity": float(mask_opacity),
-        "cases": [encode_case(c, names, max_side, max_slices, m) for c, m in zip(cases, modalities)],
+        "cases": _share_repeated([encode_case(c, names, max_side, max_slices, m)
+                                  for c, m in zip(cases, modalities)]),
     }
     data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
     page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
@@ -238,11 +268,15 @@ h1 { font-size: 1.3em; margin: 0 0 .5em; }
     if (decoded[i]) return decoded[i];
     const c = DATA.cases[i];
     const n = c.shape[0] * c.shape[1] * c.shape[2];
-    const values = typed(c.mask_runs, c.mask_bits), lengths = typed(c.mask_run_lengths, 32);
+    const held = c.masks_from === undefined ? c : DATA.cases[c.masks_from];  // the case holding these masks
+    const values = typed(held.mask_runs, held.mask_bits), lengths = typed(held.mask_run_lengths, 32);
     const bits = new Uint32Array(n);
     let p = 0;
     for (let r = 0; r < values.length; r++) { bits.fill(values[r], p, p + lengths[r]); p += lengths[r]; }
-    const d = { pixels: typed(c.pixels, c.dtype), bits: bits,
+    const shared = c.pixels_from === undefined ? null : c.pixels_from;  // the first case holding these pixels
+    const pixels = shared === null ? typed(c.pixels, c.dtype)
+      : decoded[shared] ? decoded[shared].pixels : typed(DATA.cases[shared].pixels, c.dtype);
+    const d = { pixels: pixels, bits: bits,
                 bitOf: Object.fromEntries(DATA.masks.map((m, k) => [m.name, k])) };
     if (c.attention) d.attention = typed(c.attention.data, 8);
     decoded[i] = d;
@@ -307,10 +341,17 @@ h1 { font-size: 1.3em; margin: 0 0 .5em; }
     const ctx = canvas.getContext("2d");
     const [lo, hi] = windowRange(c), span = Math.max(hi - lo, 1e-6);
     const gray = ctx.createImageData(p.cols, p.rows);
+    const rgb = c.dtype === "rgb8";  // a colour photograph: three bytes per pixel, no window
     for (let r = 0; r < p.rows; r++) for (let q = 0; q < p.cols; q++) {
-      const v = Math.max(0, Math.min(255, Math.round((d.pixels[p.index(r, q)] - lo) / span * 255)));
       const o = 4 * (r * p.cols + q);
-      gray.data[o] = gray.data[o + 1] = gray.data[o + 2] = v; gray.data[o + 3] = 255;
+      if (rgb) {
+        const i = 3 * p.index(r, q);
+        gray.data[o] = d.pixels[i]; gray.data[o + 1] = d.pixels[i + 1]; gray.data[o + 2] = d.pixels[i + 2];
+      } else {
+        const v = Math.max(0, Math.min(255, Math.round((d.pixels[p.index(r, q)] - lo) / span * 255)));
+        gray.data[o] = gray.data[o + 1] = gray.data[o + 2] = v;
+      }
+      gray.data[o + 3] = 255;
     }
     ctx.putImageData(gray, 0, 0);
     const showHeat = state.heat && d.attention;

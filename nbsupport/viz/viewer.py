@@ -43,6 +43,7 @@ class ViewerCase:
     is_volume: bool = False
     slice_mm: float | None = None  # distance between slices when the spacing gave it (3 values)
     modality: str = ""  # "CT" enables the window presets; anything else gets an automatic window
+    color: np.ndarray | None = None  # (D, H, W, 3) uint8 of a colour photograph (modality "RGB"); image = luminance
 
     @property
     def depth(self) -> int:
@@ -73,6 +74,12 @@ def _case(image: Any, masks: Any = None, class_names: Sequence[str] | None = Non
           spacing: Sequence[float] | None = None, attention: Any = None, where: str = "volume",
           modality: str = "") -> ViewerCase:
     img = to_numpy(image).astype(np.float32)
+    color = None
+    if str(modality or "").upper() == "RGB":  # endoscopy, dermoscopy...: drawn in colour, windows on the luminance
+        if img.ndim != 3 or img.shape[-1] not in (3, 4):
+            raise ValueError(f"{where}: an RGB image must be (H, W, 3), got shape {img.shape}")
+        color = np.clip(np.round(img[None, ..., :3]), 0, 255).astype(np.uint8)
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
     if img.ndim not in (2, 3):
         raise ValueError(f"{where}: image must be (H, W) or (D, H, W), got shape {img.shape}")
     is_volume = img.ndim == 3
@@ -99,7 +106,7 @@ def _case(image: Any, masks: Any = None, class_names: Sequence[str] | None = Non
         if att.ndim != 3:
             raise ValueError(f"{where}: attention must be (h, w) or (d, h, w), got shape {att.shape}")
     return ViewerCase(vol, named, str(title or ""), str(text or ""), in_plane, att, is_volume, slice_mm,
-                      str(modality or ""))
+                      str(modality or ""), color)
 
 
 def as_cases(volume_or_cases: Any, masks: Any = None, class_names: Sequence[str] | None = None, text: str = "",
@@ -188,7 +195,8 @@ def draw_case_plane(ax: Axes, case: ViewerCase, k: int, view: str = "axial", vis
     image, masks, att, spacing = case_plane(case, view, k)
     names = [n for n in case.masks if visible is None or n in visible]
     lo, hi = window_range(window)
-    overlay_masks(image, {n: masks[n] for n in names}, ax=ax, colors=colors, alpha=alpha, spacing=spacing,
+    shown = case.color[k] if case.color is not None and view == "axial" else image
+    overlay_masks(shown, {n: masks[n] for n in names}, ax=ax, colors=colors, alpha=alpha, spacing=spacing,
                   legend=legend, vmin=lo, vmax=hi)
     if att is not None and show_attention and heat_alpha > 0:
         heat = normalise_map(upsample_bilinear(att, image.shape))
@@ -472,7 +480,8 @@ def slice_viewer(volume_or_cases: Any, masks: Any = None, *, class_names: Sequen
         attention: attention map(s) drawn as a heatmap over the slice, toggled by a checkbox.
         static_count: how many slices/cases the headless figure shows.
         modality: "CT" (values in Hounsfield units) adds the window presets soft tissue, lung, mediastinum and
-            bone; MR, X-ray and others get an automatic window. Cases may carry their own ``"modality"``.
+            bone; "RGB" takes an (H, W, 3) uint8 colour image (endoscopy, dermoscopy) and draws it in colour; MR,
+            X-ray and others get an automatic window. Cases may carry their own ``"modality"``.
 
     Returns:
         A :class:`SliceViewer` widget with a frontend; headless (``nbsupport.progress.is_headless()``) the figure

@@ -137,3 +137,72 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> Pages:
     (run / "metrics.json").write_text('{"03_viewer_demo": {"dice": 0.5}}')
     index = write_index(outputs)
     return Pages(case_viewer, head, model, notebook_html, index)
+
+
+# ---------------------------------------------------------------------------------------------- one page per system
+def _system_cases(folder: Path) -> dict[str, list[dict]]:
+    """Each system's attention-viewer cases, made by the system's own ``attention_viewer_cases`` from a small
+    synthetic attention result (no model, no data set): the same dicts the 04 notebooks write to their pages."""
+    import pandas as pd
+
+    from nbsupport import ct_clip, cxr_report, prs_med, seg2d, textseg3d
+
+    rng = np.random.default_rng(0)
+    ct = synthetic_ct_case()
+    hu, lesion = ct["image"].astype(np.float32), ct["masks"]["ground_truth"]
+    cases: dict[str, list[dict]] = {}
+
+    y, x = np.mgrid[0:64, 0:64]
+    organs = np.stack([(y - 20) ** 2 + (x - 20) ** 2 < 64, (y - 40) ** 2 + (x - 44) ** 2 < 81,
+                       (y - 48) ** 2 + (x - 16) ** 2 < 49])
+    layer_maps = [(f"layer {i + 1}", rng.random((8, 8))) for i in range(3)]
+    cases["seg2d"] = seg2d.attention_viewer_cases(seg2d.pipeline.AttentionResult(
+        "case1_day0_slice_0060", (20, 20), layer_maps, [], 400 + 300 * np.sin(x / 9.0) * np.cos(y / 7.0), None,
+        None, None, np.roll(organs, 2, axis=2), organs, (1.5, 1.5)))
+
+    # textseg3d: IPL volumes (slice 0 superior); maps over the volume padded to 32 (40x96x112 -> 64x96x128)
+    fusion = [rng.random((2, 32, 48, 64)).astype(np.float32), rng.random((2, 16, 24, 32)).astype(np.float32)]
+    cases["textseg3d"] = textseg3d.attention_viewer_cases(textseg3d.pipeline.AttentionResult(
+        "BC007", "N1, cT2, total mastectomy surgery, left side", ["a"], None, None, None, hu[::-1].copy(),
+        lesion[::-1].copy(), np.roll(lesion, 2, axis=2)[::-1].copy(), fusion, (2.5, 0.7, 0.7)), scales=[1])
+
+    xray = (120 + 80 * np.exp(-(((y - 32) / 20.0) ** 2 + ((x - 32) / 14.0) ** 2))).astype(np.uint8)
+    cases["cxr_report"] = cxr_report.attention_viewer_cases(cxr_report.pipeline.AttentionResult(
+        "patient00011/study2/view1_frontal", "The heart is enlarged. Small left pleural effusion.", None, None, None,
+        None, xray, rng.random((14, 7, 7)).astype(np.float32), rng.random(14), "Cardiomegaly. Left effusion."))
+
+    photo = np.stack([xray, xray // 2, xray // 3], axis=-1)
+    finding = (y - 18) ** 2 + (x - 16) ** 2 < 60
+    cases["prs_med"] = prs_med.attention_viewer_cases(prs_med.pipeline.AttentionResult(
+        "polyp_endoscopy:3", "Where is the polyp?", "The polyp is in the top left.", "The polyp is in the top left.",
+        [("question (mean)", rng.random((8, 8))), ("'left'", rng.random((8, 8)))], [], photo, None, None, None,
+        np.roll(finding, 3, axis=1), finding, "polyp_endoscopy"))
+
+    # ct_clip: a preprocessed (1, X=R, Y=A, Z=S) volume, 0..1 over -1000..1500 HU
+    lo, hi = -1000.0, 1500.0
+    ras = np.clip((hu[::-1, ::-1, ::-1].transpose(2, 1, 0) - lo) / (hi - lo), 0, 1)[None].astype(np.float16)
+    npz = folder / "valid_1_a_1.npz"
+    np.savez(npz, image=ras)
+    top = pd.DataFrame({"rank": [1, 2], "report of": ["valid_1_a_1", "valid_2_a_1"], "similarity": [0.41, 0.22],
+                        "is its own report": [True, False],
+                        "report": ["Right upper lobe nodule. No effusion.", "Bilateral pleural effusion."]})
+    cases["ct_clip"] = ct_clip.attention_viewer_cases(ct_clip.pipeline.AttentionResult(
+        "valid_1_a_1", None, top, None, rng.random((28, 24, 10)).astype(np.float32), npz, (0.7, 0.7, 2.5),
+        "Lung nodule is present.", "Right upper lobe nodule. No effusion."))
+    return cases
+
+
+SYSTEM_TEXT = {"seg2d": "attention of the query pixel", "textseg3d": "report prompt: N1, cT2",
+               "cxr_report": "generated report:", "prs_med": "Q: Where is the polyp?",
+               "ct_clip": "Grad-CAM relevance of the prompt"}
+
+
+@pytest.fixture(scope="session")
+def system_pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{system: 04_attention_viewer.html}`` for all five systems, written by ``save_case_viewer_html``."""
+    from nbsupport.viz import save_case_viewer_html
+
+    folder = tmp_path_factory.mktemp("system_pages")
+    cases = _system_cases(folder)
+    return {system: save_case_viewer_html(c, folder / f"{system}_04_attention_viewer.html",
+                                          title=f"{system} attention") for system, c in cases.items()}

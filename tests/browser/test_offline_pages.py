@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from chromium import PageRecord, drain, open_page, wait_for
-from conftest import synthetic_ct_case
+from conftest import SYSTEM_TEXT, synthetic_ct_case
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
@@ -125,3 +126,48 @@ def test_index_links_notebooks_views_and_metrics(browser, pages):
     wait_for(lambda: browser.find_elements(By.ID, "canvas"), what="the case viewer behind the index link")
     assert browser.current_url == pages.case_viewer.as_uri()
     assert not drain(browser).remote_requests()
+
+
+HAS_COLOUR = """const c = document.getElementById('canvas');
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 1] || d[i] !== d[i + 2]) return true;
+return false;"""
+
+
+@pytest.mark.parametrize("system", sorted(SYSTEM_TEXT))
+def test_every_systems_case_viewer_renders_offline_and_responds(browser, system_pages, system):
+    page = system_pages[system]
+    record = open_page(browser, page.as_uri())
+    assert_offline(record, page)
+    canvas = browser.find_element(By.ID, "canvas")
+    assert SYSTEM_TEXT[system] in browser.find_element(By.ID, "text").text
+    assert browser.find_element(By.ID, "heat-label").is_displayed(), f"{system}: no heatmap control"
+    slider = browser.find_element(By.ID, "slice")
+    before = canvas_png(browser)
+    if slider.is_displayed():  # a volume: the slice slider moves through it, in every plane
+        first = int(canvas.get_attribute("data-slice"))
+        slider.send_keys(Keys.ARROW_LEFT if first > 0 else Keys.ARROW_RIGHT)
+        assert int(canvas.get_attribute("data-slice")) != first
+        assert canvas_png(browser) != before, f"{system}: moving the slice slider did not change the image"
+        Select(browser.find_element(By.ID, "view")).select_by_visible_text("coronal")
+        assert canvas.get_attribute("data-view") == "coronal"
+        coronal = canvas_png(browser)
+        slider.send_keys(Keys.ARROW_RIGHT)
+        assert canvas_png(browser) != coronal, f"{system}: the coronal slider did not change the image"
+        window = Select(browser.find_element(By.ID, "window"))
+        assert [o.text for o in window.options] == ["auto", "soft tissue", "lung", "mediastinum", "bone"]
+    else:  # a 2-D image: no slice slider; the case selector steps through the heatmaps
+        assert len(Select(browser.find_element(By.ID, "case")).options) > 1
+        text = browser.find_element(By.ID, "text").text
+        Select(browser.find_element(By.ID, "case")).select_by_index(1)
+        assert canvas_png(browser) != before, f"{system}: the next case drew the same image"
+        assert browser.find_element(By.ID, "text").text != text, f"{system}: the next case kept the same text"
+    shown = canvas_png(browser)
+    browser.find_element(By.ID, "opacity").send_keys(Keys.END)
+    assert canvas_png(browser) != shown, f"{system}: the heatmap opacity slider did not change the image"
+    # without heatmap and masks, only prs_med's photographs have colour; the scans are grey
+    browser.find_element(By.ID, "heat").click()
+    for box in browser.find_elements(By.CSS_SELECTOR, "#masks input[type=checkbox]"):
+        box.click()
+    assert browser.execute_script(HAS_COLOUR) == (system == "prs_med"), f"{system}: wrong colour mode"
+    assert_offline(drain(browser, PageRecord(requests=["file:"])), page)

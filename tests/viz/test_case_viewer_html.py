@@ -76,3 +76,35 @@ def test_bad_input_names_the_case_and_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match="at most 32 masks"):
         save_case_viewer_html(np.zeros((4, 4)), tmp_path / "v.html",
                               masks={f"m{i}": np.zeros((4, 4), bool) for i in range(33)})
+
+
+def test_one_image_shown_with_many_heatmaps_is_stored_once(tmp_path):
+    rng = np.random.default_rng(2)
+    volume = rng.integers(-1000, 1500, size=(10, 16, 16)).astype(float)
+    mask = np.zeros(volume.shape, bool)
+    mask[3:6, 4:9, 4:9] = True
+    cases = [{"image": volume, "masks": {"target": mask}, "modality": "CT", "attention": rng.random((2, 4, 4)),
+              "title": f"token {t}"} for t in range(4)]
+    cases.append({"image": volume + 1, "masks": {"target": mask}, "modality": "CT", "title": "another volume"})
+    data = page_data(save_case_viewer_html(cases, tmp_path / "viewer.html"))
+    stored = data["cases"]
+    assert [c.get("pixels_from") for c in stored] == [None, 0, 0, 0, None]
+    assert [c.get("masks_from") for c in stored] == [None, 0, 0, 0, 0]
+    assert all(c["pixels"] == "" for c in stored[1:4]) and stored[4]["pixels"]
+    np.testing.assert_array_equal(decode(stored[4]["pixels"], np.int16).reshape(volume.shape), volume + 1)
+    # each case keeps its own heatmap
+    assert len({c["attention"]["data"] for c in stored[:4]}) == 4
+
+
+def test_an_rgb_photograph_is_stored_in_colour_and_refused_in_the_wrong_shape(tmp_path):
+    photo = np.zeros((30, 40, 3), np.uint8)
+    photo[..., 0], photo[5:10, 5:10, 1] = 180, 90
+    polyp = np.zeros((30, 40), bool)
+    polyp[5:10, 5:10] = True
+    data = page_data(save_case_viewer_html([{"image": photo, "masks": {"polyp": polyp}, "modality": "RGB"}],
+                                           tmp_path / "viewer.html"))
+    (case,) = data["cases"]
+    assert case["dtype"] == "rgb8" and case["shape"] == [1, 30, 40]
+    np.testing.assert_array_equal(decode(case["pixels"], np.uint8).reshape(1, 30, 40, 3)[0], photo)
+    with pytest.raises(ValueError, match=r"case 0: an RGB image must be \(H, W, 3\)"):
+        save_case_viewer_html([{"image": photo[..., 0], "modality": "RGB"}], tmp_path / "bad.html")

@@ -169,3 +169,19 @@ def test_static_overview_shows_ct_in_the_soft_tissue_window():
     fig = slice_overview([_ct_volume()], count=1)
     image = fig.axes[0].get_images()[0]
     assert image.get_clim() == (40.0 - 200.0, 40.0 + 200.0)
+
+
+def test_the_widget_draws_an_rgb_photograph_in_colour():
+    import io
+
+    import matplotlib.image
+
+    from nbsupport.viz import build_slice_viewer
+
+    photo = np.zeros((32, 32, 3), np.uint8)
+    photo[..., 0] = 200  # red everywhere
+    viewer = build_slice_viewer([{"image": photo, "modality": "RGB", "title": "polyp"}])
+    rendered = matplotlib.image.imread(io.BytesIO(viewer.render()))
+    centre = rendered[rendered.shape[0] // 2, rendered.shape[1] // 2]
+    assert centre[0] > 0.6 and centre[1] < 0.2 and centre[2] < 0.2, centre
+    assert list(viewer.window.options) == ["auto"]
