@@ -185,9 +185,14 @@ def read_volume(path: str | os.PathLike, kind: str = "data") -> tuple[np.ndarray
         if spacing is None and kind == "data":
             spacing = np.ones(3)
         return array, npz_affine(spacing if spacing is not None else np.ones(3))
+    import gzip
+
     import nibabel as nib
 
-    img = nib.load(str(path))
+    if path.name.endswith(".gz"):  # the whole stream is read: its CRC catches corrupt bytes that still inflate
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
+    else:
+        img = nib.load(str(path))
     array = np.asanyarray(img.dataobj)
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]

@@ -52,6 +52,15 @@ def corrupt_middle(data: bytes) -> bytes:
     return data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 16]) + data[middle + 16:]
 
 
+def corrupt_crc(data: bytes) -> bytes:
+    """Voxel bytes changed after compression (a bad disk, a broken copy): the stream still inflates, only the gzip
+    CRC-32 at its end disagrees; nibabel alone reads such a file without complaint."""
+    raw = bytearray(gzip.decompress(data))
+    raw[-5] ^= 0x01  # one voxel's low bit
+    crc_of_the_original = data[-8:]
+    return gzip.compress(bytes(raw))[:-8] + crc_of_the_original
+
+
 def remove(case: str, name: str, field: str, says: str) -> Callable[[Path], tuple[Expect, ...]]:
     def damage(root: Path) -> tuple[Expect, ...]:
         (root / case / name).unlink()
@@ -163,6 +172,8 @@ def case_without_report(root: Path) -> tuple[Expect, ...]:
 NIFTI_CASES = [
     BadInput("textseg3d_nifti_corrupt", file_bytes("BC001", "data.nii.gz", corrupt_middle, "image",
                                                    "cannot read data.nii.gz .*expected a gzipped NIfTI-1")),
+    BadInput("textseg3d_nifti_bytes_changed_crc", file_bytes("BC003", "data.nii.gz", corrupt_crc, "image",
+                                                             "cannot read data.nii.gz .*CRC check failed")),
     BadInput("textseg3d_nifti_truncated", file_bytes("BC002", "data.nii.gz", lambda b: b[: len(b) // 2], "image",
                                                      "cannot read data.nii.gz")),
     BadInput("textseg3d_nifti_label_truncated", file_bytes("BC003", "label.nii.gz", lambda b: b[:40], "label",
