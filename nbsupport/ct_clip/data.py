@@ -95,8 +95,8 @@ def parse_xy_spacing(value: Any) -> tuple[float, float]:
     if not m:
         raise ValueError(f"expected a string like '[0.7, 0.7]' (mm), got {value!r}")
     out = float(m.group(1)), float(m.group(2))
-    if min(out) <= 0:
-        raise ValueError(f"spacing must be positive, got {value!r}")
+    if not (np.isfinite(out).all() and min(out) > 0):
+        raise ValueError(f"spacing must be finite and positive, got {value!r}")
     return out
 
 
@@ -164,6 +164,11 @@ def scan_dataset(root: str | os.PathLike, splits: Sequence[str] = ("train", "val
                 problems.append(ManifestProblem(int(rep["_line"]), "VolumeName",
                                                 f"volume file {nifti} does not exist under {root}", file=where))
                 continue
+            if not report_text(rep["Findings_EN"], rep["Impressions_EN"], "findings+impressions"):
+                problems.append(ManifestProblem(int(rep["_line"]), "Findings_EN", "empty report (Findings_EN and "
+                                                "Impressions_EN empty or 'Not given.'); expected the report text",
+                                                file=where))
+                continue
             row: dict[str, Any] = {**info, "nifti": nifti, "findings": rep["Findings_EN"],
                                    "impressions": rep["Impressions_EN"]}
             if volume not in meta.index:
@@ -180,10 +185,10 @@ def scan_dataset(root: str | os.PathLike, splits: Sequence[str] = ("train", "val
                                 ("RescaleIntercept", "rescale_intercept")):
                 try:
                     row[key] = float(m[column])
-                    if key != "rescale_intercept" and not row[key] > 0:
+                    if not np.isfinite(row[key]) or (key != "rescale_intercept" and not row[key] > 0):
                         raise ValueError
                 except ValueError:
-                    kind = "a positive number" if key != "rescale_intercept" else "a number"
+                    kind = "a finite positive number" if key != "rescale_intercept" else "a finite number"
                     problems.append(ManifestProblem(mline, column, f"expected {kind}, got {m[column]!r}", file=mfile))
             if volume not in labels.index:
                 problems.append(ManifestProblem(None, "VolumeName", f"no labels row for {volume}",
@@ -253,6 +258,8 @@ CT_CLIP_SCHEMA = ManifestSchema(
         Column("split", "split", allowed=SPLITS, help="train / val / test (CT-RATE valid = test), by patient"),
     ),
     readers={},  # reading every npz would double the preprocessing time; 02_train opens them anyway
+    row_check=lambda row: ((name, f"expected a voxel size > 0 mm, got {row[name]!r}")
+                           for name in ("spacing_x", "spacing_y", "spacing_z") if not row[name] > 0),
 )
 
 

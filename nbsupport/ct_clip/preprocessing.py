@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import gzip
 import multiprocessing
 import os
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,10 +92,20 @@ def load_ct(path: str | os.PathLike, slope: float | None = None, intercept: floa
     """
     import nibabel as nib
 
-    image = nib.load(str(path))
+    if str(path).endswith(".gz"):  # whole stream read: its CRC catches corrupt bytes that still inflate
+        try:
+            raw = gzip.decompress(Path(path).read_bytes())
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: cannot decompress ({type(err).__name__}: {err}); expected a gzipped NIfTI "
+                             "volume") from err
+        image = nib.Nifti1Image.from_bytes(raw)
+    else:
+        image = nib.load(str(path))
     if len(image.shape) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
     stored = np.asanyarray(image.dataobj.get_unscaled())
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():  # NaN would pass the window into training
+        raise ValueError(f"{path}: {int((~np.isfinite(stored)).sum())} NaN/inf voxels; expected finite values")
     header_slope, header_inter = image.dataobj.slope, image.dataobj.inter
     affine = image.affine
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))

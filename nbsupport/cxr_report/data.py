@@ -52,6 +52,7 @@ DEFAULT_PROMPT = "Describe the findings of this chest X-ray."
 LABEL_COLUMNS = tuple("label_" + re.sub(r"\W+", "_", name.lower()) for name in LABELS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCE_LINE = "_source_line"  # (CSV file name, line, column) of a row, for problems found after reading the CSV
 _PATIENT = re.compile(r"(patient\d+)")
 _STUDY = re.compile(r"(study\d+)")
 
@@ -113,6 +114,12 @@ def read_xray(path: str | Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"{path}: not a readable image (expected JPEG, PNG or DICOM)")
+    if path.suffix.lower() in (".jpg", ".jpeg"):  # OpenCV decodes a cut-off JPEG (grey rows below) with a warning
+        with open(path, "rb") as fh:
+            fh.seek(max(path.stat().st_size - 64, 0))
+            tail = fh.read().rstrip(b"\x00\r\n ")
+        if not tail.endswith(b"\xff\xd9"):
+            raise ValueError(f"{path}: truncated JPEG (no end-of-image marker); expected a complete JPEG file")
     if image.ndim == 3:
         image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
     if image.dtype != np.uint8:
@@ -187,12 +194,17 @@ def read_chexbert_labels(path: Path) -> dict[str, dict[str, float | None]]:
                 problems.append(ManifestProblem(number, "path_to_image", "expected the image path string",
                                                 file=path.name))
                 continue
+            unknown = sorted(set(record) - {"path_to_image", *LABELS})
+            for name in unknown:
+                problems.append(ManifestProblem(number, name, f"unknown label name {name!r}; expected one of the 14 "
+                                                f"CheXbert labels {list(LABELS)}", file=path.name))
             labels = {}
             for name in LABELS:
                 value = record.get(name)
-                if value is not None and value not in (1, 0, -1):
+                if value is not None and (isinstance(value, bool) or value not in (1, 0, -1)):
                     problems.append(ManifestProblem(number, name, f"expected 1.0, 0.0, -1.0 or null, got {value!r}",
                                                     file=path.name))
+                    continue
                 labels[name] = None if value is None else float(value)
             out[key] = labels
     if problems:
@@ -229,9 +241,19 @@ def read_chexpert_plus(root: Path, report_section: str = "findings", prompt: str
                                              + ", ".join(CHEXPERT_PLUS_COLUMNS) + ")", file=csv.name)
                              for c in missing], csv)
     label_file = root / CHEXBERT_FILES["impression" if report_section == "impression" else "findings"]
-    labels = read_chexbert_labels(label_file) if label_file.is_file() else {}
     rows, problems = [], []
+    try:
+        labels = read_chexbert_labels(label_file) if label_file.is_file() else {}
+    except ManifestError as err:  # reported together with the CSV's problems below
+        labels, problems = {}, list(err.problems)
+    first_line: dict[str, int] = {}
     for number, r in enumerate(df.itertuples(index=False), start=2):
+        if r.path_to_image and r.path_to_image in first_line:
+            problems.append(ManifestProblem(number, "path_to_image", f"duplicate image {r.path_to_image!r}, first on "
+                                            f"line {first_line[r.path_to_image]}; expected one row per image",
+                                            file=csv.name))
+            continue
+        first_line.setdefault(r.path_to_image, number)
         if frontal_only and r.frontal_lateral and r.frontal_lateral.lower() != "frontal":
             continue
         report = report_text(r.section_findings, r.section_impression, report_section)
@@ -245,10 +267,16 @@ def read_chexpert_plus(root: Path, report_section: str = "findings", prompt: str
             problems.append(ManifestProblem(number, "deid_patient_id", "empty and no patientN in path_to_image; "
                                             "expected a patient id", file=csv.name))
             continue
+        source = _locate_image(root, r.path_to_image)
+        if not source.is_file():
+            problems.append(ManifestProblem(number, "path_to_image", f"image {r.path_to_image} does not exist under "
+                                            f"{root} (tried .jpg, .png, .dcm); expected the image file", file=csv.name))
+            continue
         values = labels.get(r.path_to_image) or label_report(report)
         row = {"id": str(Path(r.path_to_image).with_suffix("")), "patient": patient,
-               "source_image": _locate_image(root, r.path_to_image), "view": f"{r.frontal_lateral} {r.ap_pa}".strip(),
-               "prompt": prompt, "report": report, "source_split": r.split}
+               "source_image": source, "view": f"{r.frontal_lateral} {r.ap_pa}".strip(),
+               "prompt": prompt, "report": report, "source_split": r.split,
+               SOURCE_LINE: (csv.name, number, "path_to_image")}
         row.update({c: values.get(n) for c, n in zip(LABEL_COLUMNS, LABELS)})
         rows.append(row)
     if problems:
@@ -273,12 +301,16 @@ def read_seed_csv(csv: Path) -> pd.DataFrame:
             continue
         path = Path(r.image_path)
         source = path if path.is_absolute() else _locate_image(csv.parent, r.image_path)
+        if not source.is_file():
+            problems.append(ManifestProblem(number, "image_path", f"image {r.image_path} does not exist (tried .jpg, "
+                                            ".png, .dcm); expected the image file", file=csv.name))
+            continue
         patient = (_PATIENT.search(r.image_path) or [None])[0] or f"image{number - 1:06d}"
         study = (_STUDY.search(r.image_path) or [""])[0]
         labels = label_report(r.target_report)
         row = {"id": "/".join(t for t in (patient, study, path.stem) if t), "patient": patient,
                "source_image": source, "view": "", "prompt": r.diagnostic_prompt.strip() or DEFAULT_PROMPT,
-               "report": r.target_report.strip(), "source_split": ""}
+               "report": r.target_report.strip(), "source_split": "", SOURCE_LINE: (csv.name, number, "image_path")}
         row.update({c: labels.get(n) for c, n in zip(LABEL_COLUMNS, LABELS)})
         rows.append(row)
     if problems:
@@ -325,13 +357,25 @@ def build_manifest(root: Path, report_section: str = "findings", prompt: str = D
 
 def write_resized_images(manifest: pd.DataFrame, root: Path, size: int, folder: str) -> pd.DataFrame:
     """Write each ``source_image`` as a (size, size, 3) 8-bit PNG under ``root/folder`` (skipped when present);
-    returns the manifest with ``image`` set to it (relative to ``root``)."""
+    returns the manifest with ``image`` set to it (relative to ``root``).
+
+    Raises:
+        ManifestError: every source image that cannot be decoded (corrupt or truncated JPEG / PNG / DICOM), each
+            named by its CSV file, line and column; the images of the other rows are still written (a cache).
+    """
     out = manifest.copy()
-    images = []
-    for r in progress(list(out.itertuples(index=False)), desc=f"resize to {size}x{size}"):
-        target = root / folder / f"{r.id}.png"
+    images, problems = [], []
+    for r in progress(list(out.to_dict("records")), desc=f"resize to {size}x{size}"):
+        target = root / folder / f"{r['id']}.png"
         if not target.is_file():
-            rgb = resize_rgb(read_xray(r.source_image), size)
+            try:
+                rgb = resize_rgb(read_xray(r["source_image"]), size)
+            except (OSError, ValueError, cv2.error) as err:  # DicomError is a ValueError; each is one bad file
+                csv_name, line, column = r.get(SOURCE_LINE) or (None, None, "source_image")
+                problems.append(ManifestProblem(line, column, f"cannot decode {Path(r['source_image']).name} "
+                                                f"({type(err).__name__}: {err}); expected a JPEG, PNG or DICOM image",
+                                                file=csv_name))
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             ok, encoded = cv2.imencode(".png", rgb[..., ::-1])
             if not ok:
@@ -339,8 +383,10 @@ def write_resized_images(manifest: pd.DataFrame, root: Path, size: int, folder: 
             with atomic_path(target) as tmp:
                 tmp.write_bytes(encoded.tobytes())
         images.append(target)
+    if problems:
+        raise ManifestError(problems, root, hint="fix or remove these images, then run 01 again")
     out["image"] = images
-    return out
+    return out.drop(columns=[SOURCE_LINE], errors="ignore")
 
 
 def label_matrix(manifest: pd.DataFrame) -> np.ndarray:

@@ -281,12 +281,21 @@ def build_manifest(root: str | os.PathLike, tasks: Sequence[str] | None = None,
                 problems.append(ManifestProblem(line, "mask_path", f"mask is missing: expected {mask} (same file "
                                                 "name as the image, in <task>/<split>_masks/)", where))
                 continue
+            empty = [c for c in ("question", "answer") if not str(row[c]).strip()]
+            for c in empty:
+                problems.append(ManifestProblem(line, c, f"empty; expected the {c} text of this image", where))
+            if empty:
+                continue
             width = height = 0
             found: MaskPosition | None = None
             if check_masks:
                 try:
                     if image not in shapes:
                         shapes[image] = read_image(image).shape[:2]
+                except ValueError as err:
+                    problems.append(ManifestProblem(line, column, f"{err} (expected a PNG or JPEG image)", where))
+                    continue
+                try:
                     height, width = shapes[image]
                     if mask not in mask_cache:
                         mask_cache[mask] = position_of(read_mask(mask, shapes[image]))

@@ -129,7 +129,7 @@ def read_report_table(path: str | os.PathLike) -> pd.DataFrame:
     else:
         raise ValueError(f"{path}: report table must be .xlsx or .csv")
     table.columns = [str(c).strip() for c in table.columns]
-    problems = [ManifestProblem(1, c, f"column missing (expected the columns {list(REPORT_COLUMNS)})")
+    problems = [ManifestProblem(1, c, f"column missing (expected the columns {list(REPORT_COLUMNS)})", file=path.name)
                 for c in PROMPT_COLUMNS if c not in table.columns]
     if problems:
         raise ManifestError(problems, path)
@@ -137,10 +137,11 @@ def read_report_table(path: str | os.PathLike) -> pd.DataFrame:
     table["Unit No"] = table["Unit No"].map(lambda v: str(v).strip().removesuffix(".0"))
     for i, unit in enumerate(table["Unit No"]):
         if not unit:
-            problems.append(ManifestProblem(i + 2, "Unit No", "a case id (the case folder's name)"))
+            problems.append(ManifestProblem(i + 2, "Unit No", "empty; expected a case id (the case folder's name)",
+                                            file=path.name))
     dup = table["Unit No"][table["Unit No"].duplicated(keep=False) & (table["Unit No"] != "")]
-    problems += [ManifestProblem(i + 2, "Unit No", f"a unique case id; {v!r} appears more than once")
-                 for i, v in dup.items()]
+    problems += [ManifestProblem(i + 2, "Unit No", f"expected a unique case id; {v!r} appears more than once",
+                                 file=path.name) for i, v in dup.items()]
     if problems:
         raise ManifestError(problems, path)
     return table
@@ -184,9 +185,14 @@ def read_volume(path: str | os.PathLike, kind: str = "data") -> tuple[np.ndarray
         if spacing is None and kind == "data":
             spacing = np.ones(3)
         return array, npz_affine(spacing if spacing is not None else np.ones(3))
+    import gzip
+
     import nibabel as nib
 
-    img = nib.load(str(path))
+    if path.name.endswith(".gz"):  # the whole stream is read: its CRC catches corrupt bytes that still inflate
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
+    else:
+        img = nib.load(str(path))
     array = np.asanyarray(img.dataobj)
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -264,6 +270,8 @@ TEXTSEG3D_SCHEMA = ManifestSchema(
     ),
     key="case",
     readers={"image": lambda path: read_volume(path, "data")},
+    row_check=lambda row: ((name, f"expected a voxel spacing > 0 mm, got {row[name]!r}")
+                           for name in ("spacing_d", "spacing_h", "spacing_w") if not row[name] > 0),
 )
 
 
@@ -288,46 +296,150 @@ def case_folders(root: Path) -> dict[str, tuple[str, Path, Path | None]]:
     return cases
 
 
+def labels_without_image(root: Path) -> list[Path]:
+    """``<root>/<case>/label.*`` files whose folder holds no ``data.*`` of the same layout (a missing image)."""
+    return [folder / label_name for folder in sorted(p for p in root.iterdir() if p.is_dir())
+            for data_name, label_name in LAYOUTS.values()
+            if (folder / label_name).is_file() and not (folder / data_name).is_file()]
+
+
+def _is_empty_report(report: Mapping[str, Any]) -> bool:
+    """Every column of the report row but its number and case id is empty."""
+    return all(_is_empty(v) for k, v in report.items() if k not in ("Number", "Unit No", "_line"))
+
+
+def volume_problems(case: str, image: Path, label: Path | None, root: Path) -> tuple[list[ManifestProblem],
+                                                                                  tuple[np.ndarray, np.ndarray] | None]:
+    """Read one case's image (and label) and check what the model would otherwise silently get wrong: files that do
+    not decode, non-finite voxels, a label of another shape or another affine (voxel grid) than its image, and
+    voxel spacings that are not finite and positive. Returns (problems, (image array, affine) or None)."""
+    import zipfile
+
+    from nibabel.filebasedimages import ImageFileError
+
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, ImageFileError)
+    expected = ".npz (np.savez of a (D, H, W) array)" if image.name.endswith(".npz") else "a gzipped NIfTI-1 volume"
+    problems = []
+    try:
+        if image.name.endswith(".npz"):  # checked before the affine is built from it: a negative one flips the case
+            with np.load(image) as z:
+                raw = np.asarray(z["spacing"], dtype=float).ravel() if "spacing" in z.files else np.ones(3)
+            if raw.size != 3 or not (np.isfinite(raw).all() and (raw > 0).all()):
+                return [ManifestProblem(None, "spacing", f"case {case!r}: spacing {raw.tolist()}; expected three "
+                                        "finite values > 0 (mm, D/H/W)", file=_relative(image, root))], None
+        image_arr, affine = read_volume(image, "data")
+    except unreadable as err:
+        message = f"case {case!r}: cannot read {image.name} ({type(err).__name__}: {err}); expected {expected}"
+        return [ManifestProblem(None, "image", message, file=_relative(image, root))], None
+    if np.issubdtype(image_arr.dtype, np.floating) and not np.isfinite(image_arr).all():
+        bad = int((~np.isfinite(image_arr)).sum())
+        problems.append(ManifestProblem(None, "image", f"case {case!r}: {bad} NaN/inf voxels; expected finite values "
+                                        "(HU)", file=_relative(image, root)))
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    what = "spacing array" if image.name.endswith(".npz") else "affine"
+    if image.name.endswith((".nii", ".nii.gz")):  # nibabel reads a zero pixdim as 1 mm (and only logs it)
+        import nibabel as nib
+
+        with nib.openers.ImageOpener(image) as f:
+            header = nib.Nifti1Header.from_fileobj(f, check=False)
+        if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+            spacing, what = np.asarray(header["pixdim"][1:4], dtype=float), "header's pixdim (no qform/sform)"
+    if not (np.isfinite(affine).all() and (spacing > 0).all()) or abs(np.linalg.det(affine[:3, :3])) == 0:
+        problems.append(ManifestProblem(None, "spacing", f"case {case!r}: voxel spacing {spacing.round(4).tolist()} "
+                                        f"mm from its {what}; expected three finite values > 0",
+                                        file=_relative(image, root)))
+    if label is None:  # every case is split into train, val or test, so every case is trained on or scored
+        missing = LAYOUTS["npz" if image.name.endswith(".npz") else "nifti"][1]
+        problems.append(ManifestProblem(None, "label", f"case {case!r} has no {missing}; expected the target mask "
+                                        f"next to {image.name}", file=_relative(image.parent / missing, root)))
+    else:
+        try:
+            label_arr, label_affine = read_volume(label, "label")
+        except unreadable as err:
+            problems.append(ManifestProblem(None, "label", f"case {case!r}: cannot read {label.name} "
+                                            f"({type(err).__name__}: {err}); expected {expected}",
+                                            file=_relative(label, root)))
+            return problems, None
+        if label_arr.shape != image_arr.shape:
+            problems.append(ManifestProblem(None, "label", f"case {case!r}: label shape {label_arr.shape}; expected "
+                                            f"the image shape {image_arr.shape} ({image.name})",
+                                            file=_relative(label, root)))
+        elif label.name.endswith(".nii.gz") and not np.allclose(label_affine, affine, atol=1e-3):
+            label_spacing = np.sqrt((label_affine[:3, :3] ** 2).sum(0)).round(3).tolist()
+            problems.append(ManifestProblem(None, "label", f"case {case!r}: label affine differs from the image's "
+                                            f"(voxel sizes {label_spacing} vs {spacing.round(3).tolist()} mm, origin "
+                                            f"{label_affine[:3, 3].round(2).tolist()} vs "
+                                            f"{affine[:3, 3].round(2).tolist()}); expected the same voxel grid",
+                                            file=_relative(label, root)))
+        elif label.name.endswith(".npz"):
+            with np.load(label) as z:
+                label_spacing = np.asarray(z["spacing"], float).ravel() if "spacing" in z.files else None
+            if label_spacing is not None and (label_spacing.shape != spacing.shape
+                                              or not np.allclose(label_spacing, spacing, atol=1e-3)):
+                problems.append(ManifestProblem(None, "label", f"case {case!r}: label spacing {label_spacing.tolist()}"
+                                                f" mm differs from the image's {spacing.tolist()}; expected the same "
+                                                "voxel grid", file=_relative(label, root)))
+    return problems, (None if problems else (image_arr, affine))
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def build_manifest(root: str | os.PathLike, report_table: str | os.PathLike | None = None,
                    val_fraction: float = 0.1, test_fraction: float = 0.2) -> CaseTable:
     """Read every case folder and its report row; split per side group in case order (public code: first 70 %
     train, then val, last 20 % test).
 
     Raises:
-        ManifestError: listing every case whose image and label shapes differ, whose files cannot be read, or
-            whose report row is missing (cases without a determinable side are excluded and listed, not errors).
+        ManifestError: listing every problem at once: volumes that cannot be read or hold NaN/inf voxels, a label
+            of another shape or affine than its image, non-positive spacing, a label without its image, a case
+            without a report row, a report row without its case folder, an empty report row (cases without a
+            determinable side are excluded and listed, not errors).
     """
     root = resolve_path(root)
     report_path = resolve_path(report_table) if report_table else find_report_table(root)
-    reports = read_report_table(report_path).set_index("Unit No", drop=False)
+    table = read_report_table(report_path)
+    table["_line"] = np.arange(len(table)) + 2  # header = line 1 (also the first row of an .xlsx sheet)
+    reports = table.set_index("Unit No", drop=False)
     folders = case_folders(root)
     if not folders:
         raise FileNotFoundError(f"{root}: no case folders with data.npz or data.nii.gz")
     problems: list[ManifestProblem] = []
+    report_file = _relative(report_path, root)
+    orphan_labels = labels_without_image(root)
+    for label in orphan_labels:
+        problems.append(ManifestProblem(None, "image", f"case {label.parent.name!r} has {label.name} but no "
+                                        f"{LAYOUTS['npz' if label.name.endswith('.npz') else 'nifti'][0]}; expected "
+                                        "the image next to its label", file=_relative(label, root)))
+    for case, line in zip(reports["Unit No"], reports["_line"]):
+        if case not in folders and case not in {label.parent.name for label in orphan_labels}:
+            problems.append(ManifestProblem(int(line), "Unit No", f"report row for case {case!r}, but there is no "
+                                            f"case folder {case}/ with data.npz or data.nii.gz; expected one folder "
+                                            "per report row (remove the row or add the case)", file=report_file))
     rows, excluded = [], []
     for case, (layout, image, label) in progress(folders.items(), desc="reading cases", total=len(folders)):
         if case not in reports.index:
-            problems.append(ManifestProblem(None, "Unit No", f"a report row for case {case!r} ({image})"))
+            problems.append(ManifestProblem(None, "Unit No", f"a report row for case {case!r} ({image})",
+                                            file=report_file))
             continue
         report = reports.loc[case].to_dict()
+        if _is_empty_report(report):
+            problems.append(ManifestProblem(int(report["_line"]), "Subsite 1", f"case {case!r}: empty report row; "
+                                            f"expected the report's fields {list(PROMPT_COLUMNS[1:])}",
+                                            file=report_file))
+            continue
         try:
             prompt = report_to_prompt(report)
         except ReportError as err:
             excluded.append({"case": case, "field": "Subsite 1", "value": report.get("Subsite 1"),
                              "reason": str(err)})
             continue
-        try:
-            image_arr, affine = read_volume(image, "data")
-            if label is not None:
-                label_arr, _ = read_volume(label, "label")
-                if label_arr.shape != image_arr.shape:
-                    problems.append(ManifestProblem(None, "label", f"case {case!r}: label shape {label_arr.shape} "
-                                                                   f"equal to the image shape {image_arr.shape} "
-                                                                   f"({label})"))
-                    continue
-        except (OSError, ValueError) as err:
-            problems.append(ManifestProblem(None, "image", f"case {case!r}: a readable volume ({err})"))
+        found, volume = volume_problems(case, image, label, root)
+        problems += found
+        if volume is None:
             continue
+        image_arr, affine = volume
         spacing = canonical_spacing(affine)
         shape = to_canonical(np.zeros(image_arr.shape, dtype=np.uint8), affine).shape
         rows.append({"case": case, "image": image.relative_to(root).as_posix(),

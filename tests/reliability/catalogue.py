@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from nbsupport.manifest import ManifestError
+import pandas as pd
+
+from nbsupport.manifest import ManifestError, meta_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,3 +85,80 @@ def snapshot(*folders: Path) -> dict[str, str]:
                 if path.is_file():
                     files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
+
+
+# ---------------------------------------------------------------------------------------------- shared damages
+# Manifest and parameter damages that every adapter's table uses (seg2d's table has its own, older copies).
+def manifest_cell(row: int, column: str, value: str, says: str) -> Callable[[Path], tuple[Expect, ...]]:
+    """Set one cell of a written manifest (row 0 = CSV line 2)."""
+    def damage(manifest: Path) -> tuple[Expect, ...]:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False, na_filter=False)
+        df.loc[row, column] = value
+        df.to_csv(manifest, index=False, lineterminator="\n")
+        return (Expect(None, column, says, line=row + 2),)
+    return damage
+
+
+def manifest_duplicate(row: int, key: str) -> Callable[[Path], tuple[Expect, ...]]:
+    """Append a copy of ``row``: its key is then not unique."""
+    def damage(manifest: Path) -> tuple[Expect, ...]:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False, na_filter=False)
+        pd.concat([df, df.iloc[[row]]], ignore_index=True).to_csv(manifest, index=False, lineterminator="\n")
+        return (Expect(None, key, f"is not unique \\(first seen on line {row + 2}\\)", line=len(df) + 2),)
+    return damage
+
+
+def manifest_moved_from_its_data(manifest: Path) -> tuple[Expect, ...]:
+    """The data folder was moved (or the manifest copied to another machine): the recorded root is gone."""
+    data_root = Path(json.loads(meta_path(manifest).read_text())["data_root"])
+    data_root.rename(data_root.with_name(data_root.name + "_moved_elsewhere"))
+    return (Expect(None, None, f"data root {re.escape(str(data_root))} does not exist"),
+            Expect(None, None, "pass data_root=<new folder>"))
+
+
+def several(*damages: Callable[..., tuple[Expect, ...]]) -> Callable[..., tuple[Expect, ...]]:
+    """Several problems in one input: all must be in the one error."""
+    def damage(target: Path) -> tuple[Expect, ...]:
+        return tuple(e for d in damages for e in d(target))
+    return damage
+
+
+def parameter_cases(system: str, stage: type, number: str, misspelt: str) -> list[BadInput]:
+    """A misspelt parameter name and a string where a number is expected, as a notebook's parameters cell (or
+    papermill ``-p``) would pass them to ``stage.from_params``; ``number`` is one of ``stage``'s float fields."""
+    return [BadInput(f"{system}_param_misspelt_name",
+                     lambda: (stage, {misspelt: 1}, (Expect(None, misspelt, f"unknown parameter '{misspelt}'"),))),
+            BadInput(f"{system}_param_string_for_float",
+                     lambda: (stage, {number: "1e-3"}, (Expect(None, number, "expected a number, got str"),)))]
+
+
+def assert_parameters_refused(case: BadInput, run_dir: Path) -> None:
+    """``case`` (from :func:`parameter_cases`) is refused by ``from_params``, naming system, stage and field."""
+    from nbsupport.config import ConfigError
+
+    stage, values, expect = case.damage()
+    try:
+        stage.from_params({"run_dir": str(run_dir), **values})
+    except ConfigError as err:
+        assert_reports(err, expect)
+        assert str(err).startswith(f"{stage.SYSTEM}/{stage.STAGE}:"), str(err)
+    else:
+        raise AssertionError(f"{case.id}: {values} was accepted")
+    assert not run_dir.exists()
+
+
+def assert_refused(call: Callable[[], object], expect: tuple[Expect, ...], watched: tuple[Path, ...],
+                   errors: tuple[type[BaseException], ...] = (ManifestError,)) -> BaseException:
+    """``call()`` raises one of ``errors`` reporting every ``expect``, and nothing under ``watched`` changed."""
+    before = snapshot(*watched)
+    try:
+        call()
+    except errors as err:
+        assert_reports(err, expect)
+        if isinstance(err, ManifestError) and len(expect) > 1:
+            assert len(err.problems) >= len({(e.where, e.field, e.line) for e in expect}), str(err)
+        error = err
+    else:
+        raise AssertionError(f"accepted although it should report {expect}")
+    assert snapshot(*watched) == before, "something was written although the input was refused"
+    return error

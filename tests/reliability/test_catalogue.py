@@ -37,3 +37,33 @@ def test_catalogue_has_unique_cases_covering_the_listed_kinds() -> None:
              "param_string_for_float", "moved_away")
     missing = [k for k in kinds if not any(k in i for i in ids)]
     assert missing == [], f"no case for {missing}"
+
+
+# Issue 8's list, per adapter where it applies (a case id of that adapter must contain each kind).
+KINDS_PER_ADAPTER = {
+    "textseg3d": ("nifti_corrupt", "nifti_truncated", "npz_corrupt", "npz_truncated", "missing_image",
+                  "missing_mask", "shape_mismatch", "affine_mismatch", "nan_inf_voxels", "spacing_zero",
+                  "spacing_negative", "duplicate", "empty_report", "report_row_for_missing_case",
+                  "manifest_spacing_list_string", "manifest_spacing_empty", "manifest_spacing_text", "moved_away",
+                  "param_misspelt", "param_string_for_float", "everything_at_once"),
+    "prs_med": ("png_corrupt", "png_truncated", "missing_image", "missing_mask", "size_mismatch", "non_binary",
+                "png_3_channels", "png_16bit", "unknown_task", "empty_answer", "duplicate", "moved_away",
+                "param_misspelt", "param_string_for_float", "everything_at_once"),
+    "cxr_report": ("png_corrupt", "png_truncated", "dicom_truncated", "missing_image", "duplicate",
+                   "label_outside_0_1_-1_null", "unknown_label_name", "empty_report", "moved_away", "param_misspelt",
+                   "param_string_for_float", "at_once"),
+    "ct_clip": ("nifti_corrupt", "nifti_truncated", "nan_inf_voxels", "spacing_list_string", "spacing_empty",
+                "spacing_text", "spacing_zero", "spacing_negative", "label_outside_0_1", "unknown_label_name",
+                "duplicate", "report_row_for_missing_volume", "empty_report", "moved_away", "param_misspelt",
+                "param_string_for_float", "everything_at_once"),
+}
+
+
+def test_every_adapter_covers_the_kinds_that_apply_to_it() -> None:
+    tables = catalogue_tables()
+    missing = {}
+    for adapter, kinds in KINDS_PER_ADAPTER.items():
+        ids = [case.id for case in tables.get(f"test_bad_inputs_{adapter}", [])]
+        assert all(i.startswith(adapter) for i in ids), f"{adapter}: case ids must start with the adapter's name"
+        missing[adapter] = [k for k in kinds if not any(k in i for i in ids)]
+    assert missing == {a: [] for a in KINDS_PER_ADAPTER}, f"kinds without a case: {missing}"

@@ -201,3 +201,25 @@ def test_a_checkpoint_from_another_config_or_system_is_rejected_by_seg2d(tmp_pat
         load_trained_model(own)
     with pytest.raises(ValueError, match="does not fit"):  # and without a hash to compare, the tensors decide
         load_weights(TinySegTask(32).net, own)
+
+
+def calls_of_load_weights_without_a_config_hash(source: str, where: str) -> list[str]:
+    """``load_weights(...)`` calls in ``source`` that do not pass ``expected_config_hash=`` (which would load a
+    checkpoint of another system or config whenever its tensors happen to fit)."""
+    def name(call: ast.Call) -> str | None:
+        return getattr(call.func, "id", getattr(call.func, "attr", None))
+
+    return [f"{where}:{node.lineno}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and name(node) == "load_weights"
+            and not any(k.arg == "expected_config_hash" for k in node.keywords)]
+
+
+def test_every_system_loads_its_checkpoints_with_their_config_hash() -> None:
+    """seg2d's rejection (above) is the shared ``load_weights`` check; every other call site must ask for it too."""
+    assert calls_of_load_weights_without_a_config_hash("load_weights(m, d)\nx.load_weights(m, d)", "probe") == [
+        "probe:1", "probe:2"]  # the scan finds what it looks for
+    unchecked = [hit for path in sorted(PACKAGE.rglob("*.py"))
+                 for hit in calls_of_load_weights_without_a_config_hash(path.read_text(encoding="utf-8"),
+                                                                        str(path.relative_to(PACKAGE)))]
+    assert unchecked == [], f"checkpoints loaded without their config hash: {unchecked}"
+    assert len([p for p in PACKAGE.rglob("pipeline.py") if "expected_config_hash=" in p.read_text()]) == 5
