@@ -454,8 +454,8 @@ def _render_demo_volume(case: dict[str, Any], shape: tuple[int, int, int], spaci
 # How the demo reports state each finding. Like CT-RATE's reports, they name a finding by its canonical term in
 # varied sentence forms ("Pleural effusion is present on the right.", "No pleural effusion was detected.") as well as
 # descriptively ("The heart is enlarged."); every label has canonical forms both present and absent, so the term the
-# zero-shot prompts use occurs in training reports of both kinds (format_version 4; version 3 named Pleural effusion
-# only descriptively when present, and only 0.6 zero-shot AUROC followed).
+# zero-shot prompts use occurs in training reports of both kinds (format_version 4; version 3 had two forms, the
+# absent one the exact prompt "X is not present.", and named Pleural effusion only descriptively when present).
 _ABSENT = {
     "Medical material": ["No medical material is seen.", "No pacemaker or other medical material was detected.",
                          "Medical material is not observed."],
