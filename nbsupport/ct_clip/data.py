@@ -337,20 +337,54 @@ _DEMO_PREVALENCE = {"Medical material": 0.25, "Arterial wall calcification": 0.3
 _DEMO_GRIDS = ((512, 0.70, 240, 1.5), (512, 0.78, 200, 2.0), (448, 0.82, 150, 2.5), (384, 0.95, 120, 3.0))
 
 
+def _nodule_in_lung(case: dict[str, Any], rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """(x, y, z, radius) mm of a nodule that is drawn in aerated lung: within 60% of a lung's cross-section at its
+    height and clear of the (enlarged) heart with its pericardium, a pleural effusion and a consolidation of the
+    same case, where a 35 HU nodule would be invisible and its label and report sentence wrong (format 3 placed
+    16% of the nodules there)."""
+    a, b = case["body"]
+    p = case["present"]
+    hs = case["heart_scale"]
+    for _ in range(100):
+        z, r = rng.uniform(-80, 60), rng.uniform(9, 14)
+        taper = min(max(1.0 - max(z, 0.0) / 170.0, 0.25), 1.0) * np.sqrt(1 - (z / 140) ** 2)
+        angle, radius = rng.uniform(0, 2 * np.pi), 0.6 * np.sqrt(rng.uniform(0, 1))
+        side = str(rng.choice(["right", "left"]))
+        x = (1 if side == "right" else -1) * 0.47 * a + radius * np.cos(angle) * 0.38 * a * taper
+        y = -5 + radius * np.sin(angle) * 0.75 * b * taper
+        # the heart ellipsoid grown by the pericardial ring (x1.8 in squared radius) and the nodule's radius
+        grow = np.sqrt(1.8)
+        heart = (((x + 0.12 * a) / (48 * hs * grow + r)) ** 2 + ((y - 0.25 * b) / (40 * hs * grow + r)) ** 2
+                 + ((z + 40) / (50 * hs * grow + r)) ** 2)
+        if heart <= 1:
+            continue
+        if p["Pleural effusion"] and case["effusion_side"] in (side, "bilateral"):
+            depth = {"small": 0.45, "moderate": 0.15}[case["effusion_size"]] * b
+            if y - r < -depth:
+                continue
+        if p["Consolidation"] and case["consolidation_side"] == side:
+            cz = 55.0 if case["consolidation_lobe"] == "upper" else -55.0
+            cx = (0.47 if side == "right" else -0.47) * a
+            if np.sqrt((x - cx) ** 2 + (y - 5) ** 2 + (z - cz) ** 2) < 38 + r:
+                continue
+        return float(x), float(y), float(z), float(r)
+    raise RuntimeError("no place for a visible nodule in 100 tries")
+
+
 def _demo_case(rng: np.random.Generator) -> dict[str, Any]:
     """Findings of one synthetic scan and the geometry they are drawn with (mm, RAS: +x right, +y anterior)."""
     present = {name: bool(rng.random() < p) for name, p in _DEMO_PREVALENCE.items()}
+    a, b = rng.uniform(140, 165), rng.uniform(100, 120)
     case: dict[str, Any] = {"present": present,
-                            "body": (rng.uniform(140, 165), rng.uniform(100, 120)),
+                            "body": (a, b),
                             "heart_scale": (rng.uniform(1.3, 1.45) if present["Cardiomegaly"]
                                             else rng.uniform(0.9, 1.05)),
                             "effusion_side": rng.choice(["right", "left", "bilateral"]),
                             "effusion_size": rng.choice(["small", "moderate"]),
                             "consolidation_side": rng.choice(["right", "left"]),
                             "consolidation_lobe": rng.choice(["upper", "lower"]),
-                            "nodules": [(rng.choice([-1, 1]) * rng.uniform(45, 90), rng.uniform(-40, 40),
-                                         rng.uniform(-80, 80), rng.uniform(9, 14)) for _ in range(rng.integers(1, 4))],
                             "noise": rng.uniform(12, 25)}
+    case["nodules"] = [_nodule_in_lung(case, rng) for _ in range(rng.integers(1, 4))]
     return case
 
 
@@ -424,45 +458,70 @@ def _render_demo_volume(case: dict[str, Any], shape: tuple[int, int, int], spaci
     return vol
 
 
+# How the demo reports state each finding. Like CT-RATE's reports, they name a finding by its canonical term in
+# varied sentence forms ("Pleural effusion is present on the right.", "No pleural effusion was detected.") as well as
+# descriptively ("The heart is enlarged."); every label has canonical forms both present and absent, so the term the
+# zero-shot prompts use occurs in training reports of both kinds (format_version 4; version 3 had two forms, the
+# absent one the exact prompt "X is not present.", and named Pleural effusion only descriptively when present).
 _ABSENT = {
-    "Medical material": ["No medical material is seen.", "Medical material is not present."],
+    "Medical material": ["No medical material is seen.", "No pacemaker or other medical material was detected.",
+                         "Medical material is not observed."],
     "Arterial wall calcification": ["No calcification is seen in the aortic wall.",
-                                    "Arterial wall calcification is not present."],
-    "Cardiomegaly": ["Heart size is normal.", "Cardiomegaly is not present."],
-    "Pericardial effusion": ["No pericardial effusion.", "Pericardial effusion is not present."],
-    "Emphysema": ["Lung parenchyma shows normal attenuation.", "Emphysema is not present."],
-    "Lung nodule": ["No nodule was detected in either lung.", "Lung nodule is not present."],
-    "Pleural effusion": ["No pleural effusion.", "Pleural effusion is not present."],
-    "Consolidation": ["No consolidation is seen.", "Consolidation is not present."],
+                                    "No arterial wall calcification was detected.",
+                                    "Arterial wall calcification is not observed."],
+    "Cardiomegaly": ["Heart size is normal.", "No cardiomegaly was detected.", "Cardiomegaly is not observed."],
+    "Pericardial effusion": ["No pericardial effusion.", "No pericardial effusion was detected.",
+                             "Pericardial effusion is not observed."],
+    "Emphysema": ["Lung parenchyma shows normal attenuation.", "No emphysema was detected.",
+                  "Emphysema is not observed."],
+    "Lung nodule": ["No nodule was detected in either lung.", "No lung nodule was detected.",
+                    "Lung nodule is not observed."],
+    "Pleural effusion": ["No pleural effusion.", "No pleural effusion was detected.",
+                         "Pleural effusion is not observed."],
+    "Consolidation": ["No consolidation is seen.", "No consolidation was detected.", "Consolidation is not observed."],
 }
 
 
 def _present_sentence(name: str, case: dict[str, Any], rng: np.random.Generator) -> str:
+    """One of a descriptive and two canonical-term sentences for a present finding, with its location."""
     if name == "Medical material":
-        return str(rng.choice(["A pacemaker is seen in the left chest wall with its lead in the heart.",
-                               "Medical material is present: cardiac pacemaker."]))
-    if name == "Arterial wall calcification":
-        return str(rng.choice(["Atherosclerotic calcified plaques are seen in the aortic wall.",
-                               "Arterial wall calcification is present."]))
-    if name == "Cardiomegaly":
-        return str(rng.choice(["The heart is enlarged.", "Cardiomegaly is present."]))
-    if name == "Pericardial effusion":
-        return str(rng.choice(["Pericardial effusion is present.", "Fluid is seen in the pericardial space."]))
-    if name == "Emphysema":
-        return str(rng.choice(["Emphysematous changes are seen in both lungs.", "Emphysema is present."]))
-    if name == "Lung nodule":
-        n = len(case["nodules"])
-        count = "A nodule" if n == 1 else f"{n} nodules"
-        return str(rng.choice([f"{count} up to {2 * max(r for *_, r in case['nodules']):.0f} mm "
-                               f"{'is' if n == 1 else 'are'} seen in the lungs.", "Lung nodule is present."]))
-    if name == "Pleural effusion":
-        side = case["effusion_side"]
+        options = ["A pacemaker is seen in the left chest wall with its lead in the heart.",
+                   "Medical material is present: a cardiac pacemaker in the left chest wall.",
+                   "Medical material is observed in the left anterior chest wall (pacemaker)."]
+    elif name == "Arterial wall calcification":
+        options = ["Atherosclerotic calcified plaques are seen in the aortic wall.",
+                   "Arterial wall calcification is present in the descending aorta.",
+                   "Arterial wall calcification is observed in the aorta."]
+    elif name == "Cardiomegaly":
+        options = ["The heart is enlarged.", "Cardiomegaly is present.", "Cardiomegaly is observed."]
+    elif name == "Pericardial effusion":
+        options = ["Fluid is seen in the pericardial space.", "Pericardial effusion is present.",
+                   "Pericardial effusion is observed around the heart."]
+    elif name == "Emphysema":
+        options = ["Emphysematous changes are seen in both lungs.", "Emphysema is present in both lungs.",
+                   "Emphysema is observed in both lungs."]
+    elif name == "Lung nodule":
+        nodules = case["nodules"]
+        sides = {"right" if x > 0 else "left" for x, *_ in nodules}
+        where = "both lungs" if len(sides) == 2 else f"the {sides.pop()} lung"
+        size = f"{2 * max(r for *_, r in nodules):.0f} mm"
+        count = "A nodule" if len(nodules) == 1 else f"{len(nodules)} nodules"
+        verb = "is" if len(nodules) == 1 else "are"
+        options = [f"{count} up to {size} {verb} seen in {where}.", f"Lung nodule is present in {where}, up to {size}.",
+                   f"Lung nodule is observed in {where}."]
+    elif name == "Pleural effusion":
+        side, size = case["effusion_side"], case["effusion_size"]
         where = "bilateral" if side == "bilateral" else f"{side}-sided"
-        return f"There is a {case['effusion_size']} {where} pleural effusion."
-    if name == "Consolidation":
-        return (f"Consolidation is present in the {case['consolidation_side']} "
-                f"{case['consolidation_lobe']} lobe.")
-    raise KeyError(name)
+        on = "on both sides" if side == "bilateral" else f"on the {side}"
+        options = [f"There is a {size} {where} pleural effusion.", f"Pleural effusion is present {on}.",
+                   f"Pleural effusion is observed {on}, {size} in amount."]
+    elif name == "Consolidation":
+        lobe = f"the {case['consolidation_side']} {case['consolidation_lobe']} lobe"
+        options = [f"There is an area of consolidation in {lobe}.", f"Consolidation is present in {lobe}.",
+                   f"Consolidation is observed in {lobe}."]
+    else:
+        raise KeyError(name)
+    return str(rng.choice(options))
 
 
 def _demo_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, str]:
@@ -491,7 +550,7 @@ def write_demo_dataset(root: str | os.PathLike, n_train_patients: int = 150, n_v
 
     root = resolve_path(root)
     params = {"n_train_patients": n_train_patients, "n_valid_patients": n_valid_patients, "scale": scale,
-              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 3}
+              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 4}
     marker = root / DEMO_MARKER
     if root.is_dir() and any(root.iterdir()):
         previous = read_json(marker)
