@@ -49,9 +49,6 @@ class CxrModelSpec:
     lora_alpha: int = 8
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    # our addition (not in the seed): the auxiliary classifier's positive labels appended to the diagnostic prompt
-    findings_prompt: bool = False
-    findings_threshold: float = 0.5
 
     @property
     def feature_dim(self) -> int:
@@ -214,30 +211,6 @@ class ReportGenerator(nn.Module):
                                early_stopping=num_beams > 1, do_sample=False,
                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-def classifier_findings_prompt(prompt: str, probabilities: Sequence[float], threshold: float = 0.5) -> str:
-    """The diagnostic prompt followed by the labels the auxiliary classifier calls positive (probability >=
-    ``threshold``), e.g. ``"Describe ... Classifier findings: cardiomegaly, pleural effusion."``; ``none`` when it
-    calls no label but No Finding.
-
-    A diagnosis-driven prompt in the manner of PromptMRG (Jin et al., AAAI 2024): the LM is told in words what the
-    image classifier found, so a report states each finding the classifier sees, in any combination. It is built
-    from the image alone, the same way in training and at inference.
-    """
-    if len(probabilities) != NUM_DISEASES:
-        raise ValueError(f"expected {NUM_DISEASES} label probabilities (in LABELS order), got {len(probabilities)}")
-    names = [label.lower() for label, p in zip(LABELS, probabilities) if p >= threshold and label != "No Finding"]
-    return f"{prompt.strip()} Classifier findings: {', '.join(names) if names else 'none'}."
-
-
-def lm_prompts(spec: CxrModelSpec, prompts: Sequence[str], probabilities: torch.Tensor) -> list[str]:
-    """The prompts the LM reads: ``prompts`` as they are (the seed), or with the classifier's findings appended
-    when ``spec.findings_prompt``; ``probabilities``: (N, 14) classifier outputs in [0, 1]."""
-    if not spec.findings_prompt:
-        return [str(p) for p in prompts]
-    return [classifier_findings_prompt(str(p), row.tolist(), spec.findings_threshold)
-            for p, row in zip(prompts, probabilities)]
 
 
 def encode_example(tokenizer: Any, prompt: str, report: str, max_report_tokens: int) -> dict[str, list[int]]:

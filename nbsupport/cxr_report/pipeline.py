@@ -28,7 +28,6 @@ from nbsupport.cxr_report.model import (
     VisionModel,
     count_trainable_parameters,
     encode_example,
-    lm_prompts,
     load_language_model,
     prompt_token_ids,
 )
@@ -93,12 +92,11 @@ class TrainConfig(_ManifestStage):
     PROFILES = {
         "smoke": {"encoder": "densenet_tiny", "image_size": 64, "language_model": "tiny", "vision_epochs": 2,
                   "vision_batch_size": 8, "vision_lr": 3e-3, "epochs": 1, "batch_size": 4, "max_steps": 4,
-                  "max_report_tokens": 24, "optimizer": "adamw", "findings_prompt": True},
+                  "max_report_tokens": 24, "optimizer": "adamw"},
         # about 5 minutes on 2 CPU cores for the demo dataset (~500 training images)
         "demo": {"encoder": "densenet_small", "image_size": 128, "language_model": "smollm2-135m",
                  "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 1, "batch_size": 8,
-                 "max_steps": 70, "lr": 1e-3, "max_report_tokens": 56, "optimizer": "adamw",
-                 "findings_prompt": True},
+                 "max_steps": 70, "lr": 1e-3, "max_report_tokens": 56, "optimizer": "adamw"},
         "full": {"encoder": "densenet121", "image_size": 224, "language_model": "meta-llama/Llama-2-7b-hf",
                  "vision_epochs": 50, "epochs": 20, "batch_size": 1, "optimizer": "paged_adamw", "num_workers": 4},
     }
@@ -125,9 +123,6 @@ class TrainConfig(_ManifestStage):
     grad_clip: float | None = param(0.3, "report-stage max gradient norm (seed max_grad_norm)")
     optimizer: Literal["adamw", "paged_adamw"] = param("paged_adamw", "paged_adamw (seed; CUDA) or adamw")
     max_report_tokens: int = param(256, "report tokens kept for training (longer reports are cut)")
-    findings_prompt: bool = param(False, "our addition (PromptMRG-style): append the auxiliary classifier's positive "
-                                  "labels to the diagnostic prompt; False = the seed's prompt alone")
-    findings_threshold: float = param(0.5, "classifier probability from which a label is named in the prompt")
     num_processes: int = param(1, "processes for data-parallel training (accelerate launch)")
     num_workers: int = param(0, "data-loader worker processes (vision stage)")
 
@@ -346,9 +341,7 @@ class ReportTrainingTask:
         self.manifest, _ = read_manifest(Path(manifest), cxr_data.CXR_SCHEMA, data_root=Path(data_root),
                                          check_files=False)
         self.spec = CxrModelSpec.from_json(spec_json)
-        stored = safetensors.torch.load_file(tokens_file)
-        self.tokens = stored["disease_tokens"]  # (N, 14, C), manifest order
-        self.prompts = lm_prompts(self.spec, list(self.manifest["prompt"]), stored["probabilities"])
+        self.tokens = safetensors.torch.load_file(tokens_file)["disease_tokens"]  # (N, 14, C), manifest order
         self.tokenizer = None
 
     def build_model(self) -> ReportGenerator:
@@ -368,7 +361,7 @@ class ReportTrainingTask:
         rows = np.flatnonzero((self.manifest.split == split).to_numpy())
         out = []
         for i in rows:
-            example = encode_example(self.tokenizer, self.prompts[i], self.manifest.at[i, "report"],
+            example = encode_example(self.tokenizer, self.manifest.at[i, "prompt"], self.manifest.at[i, "report"],
                                      self.cfg.max_report_tokens)
             out.append({"disease_tokens": self.tokens[i], **example})
         return out or None
@@ -441,8 +434,7 @@ def model_spec(cfg: TrainConfig, run: RunFolder) -> CxrModelSpec:
         language_model = str(folder)
     return CxrModelSpec(encoder=cfg.encoder, image_size=cfg.image_size, language_model=language_model,
                         quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        lora_dropout=cfg.lora_dropout, findings_prompt=cfg.findings_prompt,
-                        findings_threshold=cfg.findings_threshold)
+                        lora_dropout=cfg.lora_dropout)
 
 
 @torch.no_grad()
@@ -484,8 +476,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     device = resolve_device(cfg.device)
     tokens, probs = disease_tokens(vision, manifest, root, device)
     tokens_file = run.file("disease_tokens.safetensors")
-    safetensors.torch.save_file({"disease_tokens": tokens.contiguous(), "probabilities": probs.contiguous()},
-                                str(tokens_file))
+    safetensors.torch.save_file({"disease_tokens": tokens.contiguous()}, str(tokens_file))
 
     report_settings = TrainSettings(
         epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -578,14 +569,8 @@ def load_trained_model(training_run: Path, device: torch.device) -> TrainedModel
 
 
 def generate_reports(model: TrainedModel, tokens: torch.Tensor, prompts: list[str], num_beams: int,
-                     no_repeat_ngram_size: int, max_new_tokens: int, batch_size: int,
-                     probabilities: torch.Tensor | None = None) -> list[str]:
-    """Beam-search reports for (N, 14, C) disease tokens, ``batch_size`` images per generate call; with a
-    ``findings_prompt`` model the (N, 14) classifier ``probabilities`` complete the prompts."""
-    if model.spec.findings_prompt:
-        if probabilities is None:
-            raise ValueError("this model reads the classifier's findings in its prompt: pass probabilities")
-        prompts = lm_prompts(model.spec, prompts, probabilities)
+                     no_repeat_ngram_size: int, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Beam-search reports for (N, 14, C) disease tokens, ``batch_size`` images per generate call."""
     out: list[str] = []
     for start in progress(range(0, len(prompts), batch_size), desc="generate reports"):
         chunk = slice(start, start + batch_size)
@@ -633,8 +618,7 @@ def _single_image_report(model: TrainedModel, path: Path, title: str, cfg: Any) 
     device = next(model.vision.parameters()).device
     with torch.no_grad():
         tokens, logits, _ = model.vision(x.to(device))
-    prompt = lm_prompts(model.spec, [cxr_data.DEFAULT_PROMPT], logits.sigmoid().cpu())[0]
-    report = model.generator.generate(tokens.cpu(), [prompt_token_ids(model.tokenizer, prompt)],
+    report = model.generator.generate(tokens.cpu(), [prompt_token_ids(model.tokenizer, cxr_data.DEFAULT_PROMPT)],
                                       cfg.num_beams, cfg.no_repeat_ngram_size, cfg.max_new_tokens)[0]
     probs = dict(zip(LABELS, logits.sigmoid()[0].tolist()))
     fig = disease_maps_figure(model, gray, x, report, title)
@@ -651,10 +635,10 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     if cfg.max_reports:
         part = part.head(cfg.max_reports)
     train_part = manifest[manifest.split == "train"].reset_index(drop=True)
-    tokens, probabilities = disease_tokens(model.vision, part, root, device)
+    tokens, _ = disease_tokens(model.vision, part, root, device)
     train_tokens, _ = disease_tokens(model.vision, train_part, root, device)
     generated = generate_reports(model, tokens, list(part["prompt"]), cfg.num_beams, cfg.no_repeat_ngram_size,
-                                 cfg.max_new_tokens, cfg.batch_size, probabilities)
+                                 cfg.max_new_tokens, cfg.batch_size)
     references = list(part["report"])
     systems = {"model (this run)": generated, **baseline_reports(train_tokens, list(train_part["report"]), tokens)}
     table = pd.DataFrame({name: score_reports(reports, references) for name, reports in systems.items()}).T
@@ -776,8 +760,8 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     gray = cxr_data.read_xray(path)
     x = cxr_data.load_encoder_input(path, model.spec.image_size)[None]
     with torch.no_grad():
-        tokens, logits, weights = model.vision(x.to(device))
-    prompt_ids = prompt_token_ids(model.tokenizer, lm_prompts(model.spec, [prompt], logits.sigmoid().cpu())[0])
+        tokens, _, weights = model.vision(x.to(device))
+    prompt_ids = prompt_token_ids(model.tokenizer, prompt)
     report = model.generator.generate(tokens.cpu(), [prompt_ids], cfg.num_beams, cfg.no_repeat_ngram_size,
                                       cfg.max_new_tokens)[0]
     side = int(round(weights.shape[1] ** 0.5))

@@ -12,10 +12,8 @@ from nbsupport.cxr_report.model import (
     DiseaseAttention,
     ReportGenerator,
     VisionModel,
-    classifier_findings_prompt,
     count_trainable_parameters,
     encode_example,
-    lm_prompts,
     load_language_model,
     prompt_token_ids,
 )
@@ -150,19 +148,3 @@ def test_quantized_generator_learns_to_use_the_image(tiny_lm_dir: Path, one_thre
     for k in range(2):
         assert matched[k] < before[k] - 1.0, (before, matched)
         assert matched[k] < swapped[k] - 1.0, (matched, swapped)
-
-
-def test_classifier_findings_prompt_names_the_positive_labels() -> None:
-    from nbsupport.cxr_report.labeler import LABELS
-
-    probs = [0.0] * 14
-    probs[LABELS.index("Cardiomegaly")], probs[LABELS.index("Pleural Effusion")] = 0.9, 0.5
-    probs[LABELS.index("Edema")], probs[LABELS.index("No Finding")] = 0.49, 0.99
-    assert classifier_findings_prompt("Describe.", probs) == "Describe. Classifier findings: cardiomegaly, pleural effusion."
-    assert classifier_findings_prompt("Describe.", [0.1] * 14) == "Describe. Classifier findings: none."
-    with pytest.raises(ValueError, match="14 label probabilities"):
-        classifier_findings_prompt("Describe.", [0.9] * 13)
-    seed = CxrModelSpec(findings_prompt=False)
-    assert lm_prompts(seed, ["Describe."], torch.tensor([probs])) == ["Describe."]
-    ours = CxrModelSpec(findings_prompt=True, findings_threshold=0.95)
-    assert lm_prompts(ours, ["Describe."], torch.tensor([probs])) == ["Describe. Classifier findings: none."]
