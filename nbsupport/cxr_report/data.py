@@ -422,22 +422,30 @@ class ReportImageDataset(Dataset):
 # ============================================================================================== demo data
 DEMO_SIZES = {"smoke": {"n_patients": 36, "image_size": 128, "seed": 0},
               "demo": {"n_patients": 420, "image_size": 256, "seed": 0}}
-FINDINGS = ("cardiomegaly", "effusion_left", "effusion_right", "pneumothorax", "consolidation", "nodules", "devices")
+FINDINGS = ("devices", "cardiomegaly", "mediastinum", "effusion_left", "effusion_right", "edema", "atelectasis",
+            "consolidation", "pneumothorax", "nodules", "pleural_thickening")
 _FINDING_LABEL = {"cardiomegaly": "Cardiomegaly", "effusion_left": "Pleural Effusion",
                   "effusion_right": "Pleural Effusion", "pneumothorax": "Pneumothorax",
-                  "consolidation": "Consolidation", "nodules": "Lung Lesion", "devices": "Support Devices"}
-_FINDING_WEIGHTS = np.array([0.2, 0.13, 0.13, 0.12, 0.16, 0.14, 0.12])
+                  "consolidation": "Consolidation", "nodules": "Lung Lesion", "devices": "Support Devices",
+                  "edema": "Edema", "atelectasis": "Atelectasis", "mediastinum": "Enlarged Cardiomediastinum",
+                  "pleural_thickening": "Pleural Other"}
+# Each finding is drawn independently, so images carry several at once (about 2.4 labels per image, 12 % with no
+# pathology: CheXpert has about 10 %) as real radiographs do. The order follows CheXpert's (support devices and effusions commonest,
+# pneumothorax and nodules rarer); the rare ones are raised so a few hundred demo images show each many times.
+FINDING_PREVALENCE = {"devices": 0.4, "cardiomegaly": 0.28, "mediastinum": 0.14, "effusion_left": 0.22,
+                      "effusion_right": 0.25, "edema": 0.2, "atelectasis": 0.2, "consolidation": 0.16,
+                      "pneumothorax": 0.12, "nodules": 0.14, "pleural_thickening": 0.14}
 
 
 def sample_findings(rng: np.random.Generator) -> dict[str, Any]:
-    """Findings of one synthetic study: a set of FINDINGS plus the side/zone details the image and report share."""
-    findings: set[str] = set()
-    if rng.random() > 0.22:
-        k = int(rng.choice([1, 1, 1, 2, 2, 3]))
-        findings = set(rng.choice(FINDINGS, size=k, replace=False, p=_FINDING_WEIGHTS / _FINDING_WEIGHTS.sum()))
-    return {"findings": sorted(findings), "ptx_side": str(rng.choice(["left", "right"])),
-            "cons_side": str(rng.choice(["left", "right"])), "cons_zone": str(rng.choice(["upper", "lower"])),
-            "n_nodules": int(rng.integers(1, 4)), "device": str(rng.choice(["pacemaker", "ett", "line"]))}
+    """Findings of one synthetic study: a set of FINDINGS (each present with its ``FINDING_PREVALENCE``,
+    independently) plus the side/zone/size details the image and the report share."""
+    findings = [name for name in FINDINGS if rng.random() < FINDING_PREVALENCE[name]]
+    side = lambda: str(rng.choice(["left", "right"]))
+    return {"findings": sorted(findings), "ptx_side": side(), "cons_side": side(),
+            "cons_zone": str(rng.choice(["upper", "lower"])), "atel_side": side(), "pleural_side": side(),
+            "effusion_size": str(rng.choice(["small", "moderate"])), "n_nodules": int(rng.integers(1, 4)),
+            "device": str(rng.choice(["pacemaker", "ett", "line"]))}
 
 
 def _image_x(side: str, size: int, offset: float) -> float:
@@ -450,6 +458,8 @@ def draw_radiograph(study: Mapping[str, Any], size: int, rng: np.random.Generato
     """A synthetic frontal (PA) chest radiograph (size, size) uint8 showing ``study``'s findings."""
     s = size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    # exposure and noise are drawn first, so the same random stream gives the same film whatever the findings
+    gain, offset, noise = rng.uniform(0.85, 1.15), rng.uniform(-10, 10), np.random.default_rng(rng.integers(2**31))
     img = np.full((s, s), 18.0, np.float32)
     # body soft tissue, then the two lung fields (dark), the mediastinum and spine (bright)
     img += 70 * (((xx - s / 2) / (0.46 * s)) ** 2 + ((yy - 0.55 * s) / (0.55 * s)) ** 2 < 1)
@@ -485,6 +495,8 @@ def draw_radiograph(study: Mapping[str, Any], size: int, rng: np.random.Generato
     heart = ((xx - 0.53 * s) / (heart_w / 2)) ** 2 + ((yy - 0.66 * s) / heart_h) ** 2 < 1
     img[heart] = 150
     mediastinum = (np.abs(xx - s / 2) < 0.06 * s) & (yy < 0.62 * s) & (yy > 0.1 * s)
+    if "mediastinum" in study["findings"]:  # widened superior mediastinum
+        mediastinum |= (np.abs(xx - s / 2) < 0.1 * s * rng.uniform(0.95, 1.05)) & (yy < 0.5 * s) & (yy > 0.14 * s)
     img[mediastinum] = np.maximum(img[mediastinum], 140)
     img[(np.abs(xx - s / 2) < 0.025 * s) & (yy > 0.05 * s)] += 40  # spine
     trachea = (np.abs(xx - s / 2) < 0.012 * s) & (yy < 0.36 * s) & (yy > 0.08 * s)
@@ -495,10 +507,39 @@ def draw_radiograph(study: Mapping[str, Any], size: int, rng: np.random.Generato
     for side in ("left", "right"):
         if f"effusion_{side}" in findings:
             cx = _image_x(side, s, 0.19)
-            level = 0.62 * s + rng.uniform(-0.04, 0.04) * s
+            level = (0.64 if study.get("effusion_size", "small") == "small" else 0.57) * s
+            level += rng.uniform(-0.02, 0.02) * s
             meniscus = level - 0.06 * s * np.abs((xx - cx) / (0.15 * s))  # fluid climbs laterally
             fluid = lung[side] & (yy > meniscus) | ((yy > meniscus) & (np.abs(xx - cx) < 0.16 * s) & (yy < 0.82 * s))
             img[fluid] = np.maximum(img[fluid], 135)
+    if "edema" in findings:
+        # perihilar ("bat-wing") haze in both lungs, and Kerley B lines: short horizontal septal lines at the
+        # lateral bases
+        septa = np.zeros((s, s), np.float32)
+        for side in ("left", "right"):
+            hx, sign = _image_x(side, s, 0.1), (1 if side == "left" else -1)
+            haze = np.exp(-(((xx - hx) / (0.13 * s)) ** 2 + ((yy - 0.5 * s) / (0.2 * s)) ** 2))
+            img += 55 * haze * lung[side]
+            for k in range(4):
+                y = int((0.56 + 0.03 * k) * s)
+                x_edge = _image_x(side, s, 0.31)
+                cv2.line(septa, (int(x_edge), y), (int(x_edge - sign * 0.06 * s), y), 1.0, max(1, s // 128))
+        img += 35 * septa * (lung["left"] | lung["right"])
+    if "atelectasis" in findings:
+        # plate-like (discoid) atelectasis: a thin, slightly oblique band in the mid-lower zone of one lung
+        side = study.get("atel_side", "left")
+        cx, y = _image_x(side, s, 0.19), (0.52 + rng.uniform(-0.03, 0.03)) * s
+        tilt = rng.uniform(-0.03, 0.03) * s
+        band = np.zeros((s, s), np.float32)
+        cv2.line(band, (int(cx - 0.1 * s), int(y + tilt)), (int(cx + 0.1 * s), int(y - tilt)), 1.0, max(2, s // 64))
+        img += 65 * cv2.GaussianBlur(band, (0, 0), s / 256) * lung[side]
+    if "pleural_thickening" in findings:
+        # an apical pleural cap: a bright crescent along the top of one lung
+        side = study.get("pleural_side", "left")
+        cx = _image_x(side, s, 0.19)
+        radius = ((xx - cx) / (0.15 * s)) ** 2 + ((yy - 0.5 * s) / (0.3 * s)) ** 2
+        cap = lung[side] & (radius > rng.uniform(0.72, 0.8)) & (yy < 0.34 * s)
+        img[cap] = np.maximum(img[cap], 115)
     if "pneumothorax" in findings:
         side = study["ptx_side"]
         cx = _image_x(side, s, 0.19)
@@ -521,7 +562,7 @@ def draw_radiograph(study: Mapping[str, Any], size: int, rng: np.random.Generato
         for _ in range(study["n_nodules"]):
             side = str(rng.choice(["left", "right"]))
             cx, cy = _image_x(side, s, rng.uniform(0.1, 0.27)), rng.uniform(0.28, 0.62) * s
-            cv2.circle(img, (int(cx), int(cy)), max(2, int(rng.uniform(0.014, 0.024) * s)), 125.0, -1)
+            cv2.circle(img, (int(cx), int(cy)), max(2, int(rng.uniform(0.02, 0.03) * s)), 130.0, -1)
     if "devices" in findings:
         kind = study["device"]
         width = max(1, s // 110)
@@ -537,21 +578,29 @@ def draw_radiograph(study: Mapping[str, Any], size: int, rng: np.random.Generato
                                           [int(0.47 * s), int(0.3 * s)], [int(0.49 * s), int(0.5 * s)]], np.int32)],
                           False, 235.0, width)
     img = cv2.GaussianBlur(img, (0, 0), s / 300)
-    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-10, 10) + rng.normal(0, 4, img.shape)
+    img = img * gain + offset + noise.normal(0, 4, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 _SENTENCES: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("The heart is enlarged.", "There is cardiomegaly.", "Cardiomegaly is present.",
                      "The cardiac silhouette is enlarged.", "Moderate cardiomegaly."),
-    "effusion": ("There is a {side} pleural effusion.", "Small {side} pleural effusion.",
-                 "A {side} pleural effusion is present.", "Moderate {side} pleural effusion."),
+    "mediastinum": ("Widened mediastinum.", "There is mediastinal widening.", "The mediastinal contour is widened.",
+                    "Enlarged cardiomediastinal silhouette."),
+    "pleural_thickening": ("{Side} apical pleural thickening.", "There is {side} apical pleural thickening.",
+                           "Mild {side} pleural thickening."),
+    "effusion": ("There is a {size} {side} pleural effusion.", "{Size} {side} pleural effusion.",
+                 "A {size} {side} pleural effusion is present.", "{Side} pleural effusion, {size}."),
     "effusion_both": ("There are bilateral pleural effusions.", "Bilateral pleural effusions are present.",
-                      "Small bilateral pleural effusions."),
+                      "{Size} bilateral pleural effusions."),
     "pneumothorax": ("There is a {side} pneumothorax.", "A {side} apical pneumothorax is present.",
                      "Small {side} pneumothorax.", "{Side} pneumothorax is seen."),
     "consolidation": ("There is consolidation in the {side} {zone} lobe.", "Focal {side} {zone} lobe consolidation.",
                       "{Side} {zone} lobe consolidation is present."),
+    "edema": ("There is mild pulmonary edema.", "Mild interstitial pulmonary edema.",
+              "Pulmonary vascular congestion with interstitial edema.", "Perihilar edema is present."),
+    "atelectasis": ("{Side} basilar atelectasis.", "There is {side} lower lobe atelectasis.",
+                    "Plate-like atelectasis at the {side} base.", "Linear atelectasis in the {side} lower lung."),
     "nodules": ("A pulmonary nodule is seen.", "There is a small pulmonary nodule.",
                 "Multiple pulmonary nodules are present.", "There are several pulmonary nodules."),
     "pacemaker": ("A left chest wall pacemaker is present.", "Pacemaker in place with leads in the heart."),
@@ -560,54 +609,78 @@ _SENTENCES: dict[str, tuple[str, ...]] = {
 }
 _NEGATIONS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("Heart size is normal.", "The heart is not enlarged.", "No cardiomegaly."),
+    "mediastinum": ("Normal mediastinal contours.", "The mediastinal contours are normal."),
     "effusion": ("No pleural effusion.", "There is no pleural effusion.", "No effusion is seen."),
     "pneumothorax": ("No pneumothorax.", "There is no pneumothorax.", "Pneumothorax is not seen."),
     "consolidation": ("No focal consolidation.", "There is no consolidation.", "No consolidation is seen."),
+    "edema": ("No pulmonary edema.", "There is no edema.", "No evidence of pulmonary edema."),
 }
+# pleura: the commonest negation in real reports names both at once
+_NEGATION_PLEURA = ("No pneumothorax or pleural effusion.", "No pleural effusion or pneumothorax.",
+                    "There is no pleural effusion or pneumothorax.")
 _NORMAL = ("No acute cardiopulmonary abnormality.", "The lungs are clear.", "Normal chest radiograph.")
 _NEG_LABEL = {"cardiomegaly": "Cardiomegaly", "effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax",
-              "consolidation": "Consolidation"}
+              "consolidation": "Consolidation", "edema": "Edema", "mediastinum": "Enlarged Cardiomediastinum"}
+_NEGATION_RATE = 0.45  # each absent finding is stated as absent with this probability
 
 
 def write_report(study: Mapping[str, Any], rng: np.random.Generator) -> tuple[str, str, dict[str, float | None]]:
     """(findings section, impression section, CheXbert-style labels) of a synthetic study in varied phrasing,
-    with negations of some absent findings; the labels say what the findings text states."""
+    with negations of some absent findings; the labels say what the findings text states.
+
+    Sentences follow a radiologist's order: support devices, lungs, pleura, heart, then what is absent.
+    """
     f = set(study["findings"])
     pick = lambda options: str(options[int(rng.integers(len(options)))])
+
+    def say(key: str, side: str = "", **extra: str) -> str:
+        return pick(_SENTENCES[key]).format(side=side, Side=side.capitalize(), **extra)
+
+    size = str(study.get("effusion_size", "small"))
     sentences = []
     if "devices" in f:
         sentences.append(pick(_SENTENCES[study["device"]]))
     if "consolidation" in f:
-        sentences.append(pick(_SENTENCES["consolidation"]).format(side=study["cons_side"], zone=study["cons_zone"],
-                                                                   Side=study["cons_side"].capitalize()))
+        sentences.append(say("consolidation", study["cons_side"], zone=study["cons_zone"]))
+    if "atelectasis" in f:
+        sentences.append(say("atelectasis", str(study.get("atel_side", "left"))))
+    if "edema" in f:
+        sentences.append(say("edema"))
     if "nodules" in f:
         sentences.append(pick(_SENTENCES["nodules"][2:] if study["n_nodules"] > 1 else _SENTENCES["nodules"][:2]))
     if "pneumothorax" in f:
-        sentences.append(pick(_SENTENCES["pneumothorax"]).format(side=study["ptx_side"],
-                                                                  Side=study["ptx_side"].capitalize()))
+        sentences.append(say("pneumothorax", study["ptx_side"]))
+    if "pleural_thickening" in f:
+        sentences.append(say("pleural_thickening", str(study.get("pleural_side", "left"))))
     if {"effusion_left", "effusion_right"} <= f:
-        sentences.append(pick(_SENTENCES["effusion_both"]))
+        sentences.append(say("effusion_both", size=size, Size=size.capitalize()))
     elif "effusion_left" in f or "effusion_right" in f:
         side = "left" if "effusion_left" in f else "right"
-        sentences.append(pick(_SENTENCES["effusion"]).format(side=side))
+        sentences.append(say("effusion", side, size=size, Size=size.capitalize()))
     if "cardiomegaly" in f:
-        sentences.append(pick(_SENTENCES["cardiomegaly"]))
+        sentences.append(say("cardiomegaly"))
+    if "mediastinum" in f:
+        sentences.append(say("mediastinum"))
     present = {"effusion" if k.startswith("effusion") else k for k in f}
     labels: dict[str, float | None] = {name: None for name in LABELS}
     for k in f:
         labels[_FINDING_LABEL[k]] = 1.0
-    absent = [k for k in _NEGATIONS if k not in present]
-    for k in rng.permutation(absent)[: int(rng.integers(0, 3))]:
-        sentences.append(pick(_NEGATIONS[str(k)]))
-        labels[_NEG_LABEL[str(k)]] = 0.0
+    negated = [k for k in _NEGATIONS if k not in present and rng.random() < _NEGATION_RATE]
+    for k in negated:
+        labels[_NEG_LABEL[k]] = 0.0
+    if {"pneumothorax", "effusion"} <= set(negated) and rng.random() < 0.7:
+        negated = [k for k in negated if k not in ("pneumothorax", "effusion")]
+        sentences.append(pick(_NEGATION_PLEURA))
+    sentences.extend(pick(_NEGATIONS[k]) for k in negated)
     pathology = present - {"devices"}
     if not pathology:
         sentences.insert(1 if "devices" in f else 0, pick(_NORMAL))
         labels["No Finding"] = 1.0
     findings = " ".join(sentences)
     names = sorted({_FINDING_LABEL[k].lower() for k in f if k != "devices"})
-    impression = "No acute cardiopulmonary process." if not pathology else ("Findings consistent with "
-                                                                             + " and ".join(names) + ".").capitalize()
+    listed = names[0] if len(names) == 1 else (", ".join(names[:-1]) + " and " + names[-1]) if names else ""
+    impression = ("No acute cardiopulmonary process." if not pathology
+                  else ("Findings consistent with " + listed + ".").capitalize())
     return findings, impression, labels
 
 

@@ -43,22 +43,61 @@ def test_demo_reports_say_what_their_labels_say(demo_root: Path) -> None:
     # varied phrasing and negations, several findings
     assert df["section_findings"].nunique() > len(df) // 2
     assert df["section_findings"].str.contains(r"\bno\b", case=False).any()
+    positives = [sum(v == 1.0 for k, v in r.items() if k not in ("path_to_image", "No Finding"))
+                 for r in records.values()]
+    assert max(positives) >= 3
+
+
+_STUDY = {"ptx_side": "left", "cons_side": "left", "cons_zone": "lower", "atel_side": "left", "pleural_side": "left",
+          "effusion_size": "small", "n_nodules": 1, "device": "ett"}
+
+
+def _draw(*findings: str) -> np.ndarray:
+    """The same synthetic patient (same random stream) with ``findings``, at 128 px, as float."""
+    return cxr_data.draw_radiograph({**_STUDY, "findings": list(findings)}, 128, np.random.default_rng(1)).astype(float)
+
+
+def _region(rows: tuple[float, float], cols: tuple[float, float]) -> tuple[slice, slice]:
+    return slice(int(rows[0] * 128), int(rows[1] * 128)), slice(int(cols[0] * 128), int(cols[1] * 128))
 
 
 def test_findings_are_visible_in_the_images() -> None:
-    """Cardiomegaly widens the bright heart; an effusion brightens the lung base on the patient's side."""
-    rng = np.random.default_rng(0)
-    base = {"ptx_side": "left", "cons_side": "left", "cons_zone": "lower", "n_nodules": 1, "device": "ett"}
-    normal = cxr_data.draw_radiograph({**base, "findings": []}, 128, np.random.default_rng(1)).astype(float)
-    big = cxr_data.draw_radiograph({**base, "findings": ["cardiomegaly"]}, 128, np.random.default_rng(1))
+    """Each finding changes the image where a radiologist would look for it, on the patient's side (a PA film shows
+    the patient's left on the image's right), and leaves the other side alone."""
+    normal = _draw()
     row = int(0.66 * 128)
-    assert (big[row] > 120).sum() > (normal[row] > 120).sum() + 10
-    effusion = cxr_data.draw_radiograph({**base, "findings": ["effusion_left"]}, 128, np.random.default_rng(1))
-    left_base = (slice(int(0.68 * 128), int(0.76 * 128)), slice(int(0.62 * 128), int(0.8 * 128)))  # image right
-    right_base = (slice(int(0.68 * 128), int(0.76 * 128)), slice(int(0.2 * 128), int(0.38 * 128)))
+    assert (_draw("cardiomegaly")[row] > 120).sum() > (normal[row] > 120).sum() + 10
+    left_base, right_base = _region((0.68, 0.76), (0.62, 0.8)), _region((0.68, 0.76), (0.2, 0.38))
+    effusion = _draw("effusion_left")
     assert effusion[left_base].mean() > normal[left_base].mean() + 30
-    assert abs(float(effusion[right_base].mean()) - normal[right_base].mean()) < 15
-    del rng
+    assert abs(effusion[right_base].mean() - normal[right_base].mean()) < 3
+    upper_mediastinum_edge = _region((0.2, 0.45), (0.38, 0.43))
+    assert _draw("mediastinum")[upper_mediastinum_edge].mean() > normal[upper_mediastinum_edge].mean() + 30
+    perihilar = [_region((0.42, 0.58), (0.32, 0.42)), _region((0.42, 0.58), (0.58, 0.68))]
+    edema = _draw("edema")
+    assert all(edema[r].mean() > normal[r].mean() + 10 for r in perihilar)
+    rise = lambda image, region: float((image[region] - normal[region]).mean(axis=1).max())  # thin: row means
+    band, other_side = _region((0.47, 0.57), (0.62, 0.76)), _region((0.47, 0.57), (0.24, 0.38))
+    atelectasis = _draw("atelectasis")
+    assert rise(atelectasis, band) > 25 and abs(rise(atelectasis, other_side)) < 3
+    apex, other_apex = _region((0.2, 0.34), (0.58, 0.8)), _region((0.2, 0.34), (0.2, 0.42))
+    cap = _draw("pleural_thickening")
+    assert rise(cap, apex) > 25 and abs(rise(cap, other_apex)) < 3
+
+
+def test_findings_co_occur_independently() -> None:
+    """Findings are drawn independently at their prevalence: many images carry several, some none, and the
+    combinations are many (a nearest-neighbour report cannot simply copy one of a few stock reports)."""
+    rng = np.random.default_rng(0)
+    studies = [cxr_data.sample_findings(rng)["findings"] for _ in range(2000)]
+    counts = np.array([len(set(f) - {"devices"}) for f in studies])  # pathologies
+    assert 0.1 < (counts == 0).mean() < 0.2 and (counts >= 3).mean() > 0.25
+    for name, prevalence in cxr_data.FINDING_PREVALENCE.items():
+        assert abs(np.mean([name in f for f in studies]) - prevalence) < 0.04, name
+    assert len({tuple(f) for f in studies}) > 300
+    cardio = np.array(["cardiomegaly" in f for f in studies])
+    effusion = np.array(["effusion_left" in f for f in studies])
+    assert abs(effusion[cardio].mean() - effusion[~cardio].mean()) < 0.06  # independent
 
 
 def test_manifest_splits_by_patient_and_keeps_valid_for_test(demo_root: Path, tmp_path: Path) -> None:
