@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbsupport.metrics import POSITIONS
 from nbsupport.prs_med.data import IMAGENET_MEAN, IMAGENET_STD, N_MODALITY_CLASSES
 
 IMAGE_TOKEN = "<image>"
@@ -61,6 +62,9 @@ class PRSMedSpec:
     vision_layers: int = 2
     vision_stem: str = "patch"  # assembled towers: 'patch' (CLIP's one linear patch conv) or 'conv' (ConvPatchStem)
     projector: str = "mlp"  # assembled VLMs: 'mlp' (LLaVA's per-token 2-layer MLP) or 'spatial' (SpatialProjector)
+    image_tokens_at: str = "start"  # 'start' (LLaVA/official: right after BOS) or 'before_answer' (after the prompt)
+    position_head: bool = False  # our addition: a 5-way position classifier on the projected image tokens
+    answer_loss_to_vision: bool = True  # False (our addition): the answer loss stops at the image tokens
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -324,6 +328,7 @@ class PRSMedOutput:
     cross_attention: torch.Tensor | None  # (B, g*g, T)
     vlm_attentions: tuple[torch.Tensor, ...] | None  # per LM layer (B, heads, T, T)
     input_ids: torch.Tensor  # (B, T)
+    position_logits: torch.Tensor | None = None  # (B, image tokens, 5) with spec.position_head, over POSITIONS
 
 
 class PRSMedNet(nn.Module):
@@ -345,6 +350,21 @@ class PRSMedNet(nn.Module):
         # back with the trainer's step on resume: schedules keyed on it (the early modality loss) continue instead of
         # restarting at zero.
         self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
+        if spec.image_tokens_at not in ("start", "before_answer"):
+            raise ValueError(f"image_tokens_at must be 'start' or 'before_answer', got {spec.image_tokens_at!r}")
+        # Our addition (spec.position_head, off in the public code): every projected image token is classified into
+        # the five positions, trained on the label position_of(mask) gives, so that the tokens the language model
+        # attends to state the position explicitly and its answer only has to copy it.
+        self.position_classifier = nn.Linear(text_config.hidden_size, len(POSITIONS)) if spec.position_head else None
+        self._projected: list[torch.Tensor] = []
+        if spec.position_head or not spec.answer_loss_to_vision:
+            self.llava.model.multi_modal_projector.register_forward_hook(self._keep_projected)
+
+    def _keep_projected(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the projector: keeps its output for the position head; without
+        ``answer_loss_to_vision`` the language model gets it detached, so the answer loss trains LoRA only."""
+        self._projected.append(output)
+        return output if self.spec.answer_loss_to_vision else output.detach()
 
     @property
     def llava(self) -> Any:
@@ -374,7 +394,8 @@ class PRSMedNet(nn.Module):
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         seqs, labels = [], []
         for i, q in enumerate(questions):
-            prompt = bos + image_ids + tok(prompt_text(q), add_special_tokens=False)["input_ids"]
+            text = tok(prompt_text(q), add_special_tokens=False)["input_ids"]
+            prompt = bos + (image_ids + text if self.spec.image_tokens_at == "start" else text + image_ids)
             if answers is None:
                 seqs.append(prompt)
                 continue
@@ -441,8 +462,14 @@ class PRSMedNet(nn.Module):
         # The LlavaModel under the LoRA wrapper (LoRA is injected in place): hidden states without the vocabulary
         # projection, which is then applied to the answer positions only -- on SmolLM2 the 49k-word head costs as
         # much as seven decoder layers per token, and most tokens are image or question tokens.
+        self._projected.clear()
         out = self.llava.model(input_ids=input_ids, attention_mask=attention_mask,
                                pixel_values=self.vlm_pixels(images), output_attentions=return_attention)
+        position_logits = None
+        if self.position_classifier is not None:
+            projected = self._projected[-1]
+            position_logits = self.position_classifier(projected.view(images.shape[0], -1, projected.shape[-1]))
+            self._projected.clear()
         prompt = out.last_hidden_state  # (B, T, H)
         lm_loss = None
         if labels is not None:
@@ -460,7 +487,7 @@ class PRSMedNet(nn.Module):
         logits, cross = self.mask_decoder(image_embeddings, prompt, attention_mask, images.shape[-1],
                                           return_attention=return_attention)
         return PRSMedOutput(logits, lm_loss, self.modality_classifier(image_embeddings), cross,
-                            out.attentions if return_attention else None, input_ids)
+                            out.attentions if return_attention else None, input_ids, position_logits)
 
     @torch.no_grad()
     def generate_answers(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 24) -> list[str]:

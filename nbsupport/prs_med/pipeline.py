@@ -74,11 +74,12 @@ class TrainConfig(_ManifestStage):
         "smoke": {"vlm": "tiny", "image_size": 64, "sam_hidden": 32, "sam_out_channels": 32, "vision_size": 64,
                   "vision_patch": 16, "vision_hidden": 32, "decoder_hidden": 32, "epochs": 2, "batch_size": 10,
                   "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
-        # 343 s of CPU time for preprocess + train + image-only baseline + test evaluation on the 650-image demo set
+        # 513 s of CPU time for all four notebooks (train, image-only baseline, test evaluation) on the 650-image demo
+        # set; image tokens before the answer + the position loss on them (our additions, benchmarks/RESULTS.md)
         "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
-                 "projector": "spatial", "epochs": 3, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 2.5,
-                 "lambda_txt": 1.0,
-                 "position_weight": 5.0, "cls_epochs": 2},
+                 "projector": "spatial", "epochs": 4, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 0.75,
+                 "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2, "image_tokens_at": "before_answer",
+                 "lambda_position": 1.0, "answer_loss_to_vision": False},
         "full": {"sam_path": "weights/sam-vit-base", "vlm": "weights/llava-med-v1.5-mistral-7b-hf", "image_size": 1024,
                  "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
                  "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
@@ -98,6 +99,8 @@ class TrainConfig(_ManifestStage):
     vision_layers: int = param(2, "assembled VLM: vision tower depth")
     vision_stem: str = param("patch", "assembled VLM: 'patch' (CLIP's linear patch conv) or 'conv' (small conv stem)")
     projector: str = param("mlp", "assembled VLM: 'mlp' (LLaVA's per-token MLP) or 'spatial' (+ a whole-grid branch)")
+    image_tokens_at: str = param("start", "where the image tokens sit: 'start' (after BOS, as LLaVA/official) or "
+                                 "'before_answer' (after the prompt; our addition)")
     lora_r: int = param(16, "LoRA rank on q/k/v/o of the language model")
     lora_alpha: int = param(16, "LoRA alpha")
     lora_dropout: float = param(0.05, "LoRA dropout")
@@ -112,6 +115,10 @@ class TrainConfig(_ManifestStage):
     position_weight: float = param(1.0, "weight of the answer's position-word tokens in the answer loss")
     vision_lr_scale: float = param(1.0, "lr of the assembled VLM's random vision tower + projector, times lr")
     lambda_cls: float = param(0.5, "weight of the modality cross-entropy")
+    lambda_position: float = param(0.0, "weight of the image tokens' 5-way position loss (label from the mask; "
+                                   "our addition, 0 = off as in the official code)")
+    answer_loss_to_vision: bool = param(True, "the answer loss trains the assembled VLM's vision tower + projector "
+                                        "too (official); False: only the position loss does (our addition)")
     cls_epochs: int = param(5, "epochs during which the modality loss is on (official: 5)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
     max_new_tokens: int = param(24, "longest generated answer (tokens)")
@@ -128,7 +135,9 @@ class TrainConfig(_ManifestStage):
                           vlm=self.vlm, vlm_num_layers=self.vlm_num_layers, vision_size=self.vision_size,
                           vision_patch=self.vision_patch, vision_hidden=self.vision_hidden,
                           vision_layers=self.vision_layers, vision_stem=self.vision_stem,
-                          projector=self.projector, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                          projector=self.projector, image_tokens_at=self.image_tokens_at,
+                          position_head=self.lambda_position > 0, answer_loss_to_vision=self.answer_loss_to_vision,
+                          lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                           lora_dropout=self.lora_dropout, decoder_hidden=self.decoder_hidden, seed=self.seed)
 
 
@@ -251,9 +260,15 @@ class PRSMedTrainingTask:
         enc = model.encode(batch["question"], batch["answer"], device=device)
         out = model(batch["image"], enc["input_ids"], enc["attention_mask"], enc["labels"],
                     position_weight=self.cfg.position_weight)
-        return {"seg": structure_loss(out.mask_logits, batch["mask"]), "lm": out.lm_loss,
-                "cls": torch.nn.functional.cross_entropy(out.modality_logits, batch["modality"].to(device)),
-                "logits": out.mask_logits}
+        parts = {"seg": structure_loss(out.mask_logits, batch["mask"]), "lm": out.lm_loss,
+                 "cls": torch.nn.functional.cross_entropy(out.modality_logits, batch["modality"].to(device)),
+                 "logits": out.mask_logits}
+        if out.position_logits is not None:  # every image token classified; the label is position_of(mask)
+            labels = torch.tensor([POSITIONS.index(p) for p in batch["position"]], device=device)
+            per_token = out.position_logits.flatten(0, 1)
+            parts["position"] = torch.nn.functional.cross_entropy(
+                per_token, labels.repeat_interleave(out.position_logits.shape[1]))
+        return parts
 
     def trainable_parameters(self, model: PRSMedNet) -> list[dict[str, Any]]:
         """AdamW groups: the assembled VLM's random vision tower + projector at ``vision_lr_scale * lr`` (they start
@@ -272,6 +287,8 @@ class PRSMedTrainingTask:
         bare = getattr(model, "module", model)
         parts = self.losses(bare, batch)
         loss = parts["seg"] + self.cfg.lambda_txt * parts["lm"]
+        if "position" in parts:
+            loss = loss + self.cfg.lambda_position * parts["position"]
         # The step count lives in the model (restored from the checkpoint on resume), not in this task object,
         # which a resumed run rebuilds from scratch.
         if int(bare.trained_batches) < self.cls_steps:

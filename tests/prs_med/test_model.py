@@ -193,3 +193,35 @@ def test_the_network_learns_masks_and_answers_of_a_small_set() -> None:
         out = model(images, **enc)
     assert float(structure_loss(out.mask_logits, targets)) < 0.85 * first[0]
     assert float(out.lm_loss) < first[1] - 0.2
+
+
+def test_image_tokens_before_the_answer_and_the_position_head() -> None:
+    """Our additions: the image tokens can sit right before the answer, and every projected image token gets a
+    5-way position classification whose loss reaches the vision tower and projector (not the frozen LM)."""
+    import dataclasses
+
+    from nbsupport.metrics import POSITIONS
+
+    model = PRSMedNet(dataclasses.replace(TINY, image_tokens_at="before_answer", position_head=True))
+    enc = model.encode(["Where is it?", "Which part of the image contains the polyp?"],
+                       ["center", "It is in the top left."])
+    ids, labels = enc["input_ids"], enc["labels"]
+    n_image = model.n_image_tokens
+    for i in range(2):
+        first_answer = int((labels[i] != -100).nonzero()[0])
+        assert (ids[i, first_answer - n_image:first_answer] == model.image_token_id).all()
+        assert (ids[i, :first_answer - n_image] != model.image_token_id).all()
+    left = model.encode(["Where is it?", "Which part of the image contains the polyp?"])
+    assert (left["input_ids"][:, -n_image:] == model.image_token_id).all()
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images, **enc)
+    assert out.position_logits is not None and out.position_logits.shape == (2, n_image, len(POSITIONS))
+    target = torch.tensor([0, 1]).repeat_interleave(n_image)
+    torch.nn.functional.cross_entropy(out.position_logits.flatten(0, 1), target).backward()
+    projector = model.llava.model.multi_modal_projector
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+    assert all(p.grad is None for n, p in model.vlm.named_parameters() if "lora_" in n)
+    public = PRSMedNet(TINY)
+    assert public(images, **public.encode(["Q?"] * 2)).position_logits is None
+    with pytest.raises(ValueError, match="image_tokens_at"):
+        PRSMedNet(dataclasses.replace(TINY, image_tokens_at="end"))

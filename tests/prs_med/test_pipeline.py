@@ -91,3 +91,31 @@ def test_modality_loss_schedule_survives_a_resume(tmp_path: Path) -> None:
     parts = resumed.losses(fresh, batch)
     with_cls = parts["seg"] + task.cfg.lambda_txt * parts["lm"] + task.cfg.lambda_cls * parts["cls"]
     assert torch.allclose(resumed.training_step(fresh, batch), with_cls, atol=1e-5)
+
+
+def test_position_loss_joins_the_training_step(tmp_path: Path) -> None:
+    """``lambda_position`` > 0 (our addition) adds the image tokens' position cross-entropy against the manifest's
+    position (from the mask) to the step's loss; without ``answer_loss_to_vision`` the answer loss leaves the vision
+    tower untouched."""
+    from nbsupport.manifest import write_manifest
+
+    root = data.write_demo_dataset(tmp_path / "d", n_train=4, n_val=0, n_test=0, image_size=32,
+                                   tasks=("polyp_endoscopy",))
+    manifest, _ = data.build_manifest(root)
+    write_manifest(manifest, tmp_path / "m.csv", data.PRSMED_SCHEMA, root)
+    config = pipeline.TrainConfig.from_params({"profile": "smoke", "image_size": 32, "vision_size": 32,
+                                               "lora_dropout": 0.0, "lambda_position": 2.0,
+                                               "image_tokens_at": "before_answer",
+                                               "answer_loss_to_vision": False}).to_dict()
+    task = pipeline.training_task(config, str(tmp_path / "m.csv"), str(root))
+    model = task.build_model().eval()
+    batch = data.collate_qa([task.train_dataset()[i] for i in range(4)])
+    parts = task.losses(model, batch)
+    assert 0.5 < float(parts["position"]) < 5  # 5-way cross-entropy of an untrained head (chance: 1.61)
+    expected = parts["seg"] + parts["lm"] + task.cfg.lambda_cls * parts["cls"] + 2.0 * parts["position"]
+    assert torch.allclose(task.training_step(model, batch), expected, atol=1e-5)
+    model.zero_grad()
+    parts["lm"].backward()
+    tower = model.llava.model.vision_tower
+    assert all(p.grad is None for p in tower.parameters())
+    assert any(p.grad is not None for n, p in model.vlm.named_parameters() if "lora_" in n)
