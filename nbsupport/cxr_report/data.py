@@ -280,7 +280,7 @@ def read_chexpert_plus(root: Path, report_section: str = "findings", prompt: str
         row.update({c: values.get(n) for c, n in zip(LABEL_COLUMNS, LABELS)})
         rows.append(row)
     if problems:
-        raise ManifestError(problems, csv)
+        raise ManifestError(problems + undecodable_images(rows), csv)
     return pd.DataFrame(rows)
 
 
@@ -314,7 +314,7 @@ def read_seed_csv(csv: Path) -> pd.DataFrame:
         row.update({c: labels.get(n) for c, n in zip(LABEL_COLUMNS, LABELS)})
         rows.append(row)
     if problems:
-        raise ManifestError(problems, csv)
+        raise ManifestError(problems + undecodable_images(rows), csv)
     return pd.DataFrame(rows)
 
 
@@ -355,6 +355,27 @@ def build_manifest(root: Path, report_section: str = "findings", prompt: str = D
     return df.drop(columns=["source_split"])
 
 
+_DECODE_ERRORS = (OSError, ValueError, cv2.error)  # DicomError is a ValueError; each is one bad file
+
+
+def _decode_problem(record: dict[str, Any], err: Exception) -> ManifestProblem:
+    csv_name, line, column = record.get(SOURCE_LINE) or (None, None, "source_image")
+    return ManifestProblem(line, column, f"cannot decode {Path(record['source_image']).name} "
+                           f"({type(err).__name__}: {err}); expected a JPEG, PNG or DICOM image", file=csv_name)
+
+
+def undecodable_images(records: Sequence[dict[str, Any]]) -> list[ManifestProblem]:
+    """A problem for each record whose ``source_image`` cannot be decoded. The readers call it only when they
+    already refuse the table, so that one error lists every problem; a clean table is decoded once, while resizing."""
+    problems = []
+    for r in records:
+        try:
+            read_xray(r["source_image"])
+        except _DECODE_ERRORS as err:
+            problems.append(_decode_problem(r, err))
+    return problems
+
+
 def write_resized_images(manifest: pd.DataFrame, root: Path, size: int, folder: str) -> pd.DataFrame:
     """Write each ``source_image`` as a (size, size, 3) 8-bit PNG under ``root/folder`` (skipped when present);
     returns the manifest with ``image`` set to it (relative to ``root``).
@@ -370,11 +391,8 @@ def write_resized_images(manifest: pd.DataFrame, root: Path, size: int, folder: 
         if not target.is_file():
             try:
                 rgb = resize_rgb(read_xray(r["source_image"]), size)
-            except (OSError, ValueError, cv2.error) as err:  # DicomError is a ValueError; each is one bad file
-                csv_name, line, column = r.get(SOURCE_LINE) or (None, None, "source_image")
-                problems.append(ManifestProblem(line, column, f"cannot decode {Path(r['source_image']).name} "
-                                                f"({type(err).__name__}: {err}); expected a JPEG, PNG or DICOM image",
-                                                file=csv_name))
+            except _DECODE_ERRORS as err:
+                problems.append(_decode_problem(r, err))
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             ok, encoded = cv2.imencode(".png", rgb[..., ::-1])

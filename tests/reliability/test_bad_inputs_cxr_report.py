@@ -178,13 +178,15 @@ DATASET_CASES = [
     BadInput("cxr_report_missing_csv_column", lambda root: _drop_column(root, "deid_patient_id")),
     BadInput("cxr_report_seed_empty_report", seed_csv(empty_seed_report, "target_report", "empty; expected text", 5)),
     BadInput("cxr_report_seed_missing_image", seed_csv(missing_seed_image, "image_path", "does not exist", 6)),
-    # The CSV and label files are checked first, every problem at once (missing images included); then every
-    # image is decoded, every undecodable one reported at once.
+    # Every problem of the CSV, the label file and the images comes in one error.
     BadInput("cxr_report_undecodable_images_at_once", several(
         jpeg_bytes(0, cut(0.5), "truncated JPEG"), as_png(2, cut(0.3), "cannot decode"),
         as_dicom(4, 0.9, "cannot decode"))),
     BadInput("cxr_report_csv_problems_at_once", several(
         remove_image(1), duplicate_row(3), chexbert(0, set_label("Fracture", 5), "Fracture", "got 5"))),
+    BadInput("cxr_report_table_and_image_problems_at_once", several(
+        remove_image(1), jpeg_bytes(0, cut(0.5), "truncated JPEG"), as_dicom(4, 0.9, "cannot decode"),
+        chexbert(2, set_label("Edema", 3), "Edema", "got 3"))),
 ]
 
 
