@@ -55,6 +55,11 @@ class LLMSegSpec:
     # Positional encoding of the voxels in the fusion: "zeros" as the public code (image_pe = 0); "random" adds SAM's
     # random Fourier features (MONAI's PositionEmbeddingRandom), so a text token can attend to one side of the patch.
     image_pe: str = "zeros"
+    # Which hidden state of a sentence encoder is the report feature: "mean" (attention-masked mean, the pooling the
+    # sentence encoder was trained with) or "last_word" (the report's last token before [SEP], where the public
+    # code's causal <SEG> feature sits; our addition). In "N0, cT2, breast conserving surgery, left side" the mean is
+    # dominated by the three surgery tokens (the side is 3 % of its variance over reports, the last word's 55 %).
+    text_readout: str = "mean"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -68,6 +73,8 @@ class LLMSegSpec:
     def fingerprint(self) -> str:
         """Hash of the architecture (not of the roi, which only affects inference)."""
         arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("roi",)}
+        if arch["text_readout"] == "mean":
+            del arch["text_readout"]  # specs written before the field existed keep their fingerprint
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -80,17 +87,23 @@ class ReportEncoder(nn.Module):
 
     * ``causal`` (Llama, SmolLM2, ...): the last hidden state at the ``<SEG>`` token appended to every report,
       as the public code does (causal mask, so ``<SEG>`` sees the context and the whole report);
-    * ``sentence`` (BERT-style, e.g. all-MiniLM-L6-v2): attention-masked mean of the last hidden states, the
-      pooling the sentence encoder was trained with (a bidirectional encoder has no natural ``<SEG>`` position).
+    * ``sentence`` (BERT-style, e.g. all-MiniLM-L6-v2): ``readout="mean"``: attention-masked mean of the last
+      hidden states, the pooling the sentence encoder was trained with (a bidirectional encoder has no natural
+      ``<SEG>`` position); ``readout="last_word"``: the last hidden state of the report's last token (before
+      ``[SEP]``), at the end of the report as the causal ``<SEG>`` feature is (it still sees the whole report).
 
     Gradients flow through the frozen encoder into ``contexts`` only. Nothing is cached: the contexts change at
     every step, so every forward pass runs the encoder (cheap for MiniLM; for a 7B LLM use a GPU).
     """
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, kind: Literal["sentence", "causal"], n_prompts: int,
-                 context_length: int, max_report_tokens: int = 120):
+                 context_length: int, max_report_tokens: int = 120, readout: str = "mean"):
         super().__init__()
+        if readout not in ("mean", "last_word") or (kind == "causal" and readout != "mean"):
+            raise ValueError(f"readout must be 'mean' or 'last_word' (sentence encoders only), got {readout!r} for "
+                             f"a {kind} encoder")
         self.kind = kind
+        self.readout = readout
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.max_report_tokens = max_report_tokens
@@ -159,6 +172,11 @@ class ReportEncoder(nn.Module):
             # right padding: <SEG> is the last unmasked position (public code: argmax(ids) + context_length)
             seg_pos = full_mask.sum(1) - 1
             feats = out[torch.arange(p * b, device=device), seg_pos]
+        elif self.readout == "last_word":
+            # right padding: [SEP] is the last unmasked position, the report's last word just before it (an empty
+            # report reads the last context embedding's state)
+            word_pos = (full_mask.sum(1) - 2).clamp(min=0)
+            feats = out[torch.arange(p * b, device=device), word_pos]
         else:
             m = full_mask.unsqueeze(-1).to(out.dtype)
             feats = (out * m).sum(1) / m.sum(1).clamp(min=1e-6)
@@ -200,13 +218,14 @@ def build_report_encoder(spec: LLMSegSpec, seed: int = 0) -> ReportEncoder:
         else:
             backbone, tokenizer = tiny_sentence_encoder(seed)
         return ReportEncoder(backbone, tokenizer, "sentence", spec.n_prompts, spec.context_length,
-                             spec.max_report_tokens)
+                             spec.max_report_tokens, readout=spec.text_readout)
     if kind == "causal":
         backbone, tokenizer = models.load_causal_lm(spec.text_encoder_path or models.SMOLLM2_ALIAS)
     else:
         backbone, tokenizer = models.tiny_causal_lm(seed=seed)
     add_seg_token(backbone, tokenizer)
-    return ReportEncoder(backbone, tokenizer, "causal", spec.n_prompts, spec.context_length, spec.max_report_tokens)
+    return ReportEncoder(backbone, tokenizer, "causal", spec.n_prompts, spec.context_length, spec.max_report_tokens,
+                         readout=spec.text_readout)
 
 
 def add_seg_token(model: Any, tokenizer: Any) -> int:

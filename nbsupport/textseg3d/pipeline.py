@@ -92,6 +92,9 @@ class TrainConfig(_ManifestStage):
     center_text: bool = param(False, "subtract the empty report's text tokens (our addition, not in the public code)")
     image_pe: Literal["zeros", "random"] = param("zeros", "voxel positional encoding in the fusion: zeros (public "
                                                           "code) or SAM's random Fourier features (our addition)")
+    text_readout: Literal["mean", "last_word"] = param(
+        "mean", "sentence encoders: report feature = mean of the hidden states, or the hidden state of the report's "
+                "last word, where the public code's causal <SEG> feature sits (our addition)")
     roi: tuple[int, int, int] = param((64, 352, 352), "(D, H, W) training crop and sliding-window patch; "
                                                        "multiples of 32 (seed's command; our D-first reading)")
     epochs: int = param(101, "training epochs (public code max_epochs)")
@@ -102,6 +105,8 @@ class TrainConfig(_ManifestStage):
     warmup_epochs: int = param(10, "linear warm-up epochs before the cosine decay")
     grad_clip: float | None = param(None, "gradient norm clipping (None: off)")
     neg_ratio: float = param(0.1, "RandCropByPosNegLabeld neg (pos = 1)")
+    side_mirror_prob: float = param(0.0, "probability of mirroring a training crop left-right with the report's side "
+                                         "swapped (our addition; 0 = public code)")
     image_only_baseline: bool = param(True, "also train the same UNet without text, same budget (the ablation)")
     num_processes: int = param(1, "processes for data-parallel training (accelerate launch)")
     num_workers: int = param(0, "data-loader worker processes")
@@ -112,6 +117,8 @@ class TrainConfig(_ManifestStage):
             raise ValueError(f"roi {self.roi} must be divisible by 32 in every dimension")
         if max(self.roi) < 64:
             raise ValueError(f"roi {self.roi}: at least one side must be >= 64 (the 1/32 scale needs > 1 voxel)")
+        if not 0 <= self.side_mirror_prob <= 1:
+            raise ValueError(f"side_mirror_prob must be in [0, 1], got {self.side_mirror_prob}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +259,7 @@ def model_spec(cfg: TrainConfig, use_text: bool = True) -> LLMSegSpec:
     return LLMSegSpec(feature_size=cfg.feature_size, n_prompts=cfg.n_prompts, context_length=cfg.context_length,
                       num_heads=cfg.num_heads, use_text=use_text, center_text=cfg.center_text,
                       image_pe=cfg.image_pe,
+                      text_readout=cfg.text_readout if "sentence" in cfg.text_encoder else "mean",
                       text_encoder=cfg.text_encoder,
                       text_encoder_path=cfg.text_encoder_path if cfg.text_encoder in ("causal", "sentence") else "",
                       roi=tuple(cfg.roi))
@@ -278,8 +286,8 @@ class TextSeg3DTrainingTask:
 
         items = case_items(self.manifest[self.manifest.split == "train"], self.root)
         # caches everything up to the first random transform (the crop), once per process
-        return CacheDataset(items, train_transforms(self.spec.roi, self.cfg.neg_ratio), cache_rate=1.0,
-                            num_workers=0, progress=False)
+        return CacheDataset(items, train_transforms(self.spec.roi, self.cfg.neg_ratio, self.cfg.side_mirror_prob),
+                            cache_rate=1.0, num_workers=0, progress=False)
 
     def val_dataset(self) -> Any:
         from monai.data import CacheDataset

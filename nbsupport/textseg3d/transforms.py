@@ -13,6 +13,7 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     MapTransform,
+    Randomizable,
     Orientationd,
     RandCropByPosNegLabeld,
     RandScaleIntensityd,
@@ -21,7 +22,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from nbsupport.textseg3d.data import CANONICAL_AXCODES, ORIENTATION_LABELS, read_volume
+from nbsupport.textseg3d.data import CANONICAL_AXCODES, ORIENTATION_LABELS, flip_side, read_volume
 
 HU_WINDOW = (-1000.0, 1000.0)  # public code: ScaleIntensityRanged(-1000..1000 -> 0..1, clip)
 
@@ -45,14 +46,41 @@ class LoadCaseVolumed(MapTransform):
         return d
 
 
+class RandMirrorSided(Randomizable, MapTransform):
+    """With probability ``prob`` mirror ``keys`` along the patient's left-right axis (W, the last axis of the
+    canonical IPL orientation) and swap "left"/"right" in the report: the pair stays consistent, and the same
+    anatomy is seen with both sides treated, so a network cannot tell the side from the image of a training case
+    (our addition, not in the public code; the mirrored heart is on the right, which does not name the side)."""
+
+    def __init__(self, keys: KeysCollection, prompt_key: str = "prompt", prob: float = 0.5):
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.prompt_key, self.prob = prompt_key, prob
+        self._do = False
+
+    def randomize(self, data: Any = None) -> None:
+        self._do = self.R.random() < self.prob
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = torch.flip(torch.as_tensor(d[key]), dims=[-1])
+        d[self.prompt_key] = flip_side(str(d[self.prompt_key]))
+        return d
+
+
 def _orientation(keys: Sequence[str]) -> Orientationd:
     return Orientationd(keys=list(keys), axcodes=CANONICAL_AXCODES, labels=ORIENTATION_LABELS)
 
 
-def train_transforms(roi: Sequence[int], neg_ratio: float = 0.1) -> Compose:
+def train_transforms(roi: Sequence[int], neg_ratio: float = 0.1, side_mirror_prob: float = 0.0) -> Compose:
     """Load -> orient -> HU window -> crop to the body -> pad to ``roi`` -> a positive/negative random crop of
-    ``roi`` -> small intensity jitter (public code, p = 0.1 each)."""
+    ``roi`` -> small intensity jitter (public code, p = 0.1 each) -> (``side_mirror_prob`` > 0) left-right mirror
+    with the report's side swapped."""
     keys = ["image", "label"]
+    mirror = [RandMirrorSided(keys, "prompt", side_mirror_prob)] if side_mirror_prob > 0 else []
     return Compose([
         LoadCaseVolumed(keys),
         _orientation(keys),
@@ -63,6 +91,7 @@ def train_transforms(roi: Sequence[int], neg_ratio: float = 0.1) -> Compose:
                                num_samples=1, image_key="image", image_threshold=0.0),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
+        *mirror,
     ])
 
 

@@ -16,9 +16,10 @@ def _spec(**changes) -> LLMSegSpec:
     return LLMSegSpec(**values)
 
 
-@pytest.mark.parametrize("kind", ["tiny_sentence", "tiny_causal"])
-def test_text_tokens_are_one_per_prompt_and_independent_of_batch_padding(kind: str) -> None:
-    model = build_llmseg(_spec(text_encoder=kind))
+@pytest.mark.parametrize(("kind", "readout"), [("tiny_sentence", "mean"), ("tiny_sentence", "last_word"),
+                                               ("tiny_causal", "mean")])
+def test_text_tokens_are_one_per_prompt_and_independent_of_batch_padding(kind: str, readout: str) -> None:
+    model = build_llmseg(_spec(text_encoder=kind, text_readout=readout))
     enc = model.text_encoder
     alone = enc([REPORTS[0]])
     batched = enc(REPORTS)  # the first report is right-padded here
@@ -89,3 +90,23 @@ def test_random_positional_encoding_lets_the_fusion_tell_positions_apart() -> No
     assert fused["random"][inner].std(dim=(2, 3, 4)).max() > 1e-2
     with pytest.raises(ValueError, match="image_pe"):
         build_llmseg(_spec(image_pe="learned"))
+
+
+def test_last_word_readout_is_the_hidden_state_before_sep() -> None:
+    """text_readout="last_word" returns the encoder's last hidden state at the report's last word (before [SEP])."""
+    model = build_llmseg(_spec(text_readout="last_word")).eval()
+    enc = model.text_encoder
+    report = "N0, cT2, breast conserving surgery, left side"
+    ids, _ = enc._token_ids([report])
+    assert enc.tokenizer.convert_ids_to_tokens(int(ids[0, -2])) == "side"
+    assert int(ids[0, -1]) == enc.tokenizer.sep_token_id
+    with torch.no_grad():
+        feature = enc([report])
+        embed = enc.embedding_layer()
+        cls = embed(torch.tensor([[enc.tokenizer.cls_token_id]]))
+        for p in range(2):
+            seq = torch.cat([cls, enc.contexts[p][None], embed(ids)], dim=1)
+            hidden = enc.backbone(inputs_embeds=seq, attention_mask=torch.ones(seq.shape[:2])).last_hidden_state
+            torch.testing.assert_close(feature[0, p], hidden[0, -2], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="readout"):
+        build_llmseg(_spec(text_encoder="tiny_causal", text_readout="last_word"))
