@@ -2,13 +2,17 @@
 
 For each architecture (SegFormer, DPT, BEiT, UperNet; random-init ``small`` configs at the demo input size) a
 fresh subprocess measures training samples/s (forward + backward + AdamW step, after warm-up) and its peak
-resident memory (also as the increase over the RSS before the first step, i.e. what training adds).
+resident memory (also as the increase over the RSS before the first step, i.e. what training adds), and the
+process CPU time per step (user + sys): on a machine shared with other jobs, wall-clock rates depend on the load,
+CPU seconds much less.
 The data path is measured on the same demo slices: building the in-memory ``SliceDataset``
 (PNG decode + RLE decode + resize) in slices/s, and iterating a DataLoader over it in slices/s. Everything is
 reported as ratios: each architecture against SegFormer, and the data loader against the fastest model's step
 rate (a ratio well above 1 means the loader is not the bottleneck).
 
-    nbsupport bench seg2d [--image-size 128] [--batch-size 8] [--steps 6] [--out outputs/bench]
+    nbsupport bench seg2d [--image-size N] [--batch-size N] [--steps 6] [--out outputs/bench]
+
+Input size and batch default to the seg2d demo profile's (``TrainConfig.PROFILES["demo"]``).
 """
 from __future__ import annotations
 
@@ -42,14 +46,14 @@ def measure_model(arch: str, image_size: int, batch_size: int, steps: int) -> di
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"arch": arch, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps,
+            "samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps, "cpu_s_per_step": cpu / steps,
             "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_train_MiB": rss_before / 1024}
 
@@ -71,9 +75,12 @@ def measure_data(data_root: Path, image_size: int, batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nbsupport.seg2d.pipeline import TrainConfig
+
+    demo = TrainConfig.PROFILES["demo"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=128, help="model input (the demo profile's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="training batch (the demo profile's)")
+    parser.add_argument("--image-size", type=int, default=demo["image_size"], help="model input (demo profile)")
+    parser.add_argument("--batch-size", type=int, default=demo["batch_size"], help="training batch (demo profile)")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per architecture")
     parser.add_argument("--data-root", default="", help="a seg2d dataset; default: a fresh demo dataset")
     parser.add_argument("--out", default="outputs/bench", help="folder for seg2d.json and seg2d.md")
@@ -105,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# seg2d benchmark ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU)",
              f"input {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} timed steps",
-             "", "| arch | params (M) | train samples/s | × SegFormer speed | peak RSS (MiB) | training Δ RSS (MiB) "
-             "| × SegFormer Δ RSS |", "|---|---|---|---|---|---|---|"]
+             "", "| arch | params (M) | train samples/s | × SegFormer speed | CPU s/step | peak RSS (MiB) "
+             "| training Δ RSS (MiB) | × SegFormer Δ RSS |", "|---|---|---|---|---|---|---|---|"]
     def train_rss(m: dict) -> float:  # what training adds on top of the interpreter, torch and the built model
         return m["peak_rss_MiB"] - m["rss_before_train_MiB"]
 
     for m in models:
         lines.append(f"| {m['arch']} | {m['params_M']:.2f} | {m['samples_per_s']:.1f} | "
-                     f"{m['samples_per_s'] / ref['samples_per_s']:.2f} | {m['peak_rss_MiB']:.0f} | "
+                     f"{m['samples_per_s'] / ref['samples_per_s']:.2f} | {m['cpu_s_per_step']:.3f} | "
+                     f"{m['peak_rss_MiB']:.0f} | "
                      f"{train_rss(m):.0f} | {train_rss(m) / train_rss(ref):.2f} |")
     lines += ["", "| data path | slices/s | × fastest model's samples/s |", "|---|---|---|",
               f"| decode + RLE + resize (dataset build, {data['slices']} slices) | {data['decode_slices_per_s']:.0f} | "

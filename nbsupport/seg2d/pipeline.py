@@ -6,6 +6,9 @@ Each verb takes the stage's frozen config and its run folder, does one thing, re
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +30,10 @@ from nbsupport.train import TrainSettings, launch, load_weights
 SYSTEM = "seg2d"
 CLASSES = seg_data.CLASSES
 DEFAULT_MANIFEST = "data_manifests/uwmgi_demo.csv"
+POSTPROCESS_FILE = "postprocess.json"  # in the run folder, next to model_spec.json
+# The grid `postprocess="val_tuned"` searches, per class, on the val split.
+TUNED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+TUNED_MIN_AREAS = (0, 32, 64, 128, 256, 512)
 
 
 def _demo_root() -> str:
@@ -77,11 +84,12 @@ class TrainConfig(_ManifestStage):
     STAGE = "02_train"
     PROFILES = {
         "smoke": {"width": "tiny", "image_size": 96, "epochs": 40, "batch_size": 8, "lr": 5e-3,
-                  "scheduler": "warmup_cosine"},
-        # ~2.5 min on a 2-core CPU for the 768-slice demo dataset; 160 px (logits at 40x40) rather than 128 px,
-        # paid for by the lighter 128-channel decoder of the `small` SegFormer
+                  "scheduler": "warmup_cosine", "postprocess": "val_tuned"},
+        # 480 steps of ~0.52 CPU s on the 768-slice demo dataset; 160 px (logits at 40x40) rather than 128 px,
+        # paid for by the lighter 128-channel decoder of the `small` SegFormer; per-class threshold and min_area
+        # chosen on val (benchmarks/RESULTS.md, "seg2d demo accuracy")
         "demo": {"width": "small", "image_size": 160, "epochs": 8, "batch_size": 8, "lr": 2e-3,
-                 "scheduler": "warmup_cosine"},
+                 "scheduler": "warmup_cosine", "postprocess": "val_tuned"},
         "full": {"arch": "upernet", "model_name_or_path": "openmmlab/upernet-convnext-small", "image_size": 384,
                  "epochs": 6, "batch_size": 32, "lr": 2e-4, "weight_decay": 1e-4, "scheduler": "multistep",
                  "num_workers": 4},
@@ -102,6 +110,9 @@ class TrainConfig(_ManifestStage):
     augment: bool = param(False, "random left-right flips and intensity jitter (flips hide the organs' side)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
     min_area: int = param(64, "predicted regions smaller than this (pixels at the slice's own size) are dropped")
+    postprocess: Literal["fixed", "val_tuned"] = param(
+        "fixed", "'fixed': threshold and min_area for every class; 'val_tuned': each class's threshold and "
+                 "min_area chosen on the val split after training (our addition; the test split is never used)")
     num_processes: int = param(1, "processes for data-parallel training (accelerate launch)")
     num_workers: int = param(0, "data-loader worker processes")
     resume: bool = param(False, "continue from the last checkpoint in run_dir")
@@ -116,6 +127,9 @@ class InferConfig(_TrainedModelStage):
     input_dir: str = param("", "folder in the Kaggle layout (train/ or test/ case folders) to predict instead of a split")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
     min_area: int = param(64, "predicted regions smaller than this (pixels at the slice's own size) are dropped")
+    postprocess: Literal["from_training", "fixed"] = param(
+        "from_training", "'from_training': the per-class threshold and min_area that 02_train chose on val when it "
+                         "wrote postprocess.json next to the checkpoint, else threshold/min_area; 'fixed': those two")
     batch_size: int = param(16, "slices per forward pass")
     n_examples: int = param(6, "slices shown in the overlay figure")
 
@@ -274,9 +288,15 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     best = Path(result.best_checkpoint or result.last_checkpoint)
     load_weights(model, best, expected_config_hash=spec.fingerprint())
     test_split = "test" if (manifest.split == "test").any() else "val"
+    post = PostProcess.fixed(cfg.threshold, cfg.min_area)
+    if cfg.postprocess == "val_tuned" and test_split == "test" and (manifest.split == "val").any():
+        post = tune_postprocess(model, manifest[manifest.split == "val"], root, cfg.image_size,
+                                resolve_device(cfg.device))
+    atomic_write_text(run.file(POSTPROCESS_FILE), post.to_json())
     evaluation = evaluate_split(model, manifest[manifest.split == test_split], root, cfg.image_size,
-                                cfg.threshold, resolve_device(cfg.device), min_area=cfg.min_area)
+                                post.thresholds, resolve_device(cfg.device), min_area=post.min_areas)
     metrics = {f"{test_split}_{k}": v for k, v in evaluation.scores.items()}
+    metrics["postprocess"] = post.to_dict()
     metrics.update({"n_params": n_params, "steps": result.steps, "best_val_dice": result.best_metric,
                     "arch": cfg.arch})
     run.write_metrics(cfg.STAGE, metrics)
@@ -325,22 +345,119 @@ def _most_organ_slices(masks: list[np.ndarray], n: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict_slices(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int, threshold: float,
-                   device: torch.device, batch_size: int = 16, min_area: int = 0) -> list[np.ndarray]:
-    """Masks (3, H, W) bool per manifest row, at the slice's own size (probabilities resized, then thresholded,
-    then regions under ``min_area`` pixels removed)."""
+def predict_probabilities(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int,
+                          device: torch.device, batch_size: int = 16) -> Any:
+    """Yields, per manifest row in order, the (3, H, W) float32 class probabilities at the slice's own size."""
     dataset = seg_data.SliceDataset(manifest, root, image_size=image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval().to(device)
-    out: list[np.ndarray] = []
     sizes = dataset.manifest[["height", "width"]].to_numpy()
     for batch in progress(loader, desc="predict"):
         probs = model(batch["image"].to(device)).sigmoid().float().cpu().numpy()
         for p, index in zip(probs, batch["index"].tolist()):
             height, width = sizes[index]
-            mask = seg_data.restore_slice_size(p, int(height), int(width)) > threshold
-            out.append(np.stack([remove_small_regions(m, min_area) for m in mask]))
-    return out
+            yield seg_data.restore_slice_size(p, int(height), int(width))
+
+
+def predict_slices(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int,
+                   threshold: float | Sequence[float], device: torch.device, batch_size: int = 16,
+                   min_area: int | Sequence[int] = 0) -> list[np.ndarray]:
+    """Masks (3, H, W) bool per manifest row, at the slice's own size (probabilities resized, then thresholded,
+    then regions under ``min_area`` pixels removed). ``threshold`` and ``min_area``: one value for every class,
+    or one per class in ``CLASSES`` order."""
+    thresholds, min_areas = _per_class(threshold, "threshold"), _per_class(min_area, "min_area")
+    return [np.stack([remove_small_regions(p[c] > thresholds[c], min_areas[c]) for c in range(len(CLASSES))])
+            for p in predict_probabilities(model, manifest, root, image_size, device, batch_size)]
+
+
+def _per_class(value: Any, name: str) -> tuple[Any, ...]:
+    if isinstance(value, (int, float)):
+        return (value,) * len(CLASSES)
+    values = tuple(value)
+    if len(values) != len(CLASSES):
+        raise ValueError(f"{name} must be one value or one per class {CLASSES}, got {values}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcess:
+    """How probabilities become masks: per class (``CLASSES`` order) a threshold and a minimum region area."""
+
+    thresholds: tuple[float, ...]
+    min_areas: tuple[int, ...]
+    source: str  # "fixed", or "val_tuned" with the val split's Dice under these settings in ``val_dice``
+    val_dice: float | None = None
+
+    @classmethod
+    def fixed(cls, threshold: float, min_area: int) -> "PostProcess":
+        return cls(_per_class(threshold, "threshold"), _per_class(min_area, "min_area"), "fixed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "val_dice": self.val_dice,
+                **{c: {"threshold": t, "min_area": a} for c, t, a in zip(CLASSES, self.thresholds, self.min_areas)}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> "PostProcess":
+        d = json.loads(path.read_text())
+        missing = [c for c in CLASSES if c not in d]
+        if missing:
+            raise ValueError(f"{path}: no entry for class(es) {missing}; expected one per class {CLASSES}")
+        return cls(tuple(float(d[c]["threshold"]) for c in CLASSES), tuple(int(d[c]["min_area"]) for c in CLASSES),
+                   str(d.get("source", "")), d.get("val_dice"))
+
+
+def tune_postprocess(model: Seg2DNet, val: pd.DataFrame, root: Path, image_size: int, device: torch.device,
+                     thresholds: Sequence[float] = TUNED_THRESHOLDS,
+                     min_areas: Sequence[int] = TUNED_MIN_AREAS) -> PostProcess:
+    """Predict the val split and choose each class's threshold and min_area on it (see ``choose_postprocess``)."""
+    val = val.reset_index(drop=True)
+    truth = [seg_data.masks_for_row(r) for r in val.itertuples()]
+    probs = predict_probabilities(model, val, root, image_size, device)
+    return choose_postprocess(probs, truth, thresholds, min_areas)
+
+
+def choose_postprocess(probs: Any, truth: Sequence[np.ndarray], thresholds: Sequence[float] = TUNED_THRESHOLDS,
+                       min_areas: Sequence[int] = TUNED_MIN_AREAS) -> PostProcess:
+    """Each class's threshold and min_area, chosen jointly to maximise the mean Dice of these slices.
+
+    The mean is the competition's: over all (slice, class) pairs, both-empty pairs skipped; so a setting that
+    empties a class's false-positive slices also removes them from the mean. Call it on the val split only.
+
+    Args:
+        probs: per slice, (C, H, W) probabilities at the slice's size (an iterable: consumed once).
+        truth: per slice, (C, H, W) bool ground truth, same order and shapes.
+    """
+    import cv2
+
+    options = [(t, a) for t in thresholds for a in min_areas]
+    totals = np.zeros((len(CLASSES), len(options), 2))  # per class and option: (sum of Dice, scored pairs)
+    n_slices = 0
+    for prob, true in zip(probs, truth, strict=True):
+        n_slices += 1
+        for c in range(len(CLASSES)):
+            true_area = int(true[c].sum())
+            for ti, t in enumerate(thresholds):
+                _, labels, stats, _ = cv2.connectedComponentsWithStats((prob[c] > t).astype(np.uint8), connectivity=8)
+                area = stats[1:, cv2.CC_STAT_AREA]  # regions 1..n; label 0 is the background
+                overlap = np.bincount(labels[true[c]], minlength=len(area) + 1)[1:]
+                for ai, min_area in enumerate(min_areas):
+                    kept = area >= min_area
+                    size = int(area[kept].sum()) + true_area
+                    if size:
+                        totals[c, ti * len(min_areas) + ai] += (2 * overlap[kept].sum() / size, 1)
+    if not n_slices:
+        raise ValueError("choose_postprocess got no slices: the val split is empty")
+
+    def mean_dice(pick: tuple[int, ...]) -> float:
+        scored = sum(totals[c, o] for c, o in enumerate(pick))
+        return float(scored[0] / max(1.0, scored[1]))
+
+    best = max(itertools.product(range(len(options)), repeat=len(CLASSES)), key=mean_dice)
+    return PostProcess(tuple(float(options[o][0]) for o in best), tuple(int(options[o][1]) for o in best),
+                       "val_tuned", mean_dice(best))
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
@@ -359,8 +476,9 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int, threshold: float,
-                   device: torch.device, batch_size: int = 16, min_area: int = 0) -> SplitEvaluation:
+def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int,
+                   threshold: float | Sequence[float], device: torch.device, batch_size: int = 16,
+                   min_area: int | Sequence[int] = 0) -> SplitEvaluation:
     """Predict a split and score it: per-class Dice at full resolution and the competition score."""
     manifest = manifest.reset_index(drop=True)
     pred = predict_slices(model, manifest, root, image_size, threshold, device, batch_size, min_area)
@@ -437,8 +555,13 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     else:
         manifest, root = load_manifest(cfg)
         manifest = manifest[manifest.split == cfg.split]
-    evaluation = evaluate_split(model, manifest, root, model.spec.image_size, cfg.threshold,
-                                resolve_device(cfg.device), cfg.batch_size, cfg.min_area)
+    post = PostProcess.fixed(cfg.threshold, cfg.min_area)
+    tuned = checkpoint.parent.parent / POSTPROCESS_FILE
+    if cfg.postprocess == "from_training" and tuned.exists():
+        post = PostProcess.from_file(tuned)
+    print(f"post-processing ({post.source}): thresholds {post.thresholds}, min areas {post.min_areas}")
+    evaluation = evaluate_split(model, manifest, root, model.spec.image_size, post.thresholds,
+                                resolve_device(cfg.device), cfg.batch_size, post.min_areas)
     submission = submission_table(evaluation.manifest["id"], evaluation.pred)
     path = run.file("submission.csv")
     atomic_write_text(path, submission.to_csv(index=False))
