@@ -162,3 +162,23 @@ def assert_refused(call: Callable[[], object], expect: tuple[Expect, ...], watch
         raise AssertionError(f"accepted although it should report {expect}")
     assert snapshot(*watched) == before, "something was written although the input was refused"
     return error
+
+
+def assert_02_train_refuses(case: BadInput, pipeline: object, manifest_frame: pd.DataFrame, schema: object,
+                            root: Path, tmp_path: Path) -> Path:
+    """Write ``manifest_frame`` as a valid manifest of ``root``, damage it with ``case`` and check that the system's
+    real ``pipeline.train`` (smoke profile) refuses it naming every problem, writing nothing. Returns the run folder
+    (for the caller's own "no checkpoint" check)."""
+    from nbsupport.manifest import write_manifest
+    from nbsupport.runs import RunFolder
+
+    system = pipeline.TrainConfig.SYSTEM
+    manifest = tmp_path / "manifests" / f"{system}.csv"
+    write_manifest(manifest_frame, manifest, schema, root)
+    expect = case.damage(manifest)
+    run_dir = tmp_path / "runs" / "r" / system
+    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
+    run = RunFolder.for_stage(cfg)
+    assert_refused(lambda: pipeline.train(cfg, run), expect, (run_dir, manifest.parent),
+                   errors=(ManifestError, FileNotFoundError))
+    return run_dir

@@ -21,13 +21,14 @@ import pytest
 
 from nbsupport.ct_clip import data as ct_data
 from nbsupport.ct_clip import pipeline
-from nbsupport.manifest import ManifestError, meta_path, write_manifest
+from nbsupport.manifest import meta_path
 from nbsupport.runs import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from catalogue import (
     BadInput,
     Expect,
+    assert_02_train_refuses,
     assert_parameters_refused,
     assert_refused,
     manifest_cell,
@@ -247,15 +248,8 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, val
                                                              tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(valid_manifest[0], root)
-    manifest = tmp_path / "manifests" / "ct_rate.csv"
     frame = pd.read_csv(valid_manifest[1], dtype=str, keep_default_na=False)
-    write_manifest(frame, manifest, ct_data.CT_CLIP_SCHEMA, root)
-    expect = case.damage(manifest)
-    run_dir = tmp_path / "runs" / "r" / "ct_clip"
-    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
-    run = RunFolder.for_stage(cfg)
-    assert_refused(lambda: pipeline.train(cfg, run), expect, (run_dir, manifest.parent),
-                   errors=(ManifestError, FileNotFoundError))
+    run_dir = assert_02_train_refuses(case, pipeline, frame, ct_data.CT_CLIP_SCHEMA, root, tmp_path)
     assert not (run_dir / "model_spec.json").exists()
 
 

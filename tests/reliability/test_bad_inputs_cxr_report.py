@@ -20,13 +20,14 @@ import pytest
 
 from nbsupport.cxr_report import data as cxr_data
 from nbsupport.cxr_report import pipeline
-from nbsupport.manifest import ManifestError, meta_path
+from nbsupport.manifest import meta_path
 from nbsupport.runs import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from catalogue import (
     BadInput,
     Expect,
+    assert_02_train_refuses,
     assert_parameters_refused,
     assert_refused,
     manifest_cell,
@@ -292,14 +293,7 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, val
                                                              valid_manifest: pd.DataFrame, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(valid_dataset, root)
-    manifest = tmp_path / "manifests" / "cxr.csv"
-    pipeline.write_manifest(valid_manifest, manifest, cxr_data.CXR_SCHEMA, root)
-    expect = case.damage(manifest)
-    run_dir = tmp_path / "runs" / "r" / "cxr_report"
-    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
-    run = RunFolder.for_stage(cfg)
-    assert_refused(lambda: pipeline.train(cfg, run), expect, (run_dir, manifest.parent),
-                   errors=(ManifestError, FileNotFoundError))
+    run_dir = assert_02_train_refuses(case, pipeline, valid_manifest, cxr_data.CXR_SCHEMA, root, tmp_path)
     assert not (run_dir / "model_spec.json").exists()
 
 

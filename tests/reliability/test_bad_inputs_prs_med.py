@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbsupport.manifest import ManifestError, meta_path
+from nbsupport.manifest import meta_path
 from nbsupport.prs_med import data as prs_data
 from nbsupport.prs_med import pipeline
 from nbsupport.runs import RunFolder
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from catalogue import (
     BadInput,
     Expect,
+    assert_02_train_refuses,
     assert_parameters_refused,
     assert_refused,
     manifest_cell,
@@ -202,14 +203,7 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, val
                                                              valid_manifest: pd.DataFrame, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(valid_dataset, root)
-    manifest = tmp_path / "manifests" / "prs_med.csv"
-    pipeline.write_manifest(valid_manifest, manifest, prs_data.PRSMED_SCHEMA, root)
-    expect = case.damage(manifest)
-    run_dir = tmp_path / "runs" / "r" / "prs_med"
-    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
-    run = RunFolder.for_stage(cfg)
-    assert_refused(lambda: pipeline.train(cfg, run), expect, (run_dir, manifest.parent),
-                   errors=(ManifestError, FileNotFoundError))
+    run_dir = assert_02_train_refuses(case, pipeline, valid_manifest, prs_data.PRSMED_SCHEMA, root, tmp_path)
     assert not (run_dir / "checkpoints").exists()
 
 

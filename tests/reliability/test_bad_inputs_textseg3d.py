@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbsupport.manifest import ManifestError, meta_path
+from nbsupport.manifest import meta_path
 from nbsupport.runs import RunFolder
 from nbsupport.textseg3d import data as ts_data
 from nbsupport.textseg3d import pipeline
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from catalogue import (
     BadInput,
     Expect,
+    assert_02_train_refuses,
     assert_parameters_refused,
     assert_refused,
     manifest_cell,
@@ -280,14 +281,7 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, dat
                                                              valid_manifest: pd.DataFrame, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(datasets["npz"], root)
-    manifest = tmp_path / "manifests" / "textseg3d.csv"
-    pipeline.write_manifest(valid_manifest, manifest, ts_data.TEXTSEG3D_SCHEMA, root)
-    expect = case.damage(manifest)
-    run_dir = tmp_path / "runs" / "r" / "textseg3d"
-    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
-    run = RunFolder.for_stage(cfg)
-    assert_refused(lambda: pipeline.train(cfg, run), expect, (run_dir, manifest.parent),
-                   errors=(ManifestError, FileNotFoundError))
+    run_dir = assert_02_train_refuses(case, pipeline, valid_manifest, ts_data.TEXTSEG3D_SCHEMA, root, tmp_path)
     assert not (run_dir / "checkpoints").exists()
 
 
