@@ -77,7 +77,8 @@ class TrainConfig(_ManifestStage):
         # 32x32x64 volumes at 8x12x6 mm, MiniLM frozen; sized for minutes on 2 CPU cores
         "demo": {"text_encoder": "sentence", "text_encoder_path": "all-minilm-l6-v2", "feature_size": 8,
                  "roi": (32, 32, 64), "epochs": 20, "batch_size": 2, "lr": 1e-2, "weight_decay": 1e-5,
-                 "warmup_epochs": 1, "center_text": True, "image_pe": "random"},
+                 "warmup_epochs": 1, "image_pe": "random", "text_readout": "tokens", "side_mirror_prob": 0.5,
+                 "foreground_prior_bias": True},
         "full": {},
     }
 

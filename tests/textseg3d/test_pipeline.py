@@ -156,9 +156,8 @@ def test_side_mirror_flips_image_label_and_the_reports_side_together(tmp_path: P
     with pytest.raises(ValueError, match="side_mirror_prob"):
         TrainConfig.from_params({"profile": "smoke", "side_mirror_prob": 1.5})
     with pytest.raises(ValueError, match="center_text"):
-        TrainConfig.from_params({"profile": "demo", "text_readout": "tokens"})
-    assert TrainConfig.from_params({"profile": "demo", "text_readout": "tokens", "center_text": False}).text_readout \
-        == "tokens"
+        TrainConfig.from_params({"profile": "demo", "text_readout": "tokens", "center_text": True})
+    assert TrainConfig.from_params({"profile": "demo", "text_readout": "mean", "center_text": True}).center_text
 
 
 def test_token_readout_runs_the_sliding_window_and_the_fusion_attention_per_report_word() -> None:
