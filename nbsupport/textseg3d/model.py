@@ -23,11 +23,11 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
-from monai.networks.nets.vista3d import PositionEmbeddingRandom, TwoWayTransformer
+from monai.networks.nets.vista3d import Attention, PositionEmbeddingRandom, TwoWayTransformer
 from torch import nn
 
 SEG_TOKEN = "<SEG>"
@@ -60,6 +60,9 @@ class LLMSegSpec:
     # code's causal <SEG> feature sits; our addition). In "N0, cT2, breast conserving surgery, left side" the mean is
     # dominated by the three surgery tokens (the side is 3 % of its variance over reports, the last word's 55 %).
     text_readout: str = "mean"
+    # "tokens" (our addition): no readout at all; the fusion's text tokens are the encoder's per-token hidden states of
+    # the report (each prompt: report tokens + [SEP], as seen through that prompt's context), padding masked out of the
+    # two-way attention, so the side word is a token of its own (92 % of its variance over reports is the side).
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -79,6 +82,13 @@ class LLMSegSpec:
 
 
 # ============================================================================================ text encoders
+class ReportTokens(NamedTuple):
+    """Per-token text input of the fusion: ``tokens (B, K, hidden)`` and ``mask (B, K)`` (True = a real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
 class ReportEncoder(nn.Module):
     """Frozen text encoder with learnable context prompts: reports -> text tokens ``(B, n_prompts, hidden)``.
 
@@ -99,9 +109,9 @@ class ReportEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Any, kind: Literal["sentence", "causal"], n_prompts: int,
                  context_length: int, max_report_tokens: int = 120, readout: str = "mean"):
         super().__init__()
-        if readout not in ("mean", "last_word") or (kind == "causal" and readout != "mean"):
-            raise ValueError(f"readout must be 'mean' or 'last_word' (sentence encoders only), got {readout!r} for "
-                             f"a {kind} encoder")
+        if readout not in ("mean", "last_word", "tokens") or (kind == "causal" and readout != "mean"):
+            raise ValueError(f"readout must be 'mean', 'last_word' or 'tokens' (sentence encoders only), got "
+                             f"{readout!r} for a {kind} encoder")
         self.kind = kind
         self.readout = readout
         self.backbone = backbone
@@ -147,8 +157,9 @@ class ReportEncoder(nn.Module):
         tok = self.tokenizer
         return tok.cls_token_id if self.kind == "sentence" else tok.bos_token_id
 
-    def forward(self, reports: Sequence[str]) -> torch.Tensor:
-        """Text tokens ``(B, n_prompts, hidden)`` for B report strings."""
+    def forward(self, reports: Sequence[str]) -> torch.Tensor | ReportTokens:
+        """Text tokens ``(B, n_prompts, hidden)`` for B report strings; ``readout="tokens"``: ``ReportTokens`` with
+        ``(B, n_prompts * T, hidden)`` (prompt-major; T report tokens incl. [SEP], padding masked)."""
         device = self.contexts.device
         ids, mask = self._token_ids(reports)
         ids, mask = ids.to(device), mask.to(device)
@@ -172,6 +183,11 @@ class ReportEncoder(nn.Module):
             # right padding: <SEG> is the last unmasked position (public code: argmax(ids) + context_length)
             seg_pos = full_mask.sum(1) - 1
             feats = out[torch.arange(p * b, device=device), seg_pos]
+        elif self.readout == "tokens":
+            start = full_mask.shape[1] - ids.shape[1]  # report tokens follow [CLS] + context
+            per_token = out[:, start:].reshape(p, b, ids.shape[1], -1).transpose(0, 1)  # (B, P, T, H)
+            token_mask = mask.bool().unsqueeze(1).expand(b, p, ids.shape[1])
+            return ReportTokens(per_token.reshape(b, p * ids.shape[1], -1).float(), token_mask.reshape(b, -1))
         elif self.readout == "last_word":
             # right padding: [SEP] is the last unmasked position, the report's last word just before it (an empty
             # report reads the last context embedding's state)
@@ -251,6 +267,35 @@ def tiny_sentence_encoder(seed: int = 0, hidden_size: int = 64) -> tuple[nn.Modu
 
 
 # ============================================================================================ segmentation net
+class KeyMaskedAttention(Attention):
+    """MONAI's (SAM's) attention with an optional key padding mask, set by ``LLMSeg.fuse`` for one call.
+
+    Same parameters as ``Attention`` (checkpoints are interchangeable); ``key_mask`` ``(B, N_keys)`` True = attend.
+    """
+
+    key_mask: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.key_mask is None:
+            return super().forward(q, k, v)
+        q = self._separate_heads(self.q_proj(q), self.num_heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        attn = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        attn = attn.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
+        return self.out_proj(self._recombine_heads(torch.softmax(attn, dim=-1) @ v))
+
+
+def _text_keyed_attentions(block: TwoWayTransformer) -> list[KeyMaskedAttention]:
+    """Turn the attentions whose keys are text tokens (token self-attention, voxel->token) into masked ones."""
+    found = []
+    for layer in block.layers:
+        for attn in (layer.self_attn, layer.cross_attn_image_to_token):
+            attn.__class__ = KeyMaskedAttention
+            found.append(attn)
+    return found
+
+
 def _heads_for(channels: int, wanted: int, downsample: int = 2) -> int:
     """Largest head count <= ``wanted`` dividing the attention's internal width (channels / downsample)."""
     inner = max(1, channels // downsample)
@@ -281,6 +326,11 @@ class LLMSeg(nn.Module):
                 TwoWayTransformer(depth=spec.fusion_depth, embedding_dim=c, mlp_dim=fs * 2 ** i,
                                   num_heads=_heads_for(c, spec.num_heads), attention_downsample_rate=2)
                 for i, c in enumerate(chans))
+            if spec.text_readout == "tokens":
+                if spec.center_text:
+                    raise ValueError("center_text needs one token per prompt; it does not apply to text_readout="
+                                     "'tokens'")
+                self._masked = [_text_keyed_attentions(block) for block in self.fusion]
             if spec.image_pe == "random":
                 self.position = nn.ModuleList(PositionEmbeddingRandom(c // 2) for c in chans)
             elif spec.image_pe != "zeros":
@@ -291,8 +341,9 @@ class LLMSeg(nn.Module):
                          res_block=True) for i in range(4, 0, -1))
         self.out = nn.ConvTranspose3d(fs, 2, kernel_size=2, stride=2)
 
-    def encode_reports(self, reports: Sequence[str]) -> torch.Tensor | None:
-        """Text tokens ``(B, n_prompts, hidden)``, or None for the image-only model."""
+    def encode_reports(self, reports: Sequence[str]) -> torch.Tensor | ReportTokens | None:
+        """Text tokens ``(B, n_prompts, hidden)`` (``ReportTokens`` for ``text_readout="tokens"``), or None for the
+        image-only model."""
         if self.text_encoder is None:
             return None
         if not self.spec.center_text:
@@ -300,19 +351,34 @@ class LLMSeg(nn.Module):
         tokens = self.text_encoder(list(reports) + [""])
         return tokens[:-1] - tokens[-1:]
 
-    def fuse(self, scale: int, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def fuse(self, scale: int, features: torch.Tensor, text: torch.Tensor | ReportTokens) -> torch.Tensor:
         """Two-way attention between text tokens and the voxels of one scale; returns updated voxel features."""
+        mask = None
+        if isinstance(text, ReportTokens):
+            text, mask = text
         tokens = self.text_proj[scale](text)  # (B, P, C)
         if self.spec.image_pe == "random":
             pe = self.position[scale](tuple(features.shape[2:])).to(features.dtype).unsqueeze(0).expand_as(features)
         else:
             pe = torch.zeros_like(features)
-        _, keys = self.fusion[scale](features, pe, tokens)  # keys: (B, N, C)
+        if mask is None:
+            _, keys = self.fusion[scale](features, pe, tokens)  # keys: (B, N, C)
+        else:
+            for attn in self._masked[scale]:
+                attn.key_mask = mask
+            try:
+                _, keys = self.fusion[scale](features, pe, tokens)
+            finally:
+                for attn in self._masked[scale]:
+                    attn.key_mask = None
         return keys.transpose(1, 2).reshape(features.shape)
 
-    def segment(self, image: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    def segment(self, image: torch.Tensor, text: torch.Tensor | ReportTokens | None) -> torch.Tensor:
         """Logits ``(B, 2, D, H, W)`` given precomputed text tokens (broadcast over a sliding-window batch)."""
-        if text is not None and text.shape[0] != image.shape[0]:
+        if isinstance(text, ReportTokens):
+            if text.tokens.shape[0] != image.shape[0] and text.tokens.shape[0] == 1:
+                text = ReportTokens(text.tokens.expand(image.shape[0], -1, -1), text.mask.expand(image.shape[0], -1))
+        elif text is not None and text.shape[0] != image.shape[0]:
             text = text.expand(image.shape[0], -1, -1) if text.shape[0] == 1 else text
         skips = []
         x = image

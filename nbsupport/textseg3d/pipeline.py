@@ -6,6 +6,7 @@ Each verb takes the stage's frozen config and its run folder, does one thing, re
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +77,8 @@ class TrainConfig(_ManifestStage):
         # 32x32x64 volumes at 8x12x6 mm, MiniLM frozen; sized for minutes on 2 CPU cores
         "demo": {"text_encoder": "sentence", "text_encoder_path": "all-minilm-l6-v2", "feature_size": 8,
                  "roi": (32, 32, 64), "epochs": 20, "batch_size": 2, "lr": 1e-2, "weight_decay": 1e-5,
-                 "warmup_epochs": 1, "center_text": True, "image_pe": "random"},
+                 "warmup_epochs": 1, "image_pe": "random", "text_readout": "tokens", "side_mirror_prob": 0.5,
+                 "foreground_prior_bias": True},
         "full": {},
     }
 
@@ -92,9 +94,10 @@ class TrainConfig(_ManifestStage):
     center_text: bool = param(False, "subtract the empty report's text tokens (our addition, not in the public code)")
     image_pe: Literal["zeros", "random"] = param("zeros", "voxel positional encoding in the fusion: zeros (public "
                                                           "code) or SAM's random Fourier features (our addition)")
-    text_readout: Literal["mean", "last_word"] = param(
+    text_readout: Literal["mean", "last_word", "tokens"] = param(
         "mean", "sentence encoders: report feature = mean of the hidden states, or the hidden state of the report's "
-                "last word, where the public code's causal <SEG> feature sits (our addition)")
+                "last word, where the public code's causal <SEG> feature sits, or 'tokens': every report token's "
+                "hidden state is a fusion token, padding masked (our additions)")
     roi: tuple[int, int, int] = param((64, 352, 352), "(D, H, W) training crop and sliding-window patch; "
                                                        "multiples of 32 (seed's command; our D-first reading)")
     epochs: int = param(101, "training epochs (public code max_epochs)")
@@ -107,6 +110,9 @@ class TrainConfig(_ManifestStage):
     neg_ratio: float = param(0.1, "RandCropByPosNegLabeld neg (pos = 1)")
     side_mirror_prob: float = param(0.0, "probability of mirroring a training crop left-right with the report's side "
                                          "swapped (our addition; 0 = public code)")
+    foreground_prior_bias: bool = param(False, "initialise the output layer's bias so that the untrained network "
+                                               "predicts the training crops' foreground fraction (our addition; "
+                                               "False = PyTorch's default init, as the public code)")
     image_only_baseline: bool = param(True, "also train the same UNet without text, same budget (the ablation)")
     num_processes: int = param(1, "processes for data-parallel training (accelerate launch)")
     num_workers: int = param(0, "data-loader worker processes")
@@ -119,6 +125,9 @@ class TrainConfig(_ManifestStage):
             raise ValueError(f"roi {self.roi}: at least one side must be >= 64 (the 1/32 scale needs > 1 voxel)")
         if not 0 <= self.side_mirror_prob <= 1:
             raise ValueError(f"side_mirror_prob must be in [0, 1], got {self.side_mirror_prob}")
+        if self.text_readout == "tokens" and self.center_text:
+            raise ValueError("text_readout='tokens' gives one fusion token per report word; center_text (subtracting "
+                             "the empty report's single token per prompt) does not apply: set center_text=False")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +156,8 @@ class AttentionConfig(_TrainedModelStage):
     STAGE = "04_attention"
 
     case: str = param("", "case id; '' = the split's first case")
-    scale: int = param(-1, "fusion scale (0 = 1/2 resolution ... 4 = 1/32) shown per text token; -1: all scales")
+    scale: int = param(-1, "fusion scale (0 = 1/2 resolution ... 4 = 1/32) shown per text token; -1: all scales "
+                           "(token readout: the 1/8 scale, one row per report word of the first prompt)")
 
 
 # ============================================================================================ 01 preprocess
@@ -277,17 +287,24 @@ class TextSeg3DTrainingTask:
         self.manifest, self.root = frame, root
         self.spec = LLMSegSpec.from_json(spec_json)
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+        self._train_dataset: Any = None
 
     def build_model(self) -> LLMSeg:
-        return build_llmseg(self.spec, self.cfg.seed)
+        model = build_llmseg(self.spec, self.cfg.seed)
+        if self.cfg.foreground_prior_bias:
+            set_foreground_prior_bias(model, foreground_fraction(self.train_dataset()))
+        return model
 
     def train_dataset(self) -> Any:
         from monai.data import CacheDataset
 
-        items = case_items(self.manifest[self.manifest.split == "train"], self.root)
-        # caches everything up to the first random transform (the crop), once per process
-        return CacheDataset(items, train_transforms(self.spec.roi, self.cfg.neg_ratio, self.cfg.side_mirror_prob),
-                            cache_rate=1.0, num_workers=0, progress=False)
+        if self._train_dataset is None:
+            items = case_items(self.manifest[self.manifest.split == "train"], self.root)
+            # caches everything up to the first random transform (the crop), once per process
+            self._train_dataset = CacheDataset(
+                items, train_transforms(self.spec.roi, self.cfg.neg_ratio, self.cfg.side_mirror_prob),
+                cache_rate=1.0, num_workers=0, progress=False)
+        return self._train_dataset
 
     def val_dataset(self) -> Any:
         from monai.data import CacheDataset
@@ -314,6 +331,27 @@ class TextSeg3DTrainingTask:
             inter, size = float((pred & truth).sum()), float(pred.sum() + truth.sum())
             dices.append(2 * inter / size if size else 1.0)
         return {"dice": float(np.mean(dices))}
+
+
+def foreground_fraction(dataset: Any) -> float:
+    """Mean fraction of target voxels in one random training crop per case (the dataset's own transforms)."""
+    fractions = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for crop in item if isinstance(item, list) else [item]:
+            fractions.append(float(np.asarray(crop["label"]).mean()))
+    return float(np.mean(fractions))
+
+
+def set_foreground_prior_bias(model: LLMSeg, prior: float) -> None:
+    """Output bias (0, log(p / (1 - p))): the untrained network's softmax gives p(target) ~= ``prior`` everywhere.
+
+    With PyTorch's default init the network starts at p ~= 0.5, the cross-entropy term then drives it to predict no
+    target at all for a while (the demo's "slow start"); starting at the prior avoids that collapse.
+    """
+    prior = min(max(prior, 1e-4), 0.5)
+    with torch.no_grad():
+        model.out.bias.copy_(torch.tensor([0.0, math.log(prior / (1 - prior))], dtype=model.out.bias.dtype))
 
 
 def training_task(config: dict[str, Any], manifest: str, data_root: str, spec_json: str) -> TextSeg3DTrainingTask:
@@ -639,6 +677,9 @@ class AttentionResult:
     spacing: tuple[float, float, float] | None = None  # (D, H, W) mm
 
 
+TOKEN_READOUT_SCALE = 2  # 04_attention, token readout, scale -1: one row per report word at the 1/8 scale
+
+
 def fusion_attention(model: LLMSeg, image: torch.Tensor, prompt: str) -> tuple[list[np.ndarray], np.ndarray]:
     """The final token->voxel attention of every fusion scale for one whole volume (one forward pass).
 
@@ -710,7 +751,14 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     image = np.asarray(data["image"])[0]
     label = np.asarray(data["label"])[0] > 0.5
     scales = range(len(maps)) if cfg.scale < 0 else [cfg.scale]
-    fusion_fig = fusion_attention_figure(image, label, probs[1] > 0.5, maps, list(scales), row["prompt"])
+    names = None
+    if model.spec.text_readout == "tokens":
+        # one fusion token per report token and prompt: show the first prompt's report tokens, by word, at one scale
+        ids, _ = model.text_encoder._token_ids([row["prompt"]])
+        names = model.text_encoder.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+        maps = [m[:len(names)] for m in maps]
+        scales = [TOKEN_READOUT_SCALE] if cfg.scale < 0 else [cfg.scale]
+    fusion_fig = fusion_attention_figure(image, label, probs[1] > 0.5, maps, list(scales), row["prompt"], names)
     run.save_figure(fusion_fig, "04_fusion_attention")
     loaded = ts_data.load_case(root / row["image"])
     return AttentionResult(str(row["case"]), str(row["prompt"]), tokens, html_path, token_fig, fusion_fig,
@@ -779,9 +827,10 @@ def token_attention_figure(tokens: list[str], attentions: tuple[torch.Tensor, ..
 
 
 def fusion_attention_figure(image: np.ndarray, label: np.ndarray, pred: np.ndarray, maps: list[np.ndarray],
-                            scales: list[int], prompt: str) -> Any:
+                            scales: list[int], prompt: str, token_names: list[str] | None = None) -> Any:
     """Rows: (scale, text token); columns: axial and coronal attention heatmaps through the target's centre,
-    then the same slices with the target and the prediction."""
+    then the same slices with the target and the prediction. ``token_names``: the report word of each text token
+    (token readout), else the tokens are numbered prompt tokens."""
     import matplotlib.pyplot as plt
 
     from nbsupport.viz import attention_overlay, overlay_masks
@@ -795,7 +844,8 @@ def fusion_attention_figure(image: np.ndarray, label: np.ndarray, pred: np.ndarr
         ks, js = min(k * amap.shape[0] // image.shape[0], amap.shape[0] - 1), \
             min(j * amap.shape[1] // image.shape[1], amap.shape[1] - 1)
         attention_overlay(image[k], amap[ks], ax=axes[r, 0], colorbar=False,
-                          title=f"scale 1/{2 ** (s + 1)}, prompt token {t + 1}: axial")
+                          title=f"scale 1/{2 ** (s + 1)}, " + (f"report token {token_names[t]!r}" if token_names
+                                                                   else f"prompt token {t + 1}") + ": axial")
         attention_overlay(image[:, j], amap[:, js], ax=axes[r, 1], colorbar=False, title="coronal")
         masks = {"target": label[k], "prediction": pred[k]}
         overlay_masks(image[k], masks, ax=axes[r, 2], legend=r == 0, title="axial: target vs prediction")

@@ -110,3 +110,29 @@ def test_last_word_readout_is_the_hidden_state_before_sep() -> None:
             torch.testing.assert_close(feature[0, p], hidden[0, -2], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="readout"):
         build_llmseg(_spec(text_encoder="tiny_causal", text_readout="last_word"))
+
+
+def test_token_readout_gives_every_report_token_and_keeps_padding_out_of_the_fusion() -> None:
+    """text_readout="tokens": one fusion token per report token and prompt; a right-padded report in a batch gives
+    the same tokens and the same segmentation as alone (its padding is masked out of the two-way attention), while
+    unmasked padding would change it."""
+    model = build_llmseg(_spec(text_readout="tokens", image_pe="random")).eval()
+    enc = model.text_encoder
+    ids, _ = enc._token_ids([REPORTS[0]])
+    with torch.no_grad():
+        alone = model.encode_reports([REPORTS[0]])
+        batched = model.encode_reports(REPORTS)
+        assert alone.tokens.shape == (1, 2 * ids.shape[1], enc.hidden_size) and bool(alone.mask.all())
+        assert batched.tokens.shape[1] > alone.tokens.shape[1] and not bool(batched.mask[0].all())
+        real = batched.mask[0]
+        torch.testing.assert_close(batched.tokens[0][real], alone.tokens[0], atol=1e-5, rtol=1e-4)
+        image = torch.randn(2, 1, 32, 32, 64)
+        logits_batched = model.segment(image, batched)
+        logits_alone = model.segment(image[:1], alone)
+        torch.testing.assert_close(logits_batched[:1], logits_alone, atol=1e-4, rtol=1e-4)
+        unmasked = type(batched)(batched.tokens, torch.ones_like(batched.mask))
+        assert not torch.allclose(model.segment(image, unmasked)[:1], logits_alone, atol=1e-4, rtol=1e-4)
+        # the sliding window broadcasts one report's tokens over a batch of patches
+        assert model.segment(image, alone).shape == (2, 2, 32, 32, 64)
+    with pytest.raises(ValueError, match="center_text"):
+        build_llmseg(_spec(text_readout="tokens", center_text=True))

@@ -17,10 +17,14 @@ from nbsupport.textseg3d.pipeline import (
     CaseEvaluation,
     TrainConfig,
     case_items,
+    fusion_attention,
+    fusion_attention_figure,
+    foreground_fraction,
     predict_volume,
     report_variant,
     result_table,
     save_prediction_nifti,
+    set_foreground_prior_bias,
     write_result_csv,
 )
 from nbsupport.textseg3d.transforms import collate_cases, eval_transforms, train_transforms
@@ -151,3 +155,47 @@ def test_side_mirror_flips_image_label_and_the_reports_side_together(tmp_path: P
     assert left_mass > 0.9 and mirrored["label"][..., : width // 2].sum() / mirrored["label"].sum() > 0.9
     with pytest.raises(ValueError, match="side_mirror_prob"):
         TrainConfig.from_params({"profile": "smoke", "side_mirror_prob": 1.5})
+    with pytest.raises(ValueError, match="center_text"):
+        TrainConfig.from_params({"profile": "demo", "text_readout": "tokens", "center_text": True})
+    assert TrainConfig.from_params({"profile": "demo", "text_readout": "mean", "center_text": True}).center_text
+
+
+def test_token_readout_runs_the_sliding_window_and_the_fusion_attention_per_report_word() -> None:
+    """text_readout="tokens": sliding-window inference broadcasts one report's token set over the patches; the fusion
+    attention has one map per (prompt, report token), each summing to 1 over the voxels, and is drawn by word."""
+    import matplotlib.pyplot as plt
+
+    model = build_llmseg(LLMSegSpec(feature_size=4, n_prompts=2, context_length=3, text_encoder="tiny_sentence",
+                                    roi=(32, 32, 64), text_readout="tokens", image_pe="random")).eval()
+    report = "N0, cT2, bcs, left side"
+    prob = predict_volume(model, torch.rand(1, 1, 40, 50, 70), report, (32, 32, 64))
+    torch.testing.assert_close(prob.sum(0), torch.ones(40, 50, 70))
+    ids, _ = model.text_encoder._token_ids([report])
+    words = model.text_encoder.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    maps, probs = fusion_attention(model, torch.rand(1, 1, 32, 32, 64), report)
+    assert [m.shape for m in maps] == [(2 * len(words), 32 // 2 ** (i + 1), 32 // 2 ** (i + 1), 64 // 2 ** (i + 1))
+                                       for i in range(5)]
+    np.testing.assert_allclose(maps[2].reshape(2 * len(words), -1).sum(1), 1.0, rtol=1e-4)
+    image = np.random.rand(32, 32, 64).astype(np.float32)
+    label = np.zeros_like(image, dtype=bool)
+    label[10:20, 10:20, 5:30] = True
+    fig = fusion_attention_figure(image, label, probs[1] > 0.5, [m[:len(words)] for m in maps], [2], report, words)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("'left'" in t for t in titles) and len(fig.axes) == 4 * len(words)
+    plt.close(fig)
+
+
+def test_foreground_prior_bias_starts_the_network_at_the_training_crops_target_fraction() -> None:
+    """foreground_prior_bias: the output bias makes the untrained network predict p(target) ~= the prior (the default
+    init predicts ~0.5); the prior is the mean target fraction of the training crops."""
+    crops = [{"label": np.zeros((1, 4, 4, 4))}, [{"label": np.ones((1, 4, 4, 4)) * (np.arange(4) < 1)}]]
+    assert foreground_fraction(crops) == pytest.approx(0.125)
+    model = build_llmseg(LLMSegSpec(feature_size=4, use_text=False, roi=(32, 32, 64))).eval()
+    image = torch.rand(1, 1, 32, 32, 64)
+    with torch.no_grad():
+        default = torch.softmax(model(image), 1)[0, 1].median()
+        set_foreground_prior_bias(model, 0.01)
+        started = torch.softmax(model(image), 1)[0, 1].median()
+    bias = model.out.bias.detach()
+    assert float(bias[1] - bias[0]) == pytest.approx(np.log(0.01 / 0.99), rel=1e-5)
+    assert 0.3 < float(default) < 0.7 and float(started) < 0.05
