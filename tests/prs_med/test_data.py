@@ -102,6 +102,27 @@ def test_demo_tasks_look_different(demo_root: Path) -> None:
     assert len({round(v[1] / 10) for v in looks.values()}) >= 4  # mean brightness differs between modalities
 
 
+def test_demo_finding_is_drawn_where_its_mask_is_not_flipped(demo_root: Path) -> None:
+    # The image read back (BGR file -> RGB) shows the finding inside its mask: the colour contrast between the mask
+    # and a 3 px ring around it is clearly larger than with the mask flipped top/bottom or left/right. Checked on
+    # the tasks whose background near a lesion is plain (CT, endoscopy, skin); the ultrasound fan and the X-ray's
+    # lung fields give a flipped mask its own contrast.
+    manifest, _ = data.build_manifest(demo_root)
+    plain = manifest[manifest.task.isin(["brain_tumors_ct_scan", "polyp_endoscopy", "skin_rgbimage"])
+                     & (manifest.position != "center")]  # a centred blob flipped still mostly overlaps itself
+    assert len(plain) == 3 * (11 - 3)  # 3 of each task's 11 images are centred (train 1, val 1, test 1)
+    for row in plain.itertuples():
+        image = data.read_image(demo_root / row.image).astype(float)
+        mask = data.read_mask(demo_root / row.mask)
+
+        def contrast(m: np.ndarray) -> float:
+            ring = cv2.dilate(m.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~m
+            return float(np.abs(image[m].mean(axis=0) - image[ring].mean(axis=0)).sum())
+
+        true, flipped = contrast(mask), max(contrast(mask[::-1]), contrast(mask[:, ::-1]))
+        assert true > 1.5 * flipped, (row.image, row.position, true, flipped)
+
+
 def test_build_manifest_reports_every_bad_mask_at_once(demo_root: Path, tmp_path: Path) -> None:
     import shutil
 
