@@ -237,11 +237,19 @@ class TextEncoder(nn.Module):
             if self.pooling != "sentence_mean":
                 return torch.cat([self._mean(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
             sentences = [split_sentences(t) for t in texts]
-            flat = [s for group in sentences for s in group]
-            embedded = torch.cat([self._mean(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)])
-            owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(g) for g in sentences]))
-            summed = torch.zeros(len(texts), embedded.shape[1], dtype=embedded.dtype).index_add_(0, owner, embedded)
-            return summed / torch.tensor([len(g) for g in sentences], dtype=embedded.dtype)[:, None]
+            # Reports repeat sentences ("No pleural effusion.", the normal findings): each distinct one is encoded
+            # once (padding is masked, so a sentence's embedding does not depend on its batch mates).
+            unique = list(dict.fromkeys(s for group in sentences for s in group))
+            position = {s: i for i, s in enumerate(unique)}
+            encoded = torch.cat([self._mean(unique[i:i + batch_size]) for i in range(0, len(unique), batch_size)])
+            index = torch.tensor([position[s] for group in sentences for s in group], device=encoded.device)
+            embedded = encoded[index]
+            owner = torch.repeat_interleave(torch.arange(len(texts), device=embedded.device),
+                                            torch.tensor([len(g) for g in sentences], device=embedded.device))
+            summed = torch.zeros(len(texts), embedded.shape[1], dtype=embedded.dtype,
+                                 device=embedded.device).index_add_(0, owner, embedded)
+            counts = torch.tensor([len(g) for g in sentences], dtype=embedded.dtype, device=embedded.device)
+            return summed / counts[:, None]
 
 
 # ============================================================================================ the model

@@ -11,7 +11,7 @@ from nbsupport.config import PROFILES, ConfigError
 from nbsupport.ct_clip import data as ct_data
 from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip.pipeline import ACCELERATE_ZERO1, distributed_config
-from nbsupport.train import launch_command
+from nbsupport.train import WEIGHTS_FILE, TrainSettings, _save_weights, _write_checkpoint, launch_command
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -60,12 +60,21 @@ def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_pat
     assert image.shape == (1, 64, 64, 48)
 
 
-def test_sentence_sampling_trains_on_report_subsets_and_evaluates_whole_reports(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    """(data root, manifest) of 3 + 1 demo patients preprocessed to 16^3 voxels."""
+    tmp_path = tmp_path_factory.mktemp("ct_clip_tiny")
     root = ct_data.write_demo_dataset(tmp_path / "data", n_train_patients=3, n_valid_patients=1, scale=0.2)
     manifest = tmp_path / "ct.csv"
     assert ct_pre.main(["--data-root", str(root), "--manifest", str(manifest), "--workers", "1", "--spacing", "8",
                         "8", "8", "--shape", "16", "16", "16", "--val-fraction", "0.34"]) == 0
-    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "sentence_keep": 0.4})
+    return root, manifest
+
+
+def test_sentence_sampling_trains_on_report_subsets_and_evaluates_whole_reports(tiny_manifest):
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "sentence_keep": 0.4,
+                                          "text_tuning": "frozen"})
     task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
     model = task.build_model()
     train = task.manifest[task.manifest.split == "train"].reset_index(drop=True)
@@ -81,3 +90,53 @@ def test_sentence_sampling_trains_on_report_subsets_and_evaluates_whole_reports(
     assert not torch.allclose(sampled, whole.expand_as(sampled), atol=1e-4)  # training reads subsets
     with pytest.raises(ConfigError, match="sentence_keep"):
         ct_clip.TrainConfig.from_params({"sentence_keep": 0.0})
+
+
+def test_lora_text_tower_trains_and_its_checkpoint_reloads(tiny_manifest, tmp_path):
+    """The demo's trained text tower: the loss reaches the LoRA weights, a step changes the prompt embeddings, and
+    the trainable-only checkpoint rebuilds the same text tower (CT-CLIP trains its text encoder)."""
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest)})
+    assert cfg.text_tuning == "lora" and ct_clip.TrainConfig.from_params({"profile": "demo"}).text_tuning == "lora"
+    spec = cfg.model_spec()
+    task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), spec.to_json())
+    model = task.build_model().train()
+    assert not task._text_cache  # nothing the LoRA weights change is cached
+    prompts = ["Pleural effusion is present.", "Pleural effusion is not present."]
+    with torch.no_grad():
+        before = model.eval().encode_text(prompts)
+    dataset = task.train_dataset()
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    optimizer = torch.optim.AdamW(task.trainable_parameters(model), lr=1e-2)
+    model.train()
+    task.training_step(model, batch).backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and any(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    optimizer.step()
+    with torch.no_grad():
+        after = model.eval().encode_text(prompts)
+    assert not torch.allclose(before, after, atol=1e-4)
+    checkpoint = tmp_path / "run" / "checkpoints" / "best"  # as the trainer writes it (trainable tensors only)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model_spec.json").write_text(spec.to_json())
+    meta = {"config_hash": spec.fingerprint(), "step": 1}
+    _write_checkpoint(checkpoint, meta, lambda folder: _save_weights(
+        model, folder / WEIGHTS_FILE, meta, TrainSettings(save_trainable_only=True)))
+    reloaded = ct_clip.pipeline.load_trained_model(checkpoint)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.encode_text(prompts), after, atol=1e-5)
+
+
+def test_best_checkpoint_is_picked_by_a_metric_the_validation_pass_reports(tiny_manifest):
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest)})
+    assert cfg.select_checkpoint_by == "mean_rank"  # R@5 of a small validation split saturates at 1.0 early
+    task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
+    model = task.build_model().eval()
+    loader = torch.utils.data.DataLoader(task.val_dataset(), batch_size=2)
+    metrics = task.evaluate(model, loader, torch.device("cpu"))
+    for choice in ("r5", "mean_rank"):
+        assert ct_clip.pipeline._monitor(choice).removeprefix("val_") in metrics
+    assert metrics["mean_rank_report_to_volume"] >= 1
+    with pytest.raises(ConfigError, match="select_checkpoint_by"):
+        ct_clip.TrainConfig.from_params({"select_checkpoint_by": "r10"})
