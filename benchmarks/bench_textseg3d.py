@@ -26,10 +26,11 @@ VOLUMES = ((32, 32, 64), (64, 64, 128), (96, 96, 192))
 
 
 def _spec(kind: str, feature_size: int, roi: tuple[int, int, int]):
-    from nbsupport.textseg3d.model import LLMSegSpec
+    """The network the demo profile trains (text encoder, readout, prompts, positional encoding), at this size."""
+    from nbsupport.textseg3d.pipeline import TrainConfig, model_spec
 
-    return LLMSegSpec(feature_size=feature_size, use_text=kind == "llmseg", text_encoder="sentence",
-                      text_encoder_path="all-minilm-l6-v2", roi=roi)
+    cfg = TrainConfig.from_params({"profile": "demo", "feature_size": feature_size, "roi": roi})
+    return model_spec(cfg, use_text=kind == "llmseg")
 
 
 def measure_training(kind: str, feature_size: int, roi: tuple[int, int, int], batch_size: int, steps: int) -> dict:
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})",
              f"roi {'x'.join(map(str, roi))}, feature size {args.feature_size}, batch {args.batch_size}, "
-             f"{args.steps} timed steps; text encoder all-MiniLM-L6-v2 (frozen)", "",
+             f"{args.steps} timed steps; text encoder all-MiniLM-L6-v2 (frozen), readout "
+             f"{_spec('llmseg', args.feature_size, roi).text_readout!r} (the demo profile's)", "",
              "| model | trainable (M) | frozen (M) | train step (s) | × image-only time | peak RSS (MiB) "
              "| training Δ RSS (MiB) | × image-only Δ RSS |", "|---|---|---|---|---|---|---|---|"]
     for m in models:
