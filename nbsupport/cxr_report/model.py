@@ -53,9 +53,6 @@ class CxrModelSpec:
     # * the auxiliary classifier's positive labels appended to the diagnostic prompt (PromptMRG-style);
     findings_prompt: bool = False
     findings_threshold: float = 0.5
-    # * a learnable embedding per disease added to its projected token, initialised from the LM's embedding of the
-    #   label name, so that each of the 14 tokens says which finding it is about.
-    disease_name_embeddings: bool = False
 
     @property
     def feature_dim(self) -> int:
@@ -84,7 +81,7 @@ class CxrModelSpec:
 
 
 # fields added after the first runs, with their defaults
-_LATER_FIELDS = {"findings_prompt": False, "findings_threshold": 0.5, "disease_name_embeddings": False}
+_LATER_FIELDS = {"findings_prompt": False, "findings_threshold": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -165,17 +162,6 @@ def load_language_model(spec: CxrModelSpec) -> tuple[Any, Any]:
     return get_peft_model(lm, lora_config(spec)), tokenizer
 
 
-def label_name_embeddings(lm: Any, tokenizer: Any, names: Sequence[str] = LABELS) -> torch.Tensor:
-    """(len(names), hidden): the mean of the LM's input embeddings of each name's tokens (" Pleural Effusion")."""
-    embed = lm.get_input_embeddings()
-    rows = []
-    for name in names:
-        ids = tokenizer(" " + name.lower(), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            rows.append(embed(torch.tensor(ids, device=embed.weight.device)).float().mean(0))
-    return torch.stack(rows)
-
-
 def keep_4bit_weights_trainable(module: nn.Module) -> int:
     """Stop bitsandbytes (0.50, CPU with AVX512-BF16) from repacking NF4 weights for inference in an eval-mode,
     no-grad forward: the weights stay repacked, and the gradient through them in the next training backward is
@@ -193,7 +179,7 @@ def keep_4bit_weights_trainable(module: nn.Module) -> int:
 
 
 class ReportGenerator(nn.Module):
-    """Projection of the disease tokens (+ optional per-disease name embeddings) + the LoRA-wrapped causal LM."""
+    """Projection of the disease tokens + the LoRA-wrapped causal LM."""
 
     def __init__(self, spec: CxrModelSpec, lm: Any, tokenizer: Any, labelled_logits_only: bool = True):
         """``labelled_logits_only``: the training loss computes the LM head only at the positions that predict a
@@ -206,17 +192,11 @@ class ReportGenerator(nn.Module):
         self.labelled_logits_only = labelled_logits_only
         hidden = lm.get_input_embeddings().weight.shape[1]
         self.projection = nn.Linear(spec.feature_dim, hidden)
-        self.disease_embedding = None
-        if spec.disease_name_embeddings:
-            self.disease_embedding = nn.Parameter(label_name_embeddings(lm, tokenizer))
 
     def visual_embeddings(self, disease_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 14, C) -> (B, 14, hidden) in the LM's embedding dtype."""
         dtype = self.lm.get_input_embeddings().weight.dtype
-        visual = self.projection(disease_tokens.to(self.projection.weight.dtype))
-        if self.disease_embedding is not None:
-            visual = visual + self.disease_embedding
-        return visual.to(dtype)
+        return self.projection(disease_tokens.to(self.projection.weight.dtype)).to(dtype)
 
     def forward(self, disease_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Any:
@@ -326,8 +306,7 @@ def count_trainable_parameters(lm_config: dict[str, Any], spec: CxrModelSpec) ->
     """Trainable parameters of the report generator (LoRA + projection) for a Llama config, on the meta device.
 
     Nothing is allocated or downloaded: the LM is built from its config values on ``torch.device("meta")``.
-    Returns ``{"lora": .., "projection": .., "trainable": .., "lm_total": ..}`` ("projection" includes the disease
-    embeddings when the spec has them).
+    Returns ``{"lora": .., "projection": .., "trainable": .., "lm_total": ..}``.
     """
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -338,7 +317,5 @@ def count_trainable_parameters(lm_config: dict[str, Any], spec: CxrModelSpec) ->
         projection = nn.Linear(spec.feature_dim, lm_config["hidden_size"])
     lora = sum(p.numel() for p in peft_lm.parameters() if p.requires_grad)
     proj = sum(p.numel() for p in projection.parameters())
-    if spec.disease_name_embeddings:
-        proj += NUM_DISEASES * lm_config["hidden_size"]
     total = sum(p.numel() for n, p in peft_lm.named_parameters() if "lora_" not in n)
     return {"lora": lora, "projection": proj, "trainable": lora + proj, "lm_total": total}

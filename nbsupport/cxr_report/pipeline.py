@@ -124,10 +124,8 @@ class TrainConfig(_ManifestStage):
     max_steps: int | None = param(None, "stop the report stage after this many optimizer steps (None: epochs)")
     batch_size: int = param(1, "report-stage batch size (seed per_device_train_batch_size)")
     lr: float = param(5e-4, "report-stage learning rate, constant (seed)")
-    projection_lr: float | None = param(None, "learning rate of the visual projection and the disease embeddings "
-                                        "(they feed the frozen LM's input, like prompt tuning); None: lr (seed)")
-    disease_name_embeddings: bool = param(False, "add a learnable embedding per disease to its projected token, "
-                                          "initialised from the LM's embedding of the label name (our addition)")
+    projection_lr: float | None = param(None, "learning rate of the visual projection (it feeds the frozen LM's "
+                                        "input, like prompt tuning); None: lr (seed)")
     weight_decay: float = param(0.001, "report-stage weight decay (seed)")
     grad_clip: float | None = param(0.3, "report-stage max gradient norm (seed max_grad_norm)")
     optimizer: Literal["adamw", "paged_adamw"] = param("paged_adamw", "paged_adamw (seed; CUDA) or adamw")
@@ -422,17 +420,14 @@ class ReportTrainingTask:
 
 def report_parameter_groups(model: ReportGenerator, lr: float, projection_lr: float | None,
                             weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups of the report stage: the LoRA adapters at ``lr``, the input side (the projection and the
-    disease embeddings) at ``projection_lr`` (None: ``lr``, the seed's single rate); weight decay on matrices only,
-    as the shared trainer's default (not on biases or the disease embeddings)."""
+    """Optimizer groups of the report stage: the LoRA adapters at ``lr``, the visual projection at ``projection_lr``
+    (None: ``lr``, the seed's single rate); weight decay on matrices only, as the shared trainer's default."""
     input_side = {id(p) for p in model.projection.parameters()}
-    if model.disease_embedding is not None:
-        input_side.add(id(model.disease_embedding))
     groups = []
     for group_lr, on_input_side in ((lr, False), (projection_lr or lr, True)):
         params = [p for p in model.parameters() if p.requires_grad and (id(p) in input_side) == on_input_side]
         for decay in (True, False):
-            chosen = [p for p in params if (p.ndim >= 2 and p is not model.disease_embedding) == decay]
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
             if chosen:
                 groups.append({"params": chosen, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0})
     return groups
@@ -471,7 +466,7 @@ def model_spec(cfg: TrainConfig, run: RunFolder) -> CxrModelSpec:
     return CxrModelSpec(encoder=cfg.encoder, image_size=cfg.image_size, language_model=language_model,
                         quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         lora_dropout=cfg.lora_dropout, findings_prompt=cfg.findings_prompt,
-                        findings_threshold=cfg.findings_threshold, disease_name_embeddings=cfg.disease_name_embeddings)
+                        findings_threshold=cfg.findings_threshold)
 
 
 @torch.no_grad()

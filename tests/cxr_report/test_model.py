@@ -123,38 +123,20 @@ def test_labelled_logits_loss_matches_the_lm_loss_on_a_padded_batch(tiny_lm_dir:
     assert fast.loss.item() == pytest.approx(seed.loss.item(), rel=1e-5)
 
 
-def test_disease_name_embeddings_start_at_the_label_names_and_leave_old_fingerprints(tiny_lm_dir: Path) -> None:
-    from nbsupport.cxr_report.labeler import LABELS
-
+def test_specs_written_before_the_findings_prompt_keep_their_fingerprint(tiny_lm_dir: Path) -> None:
     plain = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
-    named = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none",
-                         disease_name_embeddings=True)
+    prompted = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none",
+                            findings_prompt=True)
     # a spec written before the option existed reads back with the same fingerprint (its checkpoints still load)
-    assert "disease_name_embeddings" not in plain.to_json()
+    assert "findings_prompt" not in plain.to_json()
     assert CxrModelSpec.from_json(plain.to_json()).fingerprint("report") == plain.fingerprint("report")
-    assert CxrModelSpec.from_json(named.to_json()) == named and named.fingerprint() != plain.fingerprint()
-    lm, tokenizer = load_language_model(named)
-    generator = ReportGenerator(named, lm, tokenizer)
-    k = LABELS.index("Pleural Effusion")
-    name_ids = tokenizer(" pleural effusion", add_special_tokens=False)["input_ids"]
-    expected = lm.get_input_embeddings().weight[name_ids].mean(0)
-    assert generator.disease_embedding.requires_grad
-    assert torch.allclose(generator.disease_embedding[k], expected, atol=1e-6)
-    tokens = torch.randn(2, 14, 17)
-    with torch.no_grad():
-        shift = generator.visual_embeddings(tokens) - generator.projection(tokens)
-    assert torch.allclose(shift, generator.disease_embedding.detach().expand(2, -1, -1), atol=1e-6)
-    counts = count_trainable_parameters(
-        {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}, named)
-    assert counts["projection"] == 17 * 32 + 32 + 14 * 32
+    assert CxrModelSpec.from_json(prompted.to_json()) == prompted and prompted.fingerprint() != plain.fingerprint()
 
 
 def test_report_parameter_groups_give_the_input_side_its_own_rate(tiny_lm_dir: Path) -> None:
     from nbsupport.cxr_report.pipeline import report_parameter_groups
 
-    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none",
-                        disease_name_embeddings=True)
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
     lm, tokenizer = load_language_model(spec)
     generator = ReportGenerator(spec, lm, tokenizer)
     trainable = {id(p) for p in generator.parameters() if p.requires_grad}
@@ -164,11 +146,10 @@ def test_report_parameter_groups_give_the_input_side_its_own_rate(tiny_lm_dir: P
         assert sorted(grouped) == sorted(trainable)  # every trainable tensor once
         rate = {id(p): g["lr"] for g in groups for p in g["params"]}
         decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-        assert rate[id(generator.projection.weight)] == rate[id(generator.disease_embedding)] == input_lr
+        assert rate[id(generator.projection.weight)] == rate[id(generator.projection.bias)] == input_lr
         lora = [p for n, p in generator.named_parameters() if "lora_" in n]
         assert lora and all(rate[id(p)] == 1e-3 for p in lora)
         assert decay[id(generator.projection.weight)] == 0.01 and decay[id(generator.projection.bias)] == 0.0
-        assert decay[id(generator.disease_embedding)] == 0.0
 
 
 @pytest.fixture()
