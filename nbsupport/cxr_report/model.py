@@ -49,6 +49,10 @@ class CxrModelSpec:
     lora_alpha: int = 8
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # Our additions (not in the seed), off by default and in `full`:
+    # * the auxiliary classifier's positive labels appended to the diagnostic prompt (PromptMRG-style);
+    findings_prompt: bool = False
+    findings_threshold: float = 0.5
 
     @property
     def feature_dim(self) -> int:
@@ -59,7 +63,11 @@ class CxrModelSpec:
         return (self.image_size // 32) ** 2
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        values = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():  # written only when set: earlier runs keep their fingerprint
+            if values[name] == default:
+                del values[name]
+        return json.dumps(values, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> CxrModelSpec:
@@ -70,6 +78,10 @@ class CxrModelSpec:
     def fingerprint(self, part: str = "") -> str:
         """Stored in checkpoints so weights are never loaded into another model (``part``: vision / report)."""
         return hashlib.sha256((part + self.to_json()).encode()).hexdigest()[:16]
+
+
+# fields added after the first runs, with their defaults
+_LATER_FIELDS = {"findings_prompt": False, "findings_threshold": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -150,14 +162,34 @@ def load_language_model(spec: CxrModelSpec) -> tuple[Any, Any]:
     return get_peft_model(lm, lora_config(spec)), tokenizer
 
 
+def keep_4bit_weights_trainable(module: nn.Module) -> int:
+    """Stop bitsandbytes (0.50, CPU with AVX512-BF16) from repacking NF4 weights for inference in an eval-mode,
+    no-grad forward: the weights stay repacked, and the gradient through them in the next training backward is
+    wrong (zero at the visual projection; the report loss jumped from 0.7 to 12-16 right after the first
+    mid-training validation). Returns the number of 4-bit layers changed. Models used only for inference keep the
+    faster packed path."""
+    import bitsandbytes as bnb
+
+    changed = 0
+    for layer in module.modules():
+        if isinstance(layer, bnb.nn.Linear4bit) and getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 class ReportGenerator(nn.Module):
     """Projection of the disease tokens + the LoRA-wrapped causal LM."""
 
-    def __init__(self, spec: CxrModelSpec, lm: Any, tokenizer: Any):
+    def __init__(self, spec: CxrModelSpec, lm: Any, tokenizer: Any, labelled_logits_only: bool = True):
+        """``labelled_logits_only``: the training loss computes the LM head only at the positions that predict a
+        report token (the same loss as the LM's own, without the vocabulary-sized logits of the visual, prompt
+        and padding positions); ``False`` calls the LM with ``labels`` as the seed does."""
         super().__init__()
         self.spec = spec
         self.lm = lm
         self.tokenizer = tokenizer
+        self.labelled_logits_only = labelled_logits_only
         hidden = lm.get_input_embeddings().weight.shape[1]
         self.projection = nn.Linear(spec.feature_dim, hidden)
 
@@ -168,22 +200,35 @@ class ReportGenerator(nn.Module):
 
     def forward(self, disease_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Any:
-        """Causal-LM loss over the report tokens.
+        """Causal-LM loss over the report tokens (mean over the labelled tokens).
 
         Args:
             disease_tokens: (B, 14, C). input_ids / attention_mask / labels: (B, T) prompt + report + EOS,
                 right-padded; labels -100 over the prompt and padding.
+
+        Returns the LM's output (``loss``, ``logits``); with ``labels`` and ``labelled_logits_only`` an output
+        whose ``logits`` are None.
         """
         visual = self.visual_embeddings(disease_tokens)
         text = self.lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([visual, text], dim=1)
         ones = torch.ones(visual.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([ones, attention_mask], dim=1)
-        full_labels = None
-        if labels is not None:
-            ignore = torch.full(visual.shape[:2], -100, dtype=labels.dtype, device=labels.device)
-            full_labels = torch.cat([ignore, labels], dim=1)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=full_labels)
+        if labels is None:
+            return self.lm(inputs_embeds=embeds, attention_mask=mask)
+        ignore = torch.full(visual.shape[:2], -100, dtype=labels.dtype, device=labels.device)
+        full_labels = torch.cat([ignore, labels], dim=1)
+        if not self.labelled_logits_only:
+            return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=full_labels)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        base = self.lm.get_base_model()
+        hidden = base.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, hidden)
+        targets = full_labels[:, 1:]
+        keep = targets != -100  # position t predicts token t + 1
+        logits = base.lm_head(hidden[:, :-1][keep]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     def prompt_embeddings(self, disease_tokens: torch.Tensor, prompt_ids: Sequence[Sequence[int]]
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +256,30 @@ class ReportGenerator(nn.Module):
                                early_stopping=num_beams > 1, do_sample=False,
                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def classifier_findings_prompt(prompt: str, probabilities: Sequence[float], threshold: float = 0.5) -> str:
+    """The diagnostic prompt followed by the labels the auxiliary classifier calls positive (probability >=
+    ``threshold``), e.g. ``"Describe ... Classifier findings: cardiomegaly, pleural effusion."``; ``none`` when it
+    calls no label but No Finding.
+
+    A diagnosis-driven prompt in the manner of PromptMRG (Jin et al., AAAI 2024): the LM is told in words what the
+    image classifier found, so a report states each finding the classifier sees, in any combination. It is built
+    from the image alone, the same way in training and at inference.
+    """
+    if len(probabilities) != NUM_DISEASES:
+        raise ValueError(f"expected {NUM_DISEASES} label probabilities (in LABELS order), got {len(probabilities)}")
+    names = [label.lower() for label, p in zip(LABELS, probabilities) if p >= threshold and label != "No Finding"]
+    return f"{prompt.strip()} Classifier findings: {', '.join(names) if names else 'none'}."
+
+
+def lm_prompts(spec: CxrModelSpec, prompts: Sequence[str], probabilities: torch.Tensor) -> list[str]:
+    """The prompts the LM reads: ``prompts`` as they are (the seed), or with the classifier's findings appended
+    when ``spec.findings_prompt``; ``probabilities``: (N, 14) classifier outputs in [0, 1]."""
+    if not spec.findings_prompt:
+        return [str(p) for p in prompts]
+    return [classifier_findings_prompt(str(p), row.tolist(), spec.findings_threshold)
+            for p, row in zip(prompts, probabilities)]
 
 
 def encode_example(tokenizer: Any, prompt: str, report: str, max_report_tokens: int) -> dict[str, list[int]]:

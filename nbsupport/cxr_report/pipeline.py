@@ -28,6 +28,8 @@ from nbsupport.cxr_report.model import (
     VisionModel,
     count_trainable_parameters,
     encode_example,
+    keep_4bit_weights_trainable,
+    lm_prompts,
     load_language_model,
     prompt_token_ids,
 )
@@ -92,11 +94,14 @@ class TrainConfig(_ManifestStage):
     PROFILES = {
         "smoke": {"encoder": "densenet_tiny", "image_size": 64, "language_model": "tiny", "vision_epochs": 2,
                   "vision_batch_size": 8, "vision_lr": 3e-3, "epochs": 1, "batch_size": 4, "max_steps": 4,
-                  "max_report_tokens": 24, "optimizer": "adamw"},
-        # about 5 minutes on 2 CPU cores for the demo dataset (~500 training images)
+                  "max_report_tokens": 24, "optimizer": "adamw", "findings_prompt": True},
+        # the demo dataset (~420 training images) in ~10 CPU minutes: vision ~80 s, report stage 180 steps of batch
+        # 4 at ~3.3 CPU s (benchmarks/RESULTS.md). Our additions, off in `full`: the classifier's findings in the
+        # prompt, a 5x faster rate for the visual projection than for LoRA.
         "demo": {"encoder": "densenet_small", "image_size": 128, "language_model": "smollm2-135m",
-                 "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 1, "batch_size": 8,
-                 "max_steps": 70, "lr": 1e-3, "max_report_tokens": 56, "optimizer": "adamw"},
+                 "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 3, "batch_size": 4,
+                 "max_steps": 180, "lr": 2e-3, "projection_lr": 1e-2, "max_report_tokens": 56, "optimizer": "adamw",
+                 "findings_prompt": True},
         "full": {"encoder": "densenet121", "image_size": 224, "language_model": "meta-llama/Llama-2-7b-hf",
                  "vision_epochs": 50, "epochs": 20, "batch_size": 1, "optimizer": "paged_adamw", "num_workers": 4},
     }
@@ -119,10 +124,15 @@ class TrainConfig(_ManifestStage):
     max_steps: int | None = param(None, "stop the report stage after this many optimizer steps (None: epochs)")
     batch_size: int = param(1, "report-stage batch size (seed per_device_train_batch_size)")
     lr: float = param(5e-4, "report-stage learning rate, constant (seed)")
+    projection_lr: float | None = param(None, "learning rate of the visual projection (it feeds the frozen LM's "
+                                        "input, like prompt tuning); None: lr (seed)")
     weight_decay: float = param(0.001, "report-stage weight decay (seed)")
     grad_clip: float | None = param(0.3, "report-stage max gradient norm (seed max_grad_norm)")
     optimizer: Literal["adamw", "paged_adamw"] = param("paged_adamw", "paged_adamw (seed; CUDA) or adamw")
     max_report_tokens: int = param(256, "report tokens kept for training (longer reports are cut)")
+    findings_prompt: bool = param(False, "our addition (PromptMRG-style): append the auxiliary classifier's positive "
+                                  "labels to the diagnostic prompt; False = the seed's prompt alone")
+    findings_threshold: float = param(0.5, "classifier probability from which a label is named in the prompt")
     num_processes: int = param(1, "processes for data-parallel training (accelerate launch)")
     num_workers: int = param(0, "data-loader worker processes (vision stage)")
 
@@ -341,11 +351,14 @@ class ReportTrainingTask:
         self.manifest, _ = read_manifest(Path(manifest), cxr_data.CXR_SCHEMA, data_root=Path(data_root),
                                          check_files=False)
         self.spec = CxrModelSpec.from_json(spec_json)
-        self.tokens = safetensors.torch.load_file(tokens_file)["disease_tokens"]  # (N, 14, C), manifest order
+        stored = safetensors.torch.load_file(tokens_file)
+        self.tokens = stored["disease_tokens"]  # (N, 14, C), manifest order
+        self.prompts = lm_prompts(self.spec, list(self.manifest["prompt"]), stored["probabilities"])
         self.tokenizer = None
 
     def build_model(self) -> ReportGenerator:
         lm, tokenizer = load_language_model(self.spec)
+        keep_4bit_weights_trainable(lm)  # validation between epochs must not repack the weights it trains through
         self.tokenizer = tokenizer
         torch.manual_seed(self.cfg.seed)
         return ReportGenerator(self.spec, lm, tokenizer)
@@ -361,7 +374,7 @@ class ReportTrainingTask:
         rows = np.flatnonzero((self.manifest.split == split).to_numpy())
         out = []
         for i in rows:
-            example = encode_example(self.tokenizer, self.manifest.at[i, "prompt"], self.manifest.at[i, "report"],
+            example = encode_example(self.tokenizer, self.prompts[i], self.manifest.at[i, "report"],
                                      self.cfg.max_report_tokens)
             out.append({"disease_tokens": self.tokens[i], **example})
         return out or None
@@ -387,6 +400,9 @@ class ReportTrainingTask:
         return {"disease_tokens": torch.stack([x["disease_tokens"] for x in items]), "input_ids": ids,
                 "attention_mask": mask, "labels": labels}
 
+    def trainable_parameters(self, model: ReportGenerator) -> list[dict[str, Any]]:
+        return report_parameter_groups(model, self.cfg.lr, self.cfg.projection_lr, self.cfg.weight_decay)
+
     def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
@@ -400,6 +416,21 @@ class ReportTrainingTask:
             total += float(model(**batch).loss) * n
             count += n
         return {"loss": total / max(count, 1)}
+
+
+def report_parameter_groups(model: ReportGenerator, lr: float, projection_lr: float | None,
+                            weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups of the report stage: the LoRA adapters at ``lr``, the visual projection at ``projection_lr``
+    (None: ``lr``, the seed's single rate); weight decay on matrices only, as the shared trainer's default."""
+    input_side = {id(p) for p in model.projection.parameters()}
+    groups = []
+    for group_lr, on_input_side in ((lr, False), (projection_lr or lr, True)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in input_side) == on_input_side]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0})
+    return groups
 
 
 def report_task(config: dict[str, Any], manifest: str, data_root: str, spec_json: str,
@@ -434,7 +465,8 @@ def model_spec(cfg: TrainConfig, run: RunFolder) -> CxrModelSpec:
         language_model = str(folder)
     return CxrModelSpec(encoder=cfg.encoder, image_size=cfg.image_size, language_model=language_model,
                         quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        lora_dropout=cfg.lora_dropout)
+                        lora_dropout=cfg.lora_dropout, findings_prompt=cfg.findings_prompt,
+                        findings_threshold=cfg.findings_threshold)
 
 
 @torch.no_grad()
@@ -476,7 +508,8 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     device = resolve_device(cfg.device)
     tokens, probs = disease_tokens(vision, manifest, root, device)
     tokens_file = run.file("disease_tokens.safetensors")
-    safetensors.torch.save_file({"disease_tokens": tokens.contiguous()}, str(tokens_file))
+    safetensors.torch.save_file({"disease_tokens": tokens.contiguous(), "probabilities": probs.contiguous()},
+                                str(tokens_file))
 
     report_settings = TrainSettings(
         epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -569,8 +602,14 @@ def load_trained_model(training_run: Path, device: torch.device) -> TrainedModel
 
 
 def generate_reports(model: TrainedModel, tokens: torch.Tensor, prompts: list[str], num_beams: int,
-                     no_repeat_ngram_size: int, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Beam-search reports for (N, 14, C) disease tokens, ``batch_size`` images per generate call."""
+                     no_repeat_ngram_size: int, max_new_tokens: int, batch_size: int,
+                     probabilities: torch.Tensor | None = None) -> list[str]:
+    """Beam-search reports for (N, 14, C) disease tokens, ``batch_size`` images per generate call; with a
+    ``findings_prompt`` model the (N, 14) classifier ``probabilities`` complete the prompts."""
+    if model.spec.findings_prompt:
+        if probabilities is None:
+            raise ValueError("this model reads the classifier's findings in its prompt: pass probabilities")
+        prompts = lm_prompts(model.spec, prompts, probabilities)
     out: list[str] = []
     for start in progress(range(0, len(prompts), batch_size), desc="generate reports"):
         chunk = slice(start, start + batch_size)
@@ -618,7 +657,8 @@ def _single_image_report(model: TrainedModel, path: Path, title: str, cfg: Any) 
     device = next(model.vision.parameters()).device
     with torch.no_grad():
         tokens, logits, _ = model.vision(x.to(device))
-    report = model.generator.generate(tokens.cpu(), [prompt_token_ids(model.tokenizer, cxr_data.DEFAULT_PROMPT)],
+    prompt = lm_prompts(model.spec, [cxr_data.DEFAULT_PROMPT], logits.sigmoid().cpu())[0]
+    report = model.generator.generate(tokens.cpu(), [prompt_token_ids(model.tokenizer, prompt)],
                                       cfg.num_beams, cfg.no_repeat_ngram_size, cfg.max_new_tokens)[0]
     probs = dict(zip(LABELS, logits.sigmoid()[0].tolist()))
     fig = disease_maps_figure(model, gray, x, report, title)
@@ -635,10 +675,10 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     if cfg.max_reports:
         part = part.head(cfg.max_reports)
     train_part = manifest[manifest.split == "train"].reset_index(drop=True)
-    tokens, _ = disease_tokens(model.vision, part, root, device)
+    tokens, probabilities = disease_tokens(model.vision, part, root, device)
     train_tokens, _ = disease_tokens(model.vision, train_part, root, device)
     generated = generate_reports(model, tokens, list(part["prompt"]), cfg.num_beams, cfg.no_repeat_ngram_size,
-                                 cfg.max_new_tokens, cfg.batch_size)
+                                 cfg.max_new_tokens, cfg.batch_size, probabilities)
     references = list(part["report"])
     systems = {"model (this run)": generated, **baseline_reports(train_tokens, list(train_part["report"]), tokens)}
     table = pd.DataFrame({name: score_reports(reports, references) for name, reports in systems.items()}).T
@@ -840,8 +880,8 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     gray = cxr_data.read_xray(path)
     x = cxr_data.load_encoder_input(path, model.spec.image_size)[None]
     with torch.no_grad():
-        tokens, _, weights = model.vision(x.to(device))
-    prompt_ids = prompt_token_ids(model.tokenizer, prompt)
+        tokens, logits, weights = model.vision(x.to(device))
+    prompt_ids = prompt_token_ids(model.tokenizer, lm_prompts(model.spec, [prompt], logits.sigmoid().cpu())[0])
     report = model.generator.generate(tokens.cpu(), [prompt_ids], cfg.num_beams, cfg.no_repeat_ngram_size,
                                       cfg.max_new_tokens)[0]
     side = int(round(weights.shape[1] ** 0.5))

@@ -12,8 +12,11 @@ from nbsupport.cxr_report.model import (
     DiseaseAttention,
     ReportGenerator,
     VisionModel,
+    classifier_findings_prompt,
     count_trainable_parameters,
     encode_example,
+    keep_4bit_weights_trainable,
+    lm_prompts,
     load_language_model,
     prompt_token_ids,
 )
@@ -88,11 +91,65 @@ def test_loss_covers_only_report_tokens(tiny_lm_dir: Path) -> None:
     ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
     tokens = torch.randn(1, 14, 17)
     with torch.no_grad():
-        out = generator(tokens, ids, torch.ones_like(ids), labels)
-    logits = out.logits[0, 14:]  # text positions
+        logits = generator(tokens, ids, torch.ones_like(ids)).logits[0, 14:]  # all positions; text ones here
+        labelled_only = generator(tokens, ids, torch.ones_like(ids), labels).loss
+        generator.labelled_logits_only = False
+        lm_loss = generator(tokens, ids, torch.ones_like(ids), labels).loss
     target = labels[0]
     manual = torch.nn.functional.cross_entropy(logits[:-1][target[1:] != -100], target[1:][target[1:] != -100])
-    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert lm_loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert labelled_only.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_labelled_logits_loss_matches_the_lm_loss_on_a_padded_batch(tiny_lm_dir: Path) -> None:
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer).eval()
+    examples = [encode_example(tokenizer, "Describe.", r, 32) for r in ("No pneumothorax.", "Large left effusion.")]
+    length = max(len(e["input_ids"]) for e in examples) + 3
+    ids = torch.full((2, length), tokenizer.pad_token_id)
+    labels = torch.full((2, length), -100)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for k, e in enumerate(examples):
+        ids[k, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        labels[k, :len(e["labels"])] = torch.tensor(e["labels"])
+        mask[k, :len(e["input_ids"])] = 1
+    tokens = torch.randn(2, 14, 17)
+    with torch.no_grad():
+        fast = generator(tokens, ids, mask, labels)
+        generator.labelled_logits_only = False
+        seed = generator(tokens, ids, mask, labels)
+    assert fast.logits is None and seed.logits is not None
+    assert fast.loss.item() == pytest.approx(seed.loss.item(), rel=1e-5)
+
+
+def test_specs_written_before_the_findings_prompt_keep_their_fingerprint(tiny_lm_dir: Path) -> None:
+    plain = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
+    prompted = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none",
+                            findings_prompt=True)
+    # a spec written before the option existed reads back with the same fingerprint (its checkpoints still load)
+    assert "findings_prompt" not in plain.to_json()
+    assert CxrModelSpec.from_json(plain.to_json()).fingerprint("report") == plain.fingerprint("report")
+    assert CxrModelSpec.from_json(prompted.to_json()) == prompted and prompted.fingerprint() != plain.fingerprint()
+
+
+def test_report_parameter_groups_give_the_input_side_its_own_rate(tiny_lm_dir: Path) -> None:
+    from nbsupport.cxr_report.pipeline import report_parameter_groups
+
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer)
+    trainable = {id(p) for p in generator.parameters() if p.requires_grad}
+    for projection_lr, input_lr in ((None, 1e-3), (2e-2, 2e-2)):
+        groups = report_parameter_groups(generator, 1e-3, projection_lr, 0.01)
+        grouped = [id(p) for g in groups for p in g["params"]]
+        assert sorted(grouped) == sorted(trainable)  # every trainable tensor once
+        rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+        decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        assert rate[id(generator.projection.weight)] == rate[id(generator.projection.bias)] == input_lr
+        lora = [p for n, p in generator.named_parameters() if "lora_" in n]
+        assert lora and all(rate[id(p)] == 1e-3 for p in lora)
+        assert decay[id(generator.projection.weight)] == 0.01 and decay[id(generator.projection.bias)] == 0.0
 
 
 @pytest.fixture()
@@ -148,3 +205,50 @@ def test_quantized_generator_learns_to_use_the_image(tiny_lm_dir: Path, one_thre
     for k in range(2):
         assert matched[k] < before[k] - 1.0, (before, matched)
         assert matched[k] < swapped[k] - 1.0, (matched, swapped)
+
+
+def test_classifier_findings_prompt_names_the_positive_labels() -> None:
+    from nbsupport.cxr_report.labeler import LABELS
+
+    probs = [0.0] * 14
+    probs[LABELS.index("Cardiomegaly")], probs[LABELS.index("Pleural Effusion")] = 0.9, 0.5
+    probs[LABELS.index("Edema")], probs[LABELS.index("No Finding")] = 0.49, 0.99
+    expected = "Describe. Classifier findings: cardiomegaly, pleural effusion."
+    assert classifier_findings_prompt("Describe.", probs) == expected
+    assert classifier_findings_prompt("Describe.", [0.1] * 14) == "Describe. Classifier findings: none."
+    with pytest.raises(ValueError, match="14 label probabilities"):
+        classifier_findings_prompt("Describe.", [0.9] * 13)
+    seed = CxrModelSpec(findings_prompt=False)
+    assert lm_prompts(seed, ["Describe."], torch.tensor([probs])) == ["Describe."]
+    ours = CxrModelSpec(findings_prompt=True, findings_threshold=0.95)
+    assert lm_prompts(ours, ["Describe."], torch.tensor([probs])) == ["Describe. Classifier findings: none."]
+
+
+def test_training_after_a_no_grad_evaluation_gets_the_same_gradients(tiny_lm_dir: Path, one_thread: object) -> None:
+    """Validation between epochs (eval mode, no grad) must leave the NF4 LM as it was for the training backward
+    (bitsandbytes repacks the weights for CPU inference, after which the gradient through them is wrong)."""
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="nf4",
+                        lora_dropout=0.0)
+    lm, tokenizer = load_language_model(spec)
+    keep_4bit_weights_trainable(lm)
+    generator = ReportGenerator(spec, lm, tokenizer)
+    example = encode_example(tokenizer, "Describe.", "There is cardiomegaly.", 16)
+    ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+    tokens = torch.randn(1, 14, 17)
+
+    def loss_and_gradient() -> tuple[float, torch.Tensor]:
+        generator.zero_grad()
+        loss = generator(tokens, ids, torch.ones_like(ids), labels).loss
+        loss.backward()
+        return float(loss), generator.projection.weight.grad.clone()
+
+    generator.train()
+    loss_before, gradient_before = loss_and_gradient()
+    assert gradient_before.norm() > 0
+    generator.eval()
+    with torch.no_grad():
+        generator(tokens, ids, torch.ones_like(ids), labels)
+    generator.train()
+    loss_after, gradient_after = loss_and_gradient()
+    assert loss_after == pytest.approx(loss_before, rel=1e-4)
+    assert torch.allclose(gradient_after, gradient_before, rtol=1e-3, atol=1e-6)
