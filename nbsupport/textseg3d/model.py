@@ -267,33 +267,33 @@ def tiny_sentence_encoder(seed: int = 0, hidden_size: int = 64) -> tuple[nn.Modu
 
 
 # ============================================================================================ segmentation net
-class KeyMaskedAttention(Attention):
-    """MONAI's (SAM's) attention with an optional key padding mask, set by ``LLMSeg.fuse`` for one call.
-
-    Same parameters as ``Attention`` (checkpoints are interchangeable); ``key_mask`` ``(B, N_keys)`` True = attend.
-    """
+class FusedAttention(Attention):
+    """MONAI's (SAM's) attention computed by torch's fused ``scaled_dot_product_attention`` (the same function of the
+    same parameters, so checkpoints are interchangeable, without materialising the scaled score matrix of every
+    voxel), with an optional key padding mask set by ``LLMSeg.fuse`` for one call: ``key_mask`` ``(B, N_keys)``,
+    True = attend."""
 
     key_mask: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.key_mask is None:
-            return super().forward(q, k, v)
         q = self._separate_heads(self.q_proj(q), self.num_heads)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
         v = self._separate_heads(self.v_proj(v), self.num_heads)
-        attn = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        attn = attn.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
-        return self.out_proj(self._recombine_heads(torch.softmax(attn, dim=-1) @ v))
+        mask = None if self.key_mask is None else self.key_mask[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(self._recombine_heads(out))
 
 
-def _text_keyed_attentions(block: TwoWayTransformer) -> list[KeyMaskedAttention]:
-    """Turn the attentions whose keys are text tokens (token self-attention, voxel->token) into masked ones."""
-    found = []
+def _fused_attentions(block: TwoWayTransformer) -> list[FusedAttention]:
+    """Turn every attention of ``block`` into a ``FusedAttention``; returns those whose keys are text tokens (token
+    self-attention, voxel->token), the ones a text padding mask applies to."""
+    text_keyed = []
     for layer in block.layers:
-        for attn in (layer.self_attn, layer.cross_attn_image_to_token):
-            attn.__class__ = KeyMaskedAttention
-            found.append(attn)
-    return found
+        for attn in (layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token):
+            attn.__class__ = FusedAttention
+        text_keyed += [layer.self_attn, layer.cross_attn_image_to_token]
+    block.final_attn_token_to_image.__class__ = FusedAttention
+    return text_keyed
 
 
 def _heads_for(channels: int, wanted: int, downsample: int = 2) -> int:
@@ -326,11 +326,9 @@ class LLMSeg(nn.Module):
                 TwoWayTransformer(depth=spec.fusion_depth, embedding_dim=c, mlp_dim=fs * 2 ** i,
                                   num_heads=_heads_for(c, spec.num_heads), attention_downsample_rate=2)
                 for i, c in enumerate(chans))
-            if spec.text_readout == "tokens":
-                if spec.center_text:
-                    raise ValueError("center_text needs one token per prompt; it does not apply to text_readout="
-                                     "'tokens'")
-                self._masked = [_text_keyed_attentions(block) for block in self.fusion]
+            self._masked = [_fused_attentions(block) for block in self.fusion]
+            if spec.text_readout == "tokens" and spec.center_text:
+                raise ValueError("center_text needs one token per prompt; it does not apply to text_readout='tokens'")
             if spec.image_pe == "random":
                 self.position = nn.ModuleList(PositionEmbeddingRandom(c // 2) for c in chans)
             elif spec.image_pe != "zeros":

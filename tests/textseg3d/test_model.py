@@ -136,3 +136,34 @@ def test_token_readout_gives_every_report_token_and_keeps_padding_out_of_the_fus
         assert model.segment(image, alone).shape == (2, 2, 32, 32, 64)
     with pytest.raises(ValueError, match="center_text"):
         build_llmseg(_spec(text_readout="tokens", center_text=True))
+
+
+def test_fusion_attention_is_monai_attention_computed_fused_and_masks_only_the_padding() -> None:
+    """Every attention of the fusion blocks is MONAI's ``Attention`` function of the same parameters (checkpoints
+    interchangeable); a key mask equals dropping the masked keys."""
+    from monai.networks.nets.vista3d import Attention
+
+    from nbsupport.textseg3d.model import FusedAttention
+
+    model = build_llmseg(_spec(text_readout="tokens"))
+    block = model.fusion[1]
+    fused = [block.final_attn_token_to_image] + [a for layer in block.layers for a in
+                                                (layer.self_attn, layer.cross_attn_token_to_image,
+                                                 layer.cross_attn_image_to_token)]
+    assert all(type(a) is FusedAttention for a in fused)
+    attn = block.layers[0].cross_attn_image_to_token
+    reference = Attention(attn.embedding_dim, attn.num_heads,
+                          downsample_rate=attn.embedding_dim // attn.internal_dim)
+    reference.load_state_dict(attn.state_dict())
+    torch.manual_seed(0)
+    q, kv = torch.randn(2, 50, attn.embedding_dim), torch.randn(2, 7, attn.embedding_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q=q, k=kv, v=kv), reference(q=q, k=kv, v=kv), atol=1e-5, rtol=1e-4)
+        attn.key_mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+        try:
+            masked = attn(q=q, k=kv, v=kv)
+        finally:
+            attn.key_mask = None
+        torch.testing.assert_close(masked[0], reference(q=q[:1], k=kv[:1], v=kv[:1])[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(masked[1], reference(q=q[1:], k=kv[1:, :4], v=kv[1:, :4])[0], atol=1e-5,
+                                   rtol=1e-4)
