@@ -290,6 +290,22 @@ def encode_example(tokenizer: Any, prompt: str, report: str, max_report_tokens: 
     return {"input_ids": prompt_ids + report_ids, "labels": [-100] * len(prompt_ids) + report_ids}
 
 
+def pad_examples(examples: Sequence[dict[str, list[int]]], pad_id: int, length: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``encode_example`` outputs to ``length`` (None: the longest): ``(input_ids, attention_mask,
+    labels)``, each ``(N, length)`` long, ids ``pad_id`` and labels -100 over the padding."""
+    length = max(len(e["input_ids"]) for e in examples) if length is None else length
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for k, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[k, :n] = torch.tensor(e["input_ids"])
+        labels[k, :n] = torch.tensor(e["labels"])
+        mask[k, :n] = 1
+    return ids, mask, labels
+
+
 def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
     """The prompt as the model sees it before the report: text plus a newline."""
     return tokenizer(prompt.strip() + "\n", add_special_tokens=False)["input_ids"]

@@ -31,6 +31,7 @@ from nbsupport.cxr_report.model import (
     keep_4bit_weights_trainable,
     lm_prompts,
     load_language_model,
+    pad_examples,
     prompt_token_ids,
 )
 from nbsupport.device import resolve_device
@@ -387,16 +388,7 @@ class ReportTrainingTask:
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad token ids (pad id) and labels (-100)."""
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        length = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(items), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for k, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[k, :n] = torch.tensor(x["input_ids"])
-            labels[k, :n] = torch.tensor(x["labels"])
-            mask[k, :n] = 1
+        ids, mask, labels = pad_examples(items, self.tokenizer.pad_token_id if self.tokenizer is not None else 0)
         return {"disease_tokens": torch.stack([x["disease_tokens"] for x in items]), "input_ids": ids,
                 "attention_mask": mask, "labels": labels}
 

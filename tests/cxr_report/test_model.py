@@ -18,6 +18,7 @@ from nbsupport.cxr_report.model import (
     keep_4bit_weights_trainable,
     lm_prompts,
     load_language_model,
+    pad_examples,
     prompt_token_ids,
 )
 
@@ -106,14 +107,8 @@ def test_labelled_logits_loss_matches_the_lm_loss_on_a_padded_batch(tiny_lm_dir:
     lm, tokenizer = load_language_model(spec)
     generator = ReportGenerator(spec, lm, tokenizer).eval()
     examples = [encode_example(tokenizer, "Describe.", r, 32) for r in ("No pneumothorax.", "Large left effusion.")]
-    length = max(len(e["input_ids"]) for e in examples) + 3
-    ids = torch.full((2, length), tokenizer.pad_token_id)
-    labels = torch.full((2, length), -100)
-    mask = torch.zeros((2, length), dtype=torch.long)
-    for k, e in enumerate(examples):
-        ids[k, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        labels[k, :len(e["labels"])] = torch.tensor(e["labels"])
-        mask[k, :len(e["input_ids"])] = 1
+    ids, mask, labels = pad_examples(examples, tokenizer.pad_token_id,
+                                     length=max(len(e["input_ids"]) for e in examples) + 3)
     tokens = torch.randn(2, 14, 17)
     with torch.no_grad():
         fast = generator(tokens, ids, mask, labels)
@@ -175,14 +170,7 @@ def test_quantized_generator_learns_to_use_the_image(tiny_lm_dir: Path, one_thre
     reports = ["There is cardiomegaly.", "No pneumothorax."]
     images = torch.randn(2, 14, 17)
     examples = [encode_example(tokenizer, "Report:", r, 16) for r in reports]
-    length = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((2, length), tokenizer.pad_token_id)
-    labels = torch.full((2, length), -100)
-    mask = torch.zeros((2, length), dtype=torch.long)
-    for k, e in enumerate(examples):
-        ids[k, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        labels[k, :len(e["labels"])] = torch.tensor(e["labels"])
-        mask[k, :len(e["input_ids"])] = 1
+    ids, mask, labels = pad_examples(examples, tokenizer.pad_token_id)
 
     def per_report_loss(image_tokens: torch.Tensor) -> list[float]:
         with torch.no_grad():
