@@ -220,6 +220,21 @@ def tiny_causal_lm(tokenizer_from: str | os.PathLike = SMOLLM2_ALIAS, hidden_siz
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def keep_first_decoder_layers(lm: Any, n: int) -> None:
+    """Keep the first ``n`` decoder layers of a causal LM (``lm.model.layers``), in place; ``n = 0`` keeps all.
+
+    A CPU-budget device of ``demo`` profiles: the final norm and LM head then read layer ``n``'s hidden states, a
+    mismatch that only training repairs (SmolLM2's first 8 of 30 layers score a loss above chance on reports).
+    """
+    if n < 0:
+        raise ValueError(f"the number of decoder layers to keep must be >= 0, got {n}")
+    if n and n < lm.config.num_hidden_layers:
+        lm.model.layers = lm.model.layers[:n]
+        lm.config.num_hidden_layers = n
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[:n]
+
+
 def _warn_remote_code(trust_remote_code: bool, path: str) -> None:
     if trust_remote_code:
         logger.warning("trust_remote_code=True: running Python code shipped with the weights in %s", path)

@@ -15,6 +15,7 @@ from nbsupport.models import (
     SMOLLM2_DIR,
     ModelNotAvailableError,
     encode_sentences,
+    keep_first_decoder_layers,
     load_causal_lm,
     load_text_encoder,
     minilm_path,
@@ -187,3 +188,21 @@ def test_tiny_causal_lm_uses_the_real_tokenizer(prepared):
     loss.backward()
     assert torch.isfinite(loss)
     assert models.model_cache_dir() == prepared[1]
+
+
+@pytest.mark.slow
+def test_keep_first_decoder_layers_runs_only_those_layers(prepared):
+    model, tokenizer = tiny_causal_lm(num_layers=3)
+    batch = tokenizer([REPORT], return_tensors="pt")
+    with torch.no_grad():
+        after_two = model(**batch, output_hidden_states=True).hidden_states[2]  # [0] = the embeddings
+        expected = model.lm_head(model.model.norm(after_two))
+    keep_first_decoder_layers(model, 2)
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected)
+    keep_first_decoder_layers(model, 0)  # 0 keeps all
+    keep_first_decoder_layers(model, 5)  # more than there are keeps all
+    assert len(model.model.layers) == 2
+    with pytest.raises(ValueError, match="-1"):
+        keep_first_decoder_layers(model, -1)

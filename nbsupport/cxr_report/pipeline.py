@@ -23,6 +23,7 @@ from nbsupport.cxr_report import data as cxr_data
 from nbsupport.cxr_report.labeler import LABELS, label_report, label_reports, positive_matrix
 from nbsupport.cxr_report.model import (
     LLAMA2_7B_CONFIG,
+    LORA_TARGETS,
     CxrModelSpec,
     ReportGenerator,
     VisionModel,
@@ -96,12 +97,12 @@ class TrainConfig(_ManifestStage):
         "smoke": {"encoder": "densenet_tiny", "image_size": 64, "language_model": "tiny", "vision_epochs": 2,
                   "vision_batch_size": 8, "vision_lr": 3e-3, "epochs": 1, "batch_size": 4, "max_steps": 4,
                   "max_report_tokens": 24, "optimizer": "adamw", "findings_prompt": True},
-        # the demo dataset (~420 training images) in ~10 CPU minutes: vision ~80 s, report stage 180 steps of batch
-        # 4 at ~3.3 CPU s (benchmarks/RESULTS.md). Our additions, off in `full`: the classifier's findings in the
-        # prompt, a 5x faster rate for the visual projection than for LoRA.
+        # the demo dataset (~420 training images) in under 10 minutes on 2 cores: vision ~50 s, report stage 160
+        # steps of batch 4 at ~2 s (benchmarks/RESULTS.md). Our additions, off in `full`: the classifier's findings
+        # in the prompt, a 5x faster rate for the visual projection than for LoRA.
         "demo": {"encoder": "densenet_small", "image_size": 128, "language_model": "smollm2-135m",
                  "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 3, "batch_size": 4,
-                 "max_steps": 180, "lr": 2e-3, "projection_lr": 1e-2, "max_report_tokens": 56, "optimizer": "adamw",
+                 "max_steps": 160, "lr": 2e-3, "projection_lr": 1e-2, "max_report_tokens": 56, "optimizer": "adamw",
                  "findings_prompt": True},
         "full": {"encoder": "densenet121", "image_size": 224, "language_model": "meta-llama/Llama-2-7b-hf",
                  "vision_epochs": 50, "epochs": 20, "batch_size": 1, "optimizer": "paged_adamw", "num_workers": 4},
@@ -118,6 +119,8 @@ class TrainConfig(_ManifestStage):
     lora_r: int = param(8, "LoRA rank (seed lora_r)")
     lora_alpha: int = param(8, "LoRA scaling alpha (seed lora_alpha)")
     lora_dropout: float = param(0.1, "LoRA dropout (seed lora_dropout)")
+    lora_targets: tuple[str, ...] = param(LORA_TARGETS, "modules of every decoder layer that get LoRA adapters (seed: "
+                                          "q/k/v/o; QLoRA's paper adapts all linear layers)")
     vision_epochs: int = param(50, "epochs of the vision model on the 14 labels (seed: dense_net_121_d_e50)")
     vision_batch_size: int = param(16, "batch size of the vision stage")
     vision_lr: float = param(1e-3, "learning rate of the vision stage (AdamW, warm-up + cosine)")
@@ -457,8 +460,8 @@ def model_spec(cfg: TrainConfig, run: RunFolder) -> CxrModelSpec:
         language_model = str(folder)
     return CxrModelSpec(encoder=cfg.encoder, image_size=cfg.image_size, language_model=language_model,
                         quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        lora_dropout=cfg.lora_dropout, findings_prompt=cfg.findings_prompt,
-                        findings_threshold=cfg.findings_threshold)
+                        lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_targets),
+                        findings_prompt=cfg.findings_prompt, findings_threshold=cfg.findings_threshold)
 
 
 @torch.no_grad()
@@ -518,8 +521,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     labels = (np.nan_to_num(cxr_data.label_matrix(manifest[rows]), nan=0.0) == 1).astype(int)
     aurocs = label_aurocs(probs[rows].numpy(), labels)
     trainable_now = _trainable_counts(spec)
-    full = count_trainable_parameters(LLAMA2_7B_CONFIG, dataclasses.replace(spec, encoder="densenet121",
-                                                                          image_size=224))
+    full = count_trainable_parameters(LLAMA2_7B_CONFIG, model_spec(TrainConfig.from_params({"profile": "full"}), run))
     parameters = pd.DataFrame({"this run": trainable_now, "full (Llama-2-7b, meta device)": full}).T
     metrics = {"vision_best_val_auroc": vision_result.best_metric, "vision_steps": vision_result.steps,
                f"{test_split}_aux_auroc_mean": float(np.mean(list(aurocs.values()))) if aurocs else None,

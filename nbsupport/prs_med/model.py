@@ -247,15 +247,6 @@ class SpatialProjector(nn.Module):
         return per_token + self.grid(image_features.flatten(1)).view(b, n, self.text_hidden)
 
 
-def _truncate_layers(lm: Any, n: int) -> None:
-    """Keep the first ``n`` decoder layers (the demo's CPU budget); ``n = 0`` keeps all."""
-    if n and n < lm.config.num_hidden_layers:
-        lm.model.layers = lm.model.layers[:n]
-        lm.config.num_hidden_layers = n
-        if getattr(lm.config, "layer_types", None):
-            lm.config.layer_types = lm.config.layer_types[:n]
-
-
 def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration with LoRA on the language model, tokenizer with an ``<image>`` token).
 
@@ -267,7 +258,7 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from nbsupport.models import load_causal_lm, resolve_pretrained, tiny_causal_lm
+    from nbsupport.models import keep_first_decoder_layers, load_causal_lm, resolve_pretrained, tiny_causal_lm
 
     torch.manual_seed(spec.seed)
     assembled = spec.vlm in ("tiny", "smollm2-135m")
@@ -276,7 +267,7 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
             lm, tokenizer = tiny_causal_lm(seed=spec.seed)
         else:
             lm, tokenizer = load_causal_lm("smollm2-135m", torch_dtype=torch.float32)
-        _truncate_layers(lm, spec.vlm_num_layers)
+        keep_first_decoder_layers(lm, spec.vlm_num_layers)
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         vision = _tiny_vision_config(spec)

@@ -71,6 +71,18 @@ def test_trainable_parameters_of_the_full_configuration_match_the_seed() -> None
     assert counts["trainable"] == 12_587_008
 
 
+def test_the_full_profile_is_the_seed_and_lora_targets_reach_the_spec() -> None:
+    from nbsupport.cxr_report.pipeline import TrainConfig, model_spec
+
+    full = model_spec(TrainConfig.from_params({"profile": "full"}), None)
+    assert count_trainable_parameters(LLAMA2_7B_CONFIG, full)["trainable"] == 12_587_008
+    all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    spec = model_spec(TrainConfig.from_params({"profile": "full", "lora_targets": all_linear}), None)
+    assert spec.lora_targets == tuple(all_linear)
+    # QLoRA's all-linear adapters on Llama-2-7b, r=8: the MLP's gate/up/down (4096 <-> 11008) join q/k/v/o
+    assert count_trainable_parameters(LLAMA2_7B_CONFIG, spec)["lora"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
+
+
 def test_trainable_parameters_of_a_small_config() -> None:
     config = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
