@@ -224,7 +224,7 @@ def keep_first_decoder_layers(lm: Any, n: int) -> None:
     """Keep the first ``n`` decoder layers of a causal LM (``lm.model.layers``), in place; ``n = 0`` keeps all.
 
     A CPU-budget device of ``demo`` profiles: the final norm and LM head then read layer ``n``'s hidden states, a
-    mismatch that only training repairs (SmolLM2's first 8 of 30 layers score a loss above chance on reports).
+    mismatch that only training repairs (on reports SmolLM2's first 8 of 30 layers score a worse loss than chance).
     """
     if n < 0:
         raise ValueError(f"the number of decoder layers to keep must be >= 0, got {n}")
