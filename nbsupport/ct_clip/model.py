@@ -244,12 +244,11 @@ class TextEncoder(nn.Module):
             encoded = torch.cat([self._mean(unique[i:i + batch_size]) for i in range(0, len(unique), batch_size)])
             index = torch.tensor([position[s] for group in sentences for s in group], device=encoded.device)
             embedded = encoded[index]
-            owner = torch.repeat_interleave(torch.arange(len(texts), device=embedded.device),
-                                            torch.tensor([len(g) for g in sentences], device=embedded.device))
+            counts = torch.tensor([len(g) for g in sentences], device=embedded.device)
+            owner = torch.repeat_interleave(torch.arange(len(texts), device=embedded.device), counts)
             summed = torch.zeros(len(texts), embedded.shape[1], dtype=embedded.dtype,
                                  device=embedded.device).index_add_(0, owner, embedded)
-            counts = torch.tensor([len(g) for g in sentences], dtype=embedded.dtype, device=embedded.device)
-            return summed / counts[:, None]
+            return summed / counts.to(embedded.dtype)[:, None]
 
 
 # ============================================================================================ the model

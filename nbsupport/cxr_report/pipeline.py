@@ -651,12 +651,12 @@ def _single_image_report(model: TrainedModel, path: Path, title: str, cfg: Any) 
     device = next(model.vision.parameters()).device
     with torch.no_grad():
         tokens, logits, _ = model.vision(x.to(device))
-    prompt = lm_prompts(model.spec, [cxr_data.DEFAULT_PROMPT], logits.sigmoid().cpu())[0]
-    report = model.generator.generate(tokens.cpu(), [prompt_token_ids(model.tokenizer, prompt)],
-                                      cfg.num_beams, cfg.no_repeat_ngram_size, cfg.max_new_tokens)[0]
-    probs = dict(zip(LABELS, logits.sigmoid()[0].tolist()))
+    probabilities = logits.sigmoid().cpu()
+    report = generate_reports(model, tokens.cpu(), [cxr_data.DEFAULT_PROMPT], cfg.num_beams,
+                              cfg.no_repeat_ngram_size, cfg.max_new_tokens, 1, probabilities)[0]
     fig = disease_maps_figure(model, gray, x, report, title)
-    return {"image": gray, "report": report, "probabilities": probs, "figure": fig}
+    return {"image": gray, "report": report, "probabilities": dict(zip(LABELS, probabilities[0].tolist())),
+            "figure": fig}
 
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
