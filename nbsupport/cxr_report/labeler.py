@@ -32,7 +32,8 @@ _MENTIONS: dict[str, tuple[str, ...]] = {
     "Enlarged Cardiomediastinum": (
         r"(enlarged|widened|widening of the|prominent) (cardio)?mediastin\w*",
         r"mediastinal (widening|enlargement)",
-        r"(cardio)?mediastinal (silhouette|contours?) (is|are) (enlarged|widened)"),
+        r"(cardio)?mediastinal (silhouette|contours?) (is|are) (enlarged|widened)",
+        r"(cardio)?mediastinum (is |appears )?(enlarged|widened)"),
     "Cardiomegaly": (
         r"cardiomegaly", r"(enlarged|large|enlargement of the) (heart|cardiac silhouette)",
         r"(heart|cardiac silhouette) (is |appears )?(enlarged|increased in size)", r"cardiac enlargement",
@@ -61,7 +62,8 @@ _NEGATIVE_PHRASES: dict[str, tuple[str, ...]] = {
                      r"heart is (normal in size|not enlarged)"),
     "Enlarged Cardiomediastinum": (r"normal (cardio)?mediastinal (silhouette|contours?)",
                                    r"(cardio)?mediastinal (silhouette|contours?) (is|are) (normal|unremarkable|"
-                                   r"within normal limits)"),
+                                   r"within normal limits)",
+                                   r"(cardio)?mediastinum is not (enlarged|widened)"),
 }
 _UNCERTAIN_BEFORE = (r"possible", r"possibly", r"\bmay\b", r"\bmight\b", r"\bcould\b", r"questionable",
                      r"suspicious for", r"concerning for", r"suggest\w*", r"equivocal", r"probable", r"likely",

@@ -248,28 +248,41 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, disease_tokens: torch.Tensor, prompt_ids: Sequence[Sequence[int]], num_beams: int = 5,
-                 no_repeat_ngram_size: int = 2, max_new_tokens: int = 96) -> list[str]:
-        """Beam-search reports (the seed: 5 beams, early stopping, no repeated bigram) for a batch of images."""
+                 no_repeat_ngram_size: int = 2, max_new_tokens: int = 96, num_return_sequences: int = 1
+                 ) -> list[str]:
+        """Beam-search reports (the seed: 5 beams, early stopping, no repeated bigram) for a batch of images:
+        ``num_return_sequences`` finished beams per image (at most ``num_beams``), image by image, each image's
+        best beam score first."""
         embeds, mask = self.prompt_embeddings(disease_tokens, prompt_ids)
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
+                               num_return_sequences=num_return_sequences,
                                no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens,
                                early_stopping=num_beams > 1, do_sample=False,
                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+# The order in which a radiologist reads a frontal film and writes its findings: tubes and lines, the lungs, the
+# pleura, the heart and mediastinum, the bones. The findings prompt names labels in this order, so the report states
+# them in the order the prompt lists them.
+REPORTING_ORDER = ("Support Devices", "Consolidation", "Lung Opacity", "Pneumonia", "Atelectasis", "Edema",
+                   "Lung Lesion", "Pneumothorax", "Pleural Other", "Pleural Effusion", "Cardiomegaly",
+                   "Enlarged Cardiomediastinum", "Fracture")
+
+
 def classifier_findings_prompt(prompt: str, probabilities: Sequence[float], threshold: float = 0.5) -> str:
     """The diagnostic prompt followed by the labels the auxiliary classifier calls positive (probability >=
-    ``threshold``), e.g. ``"Describe ... Classifier findings: cardiomegaly, pleural effusion."``; ``none`` when it
-    calls no label but No Finding.
+    ``threshold``) in ``REPORTING_ORDER``, e.g. ``"Describe ... Classifier findings: pleural effusion,
+    cardiomegaly."``; ``none`` when it calls no label but No Finding.
 
     A diagnosis-driven prompt in the manner of PromptMRG (Jin et al., AAAI 2024): the LM is told in words what the
-    image classifier found, so a report states each finding the classifier sees, in any combination. It is built
-    from the image alone, the same way in training and at inference.
+    image classifier found, so a report states each finding the classifier sees, in any combination. At inference
+    it is built from the image alone; in training from the report's own labels (``pipeline.prompt_findings``).
     """
     if len(probabilities) != NUM_DISEASES:
         raise ValueError(f"expected {NUM_DISEASES} label probabilities (in LABELS order), got {len(probabilities)}")
-    names = [label.lower() for label, p in zip(LABELS, probabilities) if p >= threshold and label != "No Finding"]
+    called = {label for label, p in zip(LABELS, probabilities) if p >= threshold}
+    names = [label.lower() for label in REPORTING_ORDER if label in called]
     return f"{prompt.strip()} Classifier findings: {', '.join(names) if names else 'none'}."
 
 

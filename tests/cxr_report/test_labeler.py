@@ -41,6 +41,8 @@ CASES = [
     ("No pulmonary edema.", {"Edema": 0}),
     ("Bibasilar atelectasis.", {"Atelectasis": 1}),
     ("Widened mediastinum.", {"Enlarged Cardiomediastinum": 1}),
+    ("The mediastinum is widened.", {"Enlarged Cardiomediastinum": 1}),
+    ("The mediastinum is not widened.", {"Enlarged Cardiomediastinum": 0}),
     ("Normal cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": 0}),
     ("Left pleural thickening.", {"Pleural Other": 1}),
     ("Healed left rib fracture.", {"Fracture": 1}),

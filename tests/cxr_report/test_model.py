@@ -213,7 +213,9 @@ def test_classifier_findings_prompt_names_the_positive_labels() -> None:
     probs = [0.0] * 14
     probs[LABELS.index("Cardiomegaly")], probs[LABELS.index("Pleural Effusion")] = 0.9, 0.5
     probs[LABELS.index("Edema")], probs[LABELS.index("No Finding")] = 0.49, 0.99
-    expected = "Describe. Classifier findings: cardiomegaly, pleural effusion."
+    probs[LABELS.index("Support Devices")] = 0.7
+    # named in the order a report states them (devices, lungs, pleura, heart), not in LABELS order
+    expected = "Describe. Classifier findings: support devices, pleural effusion, cardiomegaly."
     assert classifier_findings_prompt("Describe.", probs) == expected
     assert classifier_findings_prompt("Describe.", [0.1] * 14) == "Describe. Classifier findings: none."
     with pytest.raises(ValueError, match="14 label probabilities"):
@@ -252,3 +254,39 @@ def test_training_after_a_no_grad_evaluation_gets_the_same_gradients(tiny_lm_dir
     loss_after, gradient_after = loss_and_gradient()
     assert loss_after == pytest.approx(loss_before, rel=1e-4)
     assert torch.allclose(gradient_after, gradient_before, rtol=1e-3, atol=1e-6)
+
+
+def test_training_prompts_name_the_reports_own_labels_and_validation_the_classifiers() -> None:
+    import pandas as pd
+
+    from nbsupport.cxr_report.data import LABEL_COLUMNS
+    from nbsupport.cxr_report.pipeline import prompt_findings
+
+    labels = [[None] * 14, [None] * 14, [None] * 14]
+    labels[0][2], labels[0][8] = 1.0, -1.0  # train: cardiomegaly positive, atelectasis uncertain
+    labels[1][2] = 1.0  # val
+    manifest = pd.DataFrame(labels, columns=list(LABEL_COLUMNS)).assign(split=["train", "val", "test"])
+    probabilities = torch.full((3, 14), 0.3)
+    probabilities[0, 5] = 0.9  # the classifier's call on the training image: edema
+    findings = prompt_findings(manifest, probabilities)
+    assert findings[0].tolist() == [1.0 if k == 2 else 0.0 for k in range(14)]
+    assert torch.equal(findings[1:], probabilities[1:])
+
+
+def test_findings_beam_choice_keeps_the_first_beam_that_states_the_classifiers_findings() -> None:
+    from nbsupport.cxr_report.labeler import LABELS
+    from nbsupport.cxr_report.pipeline import choose_reports
+
+    beams = [["Pneumothorax is not seen. No effusion.", "Small right pneumothorax. The heart is enlarged.",
+              "There is a right pneumothorax.", "There is a left pneumothorax."],
+             ["The lungs are clear.", "No pneumothorax."]]
+    probabilities = torch.zeros(2, 14)
+    probabilities[0, LABELS.index("Pneumothorax")] = 0.8
+    probabilities[1, LABELS.index("No Finding")] = 0.9  # not a finding a prompt names
+    assert choose_reports(beams, "score") == [beams[0][0], beams[1][0]]
+    # beam 1 states pneumothorax but adds cardiomegaly; beams 2 and 3 state it alone: the better-scoring one
+    assert choose_reports(beams, "findings", probabilities) == [beams[0][2], beams[1][0]]
+    probabilities[0, LABELS.index("Cardiomegaly")] = 0.5  # at the threshold: named
+    assert choose_reports(beams, "findings", probabilities, threshold=0.5)[0] == beams[0][1]
+    with pytest.raises(ValueError, match="probabilities"):
+        choose_reports(beams, "findings")
