@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 SEGMENTATION_METRICS = ("dice", "iou", "hd95")
 
@@ -95,6 +94,10 @@ def segmentation_metrics(pred: Any, target: Any, spacing: Sequence[float] | np.n
     pred_empty = ~p.any(dim=reduce_dims)
     both_empty = gt_empty & pred_empty
     either_empty = gt_empty | pred_empty
+
+    # imported here, not with the module: importing monai takes ~5 s, which every notebook kernel of a system that
+    # scores no mask (cxr_report, ct_clip) would otherwise pay
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
     pf, tf = p.float(), t.float()
     # ignore_empty=False: empty GT with non-empty prediction scores 0 (MONAI's default would make it NaN);
