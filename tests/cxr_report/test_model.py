@@ -8,6 +8,7 @@ import torch
 
 from nbsupport.cxr_report.model import (
     LLAMA2_7B_CONFIG,
+    REPORTING_ORDER,
     CxrModelSpec,
     DiseaseAttention,
     ReportGenerator,
@@ -215,6 +216,7 @@ def test_classifier_findings_prompt_names_the_positive_labels() -> None:
     probs[LABELS.index("Edema")], probs[LABELS.index("No Finding")] = 0.49, 0.99
     probs[LABELS.index("Support Devices")] = 0.7
     # named in the order a report states them (devices, lungs, pleura, heart), not in LABELS order
+    assert sorted(REPORTING_ORDER) == sorted(set(LABELS) - {"No Finding"})
     expected = "Describe. Classifier findings: support devices, pleural effusion, cardiomegaly."
     assert classifier_findings_prompt("Describe.", probs) == expected
     assert classifier_findings_prompt("Describe.", [0.1] * 14) == "Describe. Classifier findings: none."
