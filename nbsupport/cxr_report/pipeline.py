@@ -24,6 +24,7 @@ from nbsupport.cxr_report.labeler import LABELS, label_report, label_reports, po
 from nbsupport.cxr_report.model import (
     LLAMA2_7B_CONFIG,
     LORA_TARGETS,
+    REPORTING_ORDER,
     CxrModelSpec,
     ReportGenerator,
     VisionModel,
@@ -642,14 +643,15 @@ def choose_reports(beams: list[list[str]], beam_choice: str, probabilities: torc
                    threshold: float = 0.5) -> list[str]:
     """One report per image from its beams (best beam score first): ``score`` keeps the first; ``findings`` the
     first whose rule-labeled positive findings differ in the fewest labels from the classifier's decisions
-    (``probabilities >= threshold``, No Finding aside), i.e. the beam that best states what the prompt named."""
+    (``probabilities >= threshold``) on the labels a findings prompt can name (``REPORTING_ORDER``), i.e. the beam
+    that best states what the prompt named."""
     if beam_choice == "score":
         return [b[0] for b in beams]
     if beam_choice != "findings":
         raise ValueError(f"beam_choice must be 'score' or 'findings', got {beam_choice!r}")
     if probabilities is None:
         raise ValueError("beam_choice='findings' needs the classifier's probabilities")
-    named = [k for k, label in enumerate(LABELS) if label != "No Finding"]
+    named = [LABELS.index(label) for label in REPORTING_ORDER]
     decided = (probabilities.numpy() >= threshold)[:, named]
     chosen = []
     for candidates, wanted in zip(beams, decided):
