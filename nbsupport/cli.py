@@ -1,8 +1,8 @@
 """The ``nbsupport`` command: run notebooks headless, make demo data, prepare packaged weights, benchmark.
 
 Every command is a thin layer over a library function (``runner.run_systems``, ``models.prepare_models``,
-``nbsupport.<system>.data.write_demo_dataset``), so what the command line does can also be done from Python.
-Systems are found by name at run time (``notebooks/<system>/``, ``nbsupport/<system>/data.py``,
+``nbsupport.<system>.demo_data.write_demo_dataset``), so what the command line does can also be done from Python.
+Systems are found by name at run time (``notebooks/<system>/``, ``nbsupport/<system>/demo_data.py``,
 ``benchmarks/bench_<system>.py``); this module imports none of them.
 """
 from __future__ import annotations
@@ -106,23 +106,33 @@ def parse_params(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- demo data
 def demo_data_systems() -> list[str]:
-    """Systems with a ``nbsupport/<system>/data.py`` (found on disk, not imported)."""
+    """Systems with a ``nbsupport/<system>/demo_data.py`` (found on disk, not imported)."""
     import nbsupport
 
     found = {p.name for base in nbsupport.__path__ for p in Path(base).iterdir()
-             if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "data.py").is_file()}
+             if p.is_dir() and not p.name.startswith(("_", ".")) and _demo_module_file(p).is_file()}
     return sorted(found)
 
 
+def _demo_module_file(system_dir: Path) -> Path:
+    # TRANSITION (issue 17): systems not yet split keep their generator in data.py.
+    own = system_dir / "demo_data.py"
+    return own if own.is_file() or not (system_dir / "data.py").is_file() else system_dir / "data.py"
+
+
 def demo_data_module(system: str) -> Any:
-    """``nbsupport.<system>.data``, checked for ``write_demo_dataset`` and ``DEMO_SIZES``.
+    """``nbsupport.<system>.demo_data``, checked for ``write_demo_dataset`` and ``DEMO_SIZES``.
 
     Raises:
         DemoDataError: unknown system, or a data module that does not follow the convention.
     """
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", system):
         raise DemoDataError(f"{system!r} is not a system name")
-    name = f"nbsupport.{system}.data"
+    import nbsupport
+
+    stem = next((_demo_module_file(Path(base) / system).stem for base in nbsupport.__path__
+                 if _demo_module_file(Path(base) / system).is_file()), "demo_data")
+    name = f"nbsupport.{system}.{stem}"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -142,7 +152,7 @@ def demo_data_module(system: str) -> Any:
 
 def write_demo_data(systems: Sequence[str] | None = None, root: str | os.PathLike | None = None,
                     size: str = "demo", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Call ``nbsupport.<system>.data.write_demo_dataset(root / system, **DEMO_SIZES[size])`` per system.
+    """Call ``nbsupport.<system>.demo_data.write_demo_dataset(root / system, **DEMO_SIZES[size])`` per system.
 
     Args:
         systems: default: every system that has a data module.
@@ -157,7 +167,7 @@ def write_demo_data(systems: Sequence[str] | None = None, root: str | os.PathLik
     root = Path(root) if root is not None else demo_data_root()
     selected = list(systems) if systems else demo_data_systems()
     if not selected:
-        raise DemoDataError("no system has a nbsupport/<system>/data.py yet")
+        raise DemoDataError("no system has a nbsupport/<system>/demo_data.py yet")
     modules = {s: demo_data_module(s) for s in selected}  # check them all before writing anything
     written: dict[str, Any] = {}
     for system, module in modules.items():
@@ -275,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo-data", help="write the small synthetic/packaged demo datasets",
-        description="For each system with nbsupport/<system>/data.py, call write_demo_dataset(ROOT/<system>, "
+        description="For each system with nbsupport/<system>/demo_data.py, call write_demo_dataset(ROOT/<system>, "
                     "**DEMO_SIZES[SIZE]). No network needed.",
     )
     demo.add_argument("systems", nargs="*", metavar="SYSTEM",

@@ -3,8 +3,8 @@
 A system describes *what* to train as a :class:`TrainingTask` (model, datasets, loss, metrics); this module
 decides *how*: optimizer, schedule, gradient accumulation, mixed precision, evaluation, logging and
 checkpoints. The same :func:`fit` runs in a notebook kernel (one process) and in each of N processes started
-by ``accelerate launch`` (DDP; gloo on CPU), and :func:`launch` picks between the two from
-``TrainSettings.num_processes``.
+by ``accelerate launch`` (DDP; gloo on CPU); :func:`nbsupport.launch.launch` picks between the two from
+``TrainSettings.num_processes``, and :mod:`nbsupport.checkpoints` stores and reads the checkpoints.
 
 Run folder written by ``fit(task, settings, out_dir)``::
 
@@ -14,9 +14,7 @@ Run folder written by ``fit(task, settings, out_dir)``::
       checkpoints/last/            model.safetensors, training_state.pt, meta.json   (resume from here)
       checkpoints/best/            model.safetensors, meta.json                      (best by settings.monitor)
 
-A checkpoint is written into ``checkpoints/.<name>.tmp-*``, every file fsynced, ``meta.json`` last, then
-renamed into place; a directory whose ``meta.json`` is missing or whose files do not have the sizes it lists
-is never loaded. Semantics a researcher can rely on:
+Checkpoints are written crash-safely (see :mod:`nbsupport.checkpoints`). Semantics a researcher can rely on:
 
 * ``batch_size`` is the *global* batch: N processes each get ``batch_size / N`` of the same global batch, so
   one process and N processes follow the same loss curve (up to float reduction order).
@@ -27,28 +25,16 @@ is never loaded. Semantics a researcher can rely on:
 """
 from __future__ import annotations
 
-import argparse
-import collections
 import dataclasses
 import datetime as _dt
-import importlib
-import json
 import logging
 import math
 import os
-import random
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
 
-import numpy as np
-import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
@@ -56,16 +42,15 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, br
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from nbsupport.checkpoints import (STATE_FILE, WEIGHTS_FILE, find_resumable, load_training_state, load_weights,
+                                   read_checkpoint_meta, repair_best, restore_rng, rng_state, save_weights,
+                                   write_checkpoint)
 from nbsupport.config import ConfigError, param
 from nbsupport.progress import progress
-from nbsupport.runs import RunExistsError, atomic_write_json, read_json
+from nbsupport.runs import RunExistsError, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "nbsupport.train/1"
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "training_state.pt"
-META_FILE = "meta.json"
 RESULT_FILE = "train_result.json"
 # Settings that may change between a run and its resume; any other change would make "resume" a different run.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "log_every", "save_every", "resume", "num_processes",
@@ -225,7 +210,7 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if not settings.resume:
-        _refuse_overwrite(out_dir)
+        refuse_overwrite(out_dir)
     # Device and precision are decided once, here; prepare() wraps the model's forward in autocast.
     on_cpu = not torch.cuda.is_available()
     # A long main-process evaluation keeps the other processes waiting; the default 30 min can be too short.
@@ -279,19 +264,20 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
         # ---- resume, or start: from here on the RNG streams differ per process (dropout, augmentation)
         state = _Progress()
         resumed_from = None
-        source = _find_resumable(ckpt_dir) if settings.resume else None
+        source = find_resumable(ckpt_dir) if settings.resume else None
         if source is not None:
             source_meta = _check_resumable(source, settings, steps_per_epoch)
             load_weights(bare_model, source, expected_config_hash=config_hash)  # refuses another config
-            saved = _load_training_state(source / STATE_FILE)
+            saved = load_training_state(source / STATE_FILE)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = _Progress(**saved["progress"])
-            _restore_rng(saved["rng"], accelerator.process_index, settings.seed)
+            restore_rng(saved["rng"], accelerator.process_index, settings.seed)
             resumed_from = state.step
             if main:
                 logger.warning("resuming from %s at step %d of %d", source, state.step, total_steps)
-                _repair_best(ckpt_dir / "best", source_meta, state, bare_model, settings)
+                repair_best(ckpt_dir / "best", source_meta, state.step, state.best_step, bare_model,
+                            settings.save_trainable_only)
                 if source_meta["total_steps"] != total_steps and settings.scheduler != "constant":
                     logger.warning("the schedule now spans %d steps instead of %d: the lr curve bends at step %d",
                                    total_steps, source_meta["total_steps"], state.step)
@@ -361,8 +347,9 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
                             "settings": settings.to_dict()}
                     _save_last(ckpt_dir / "last", accelerator, bare_model, optimizer, scheduler, state, meta, settings)
                     if improved and main:
-                        _write_checkpoint(ckpt_dir / "best", {"kind": "best", **meta},
-                                          lambda tmp: _save_weights(bare_model, tmp / WEIGHTS_FILE, meta, settings))
+                        write_checkpoint(ckpt_dir / "best", {"kind": "best", **meta},
+                                          lambda tmp: save_weights(bare_model, tmp / WEIGHTS_FILE, meta,
+                                                                     settings.save_trainable_only))
                     accelerator.wait_for_everyone()
                 if finished:
                     break
@@ -530,134 +517,28 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
-def _refuse_overwrite(out_dir: Path) -> None:
+def refuse_overwrite(out_dir: Path) -> None:
     earlier = [p for p in (out_dir / RESULT_FILE, out_dir / "checkpoints") if p.exists()]
     if earlier:
         raise RunExistsError(f"{out_dir} already holds a training run ({', '.join(p.name for p in earlier)}); "
                              "set resume=True to continue it, or choose a new out_dir")
 
 
-# ============================================================================================== checkpoints
+# ============================================================================================== checkpoints of the loop
 def _save_last(target: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                state: _Progress, meta: dict[str, Any], settings: TrainSettings) -> None:
     """Write ``checkpoints/last`` (weights, optimizer, scheduler, every process's RNG, progress)."""
-    rng = gather_object([_rng_state()])  # collective: every process takes part, the main one writes
+    rng = gather_object([rng_state()])  # collective: every process takes part, the main one writes
     if not accelerator.is_main_process:
         return
 
     def write(tmp: Path) -> None:
-        _save_weights(model, tmp / WEIGHTS_FILE, meta, settings)
+        save_weights(model, tmp / WEIGHTS_FILE, meta, settings.save_trainable_only)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                           "progress": dataclasses.asdict(state)}
         torch.save(training_state, tmp / STATE_FILE)
 
-    _write_checkpoint(target, {"kind": "last", **meta}, write)
-
-
-def _write_checkpoint(target: Path, meta: dict[str, Any], write_files: Any) -> None:
-    """Write a checkpoint directory crash-safely: temp dir, fsync, ``meta.json`` last, rename into place.
-
-    A kill at any point leaves ``target`` either as it was or complete; at worst a complete ``.<name>.*``
-    leftover that :func:`_find_resumable` also accepts.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    write_files(tmp)
-    files = {}
-    for path in sorted(tmp.iterdir()):
-        _fsync(path)
-        files[path.name] = path.stat().st_size
-    meta = {"format": CHECKPOINT_FORMAT, **meta, "files": files,
-            "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-    atomic_write_json(tmp / META_FILE, meta)  # last: its presence (with matching sizes) marks the dir complete
-    _fsync(tmp)
-    old = None
-    if target.exists():
-        # A non-empty directory cannot be replaced in one rename: move the old one aside first.
-        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    _fsync(target.parent)
-    # This write's `old`, and leftovers of killed writes of this checkpoint (one process writes, one checkpoint at a
-    # time). Only this name's: a resume may have just read a complete `.last.*` leftover that a repair of `best`
-    # must not delete before the next `last` is in place.
-    for stale in target.parent.glob(f".{target.name}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_checkpoint_meta(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``meta.json`` of a complete checkpoint, or None when it is missing, unreadable, or a file it lists
-    is missing or has another size (a write that was killed)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    try:
-        meta = read_json(checkpoint_dir / META_FILE)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        return None
-    for name, size in meta.get("files", {}).items():
-        path = checkpoint_dir / name
-        if not path.is_file() or path.stat().st_size != size:
-            return None
-    return meta
-
-
-def _find_resumable(ckpt_dir: Path) -> Path | None:
-    """The complete 'last' checkpoint with the highest step: ``last`` itself, or a complete leftover of a write
-    killed between its two renames."""
-    candidates = []
-    for path in [ckpt_dir / "last", *sorted(ckpt_dir.glob(".last.*"))]:
-        meta = read_checkpoint_meta(path) if path.is_dir() else None
-        if meta is not None and (path / STATE_FILE).is_file():
-            candidates.append((meta["step"], path.name == "last", path))
-        elif path.exists():
-            logger.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
-    return max(candidates)[2] if candidates else None
-
-
-def _load_training_state(path: Path) -> dict[str, Any]:
-    """``training_state.pt`` through ``torch.load(weights_only=True)``: tensors, numbers and containers only, so a
-    tampered file cannot run code; anything else is refused with the file named."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
-        raise ValueError(f"cannot resume from {path}: it is not a training state this trainer wrote "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); only tensors, "
-                         "numbers and containers are loaded (weights_only=True), never pickled objects") from err
-
-
-def _repair_best(best: Path, source_meta: Mapping[str, Any], state: _Progress, model: torch.nn.Module,
-                 settings: TrainSettings) -> None:
-    """Make ``best`` hold the step the resumed progress calls best.
-
-    'last' is written before 'best' at the same step, so a kill during the 'best' write leaves a 'last' whose
-    best step is itself while ``best`` is missing or still the previous best. The model just loaded from 'last'
-    *is* that best: write it again. An uninterrupted run would otherwise end with another best checkpoint.
-    """
-    if state.best_step is None:
-        return
-    current = read_checkpoint_meta(best)
-    if current is not None and current.get("step") == state.best_step:
-        for stale in best.parent.glob(f".{best.name}.*"):  # what a kill after the swap left behind
-            shutil.rmtree(stale, ignore_errors=True)
-        return
-    if state.best_step != state.step:
-        logger.warning("checkpoint %s holds step %s, not the best step %d; it is kept as it is",
-                       best, None if current is None else current.get("step"), state.best_step)
-        return
-    logger.warning("rewriting %s from step %d: its write was interrupted", best, state.step)
-    meta = {k: v for k, v in source_meta.items() if k not in ("kind", "files", "format", "time")}
-    _write_checkpoint(best, {**meta, "kind": "best"},
-                      lambda tmp: _save_weights(model, tmp / WEIGHTS_FILE, meta, settings))
+    write_checkpoint(target, {"kind": "last", **meta}, write)
 
 
 def _check_resumable(source: Path, settings: TrainSettings, steps_per_epoch: int) -> dict:
@@ -674,203 +555,3 @@ def _check_resumable(source: Path, settings: TrainSettings, steps_per_epoch: int
         raise ValueError(f"cannot resume from {source}: it had {meta['steps_per_epoch']} steps per epoch, this run "
                          f"has {steps_per_epoch} (the training set or batch size changed)")
     return meta
-
-
-def _save_weights(model: torch.nn.Module, path: Path, meta: Mapping[str, Any], settings: TrainSettings) -> None:
-    header = {"config_hash": str(meta["config_hash"]), "step": str(meta["step"])}
-    trainable_only = settings.save_trainable_only
-    if trainable_only is None:
-        # 4-/8-bit weights (QLoRA bases) do not load back into a freshly built model; they are frozen anyway.
-        trainable_only = any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
-    if not trainable_only:
-        # save_model drops the duplicates of tied tensors, which safetensors' save_file refuses.
-        safetensors.torch.save_model(model, str(path), metadata={**header, "weights": "full"})
-        return
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name for name, _ in model.named_buffers()}
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()
-               if name in trainable or name in buffers}
-    safetensors.torch.save_file(tensors, str(path), metadata={**header, "weights": "trainable"})
-
-
-def load_weights(model: torch.nn.Module, checkpoint_dir: str | os.PathLike,
-                 expected_config_hash: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint's ``model.safetensors`` into ``model`` (in place) and return its ``meta.json``.
-
-    Raises:
-        FileNotFoundError: ``checkpoint_dir`` is not a complete checkpoint.
-        ValueError: its config_hash differs from ``expected_config_hash``, or the tensors do not fit ``model``.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    meta = read_checkpoint_meta(checkpoint_dir)
-    if meta is None:
-        raise FileNotFoundError(f"{checkpoint_dir} is not a complete checkpoint: {META_FILE} is missing or a file "
-                                "it lists is missing or truncated (a write that was interrupted)")
-    if expected_config_hash is not None and meta["config_hash"] != expected_config_hash:
-        raise ValueError(f"checkpoint {checkpoint_dir} has config_hash {meta['config_hash']!r} but "
-                         f"{expected_config_hash!r} was expected: it comes from another system or config")
-    path = checkpoint_dir / WEIGHTS_FILE
-    device = next(model.parameters()).device
-    header = safetensors.safe_open(str(path), framework="pt").metadata() or {}
-    try:
-        if header.get("weights") == "trainable":
-            missing_ok = model.load_state_dict(safetensors.torch.load_file(str(path), device=str(device)),
-                                               strict=False)
-            if missing_ok.unexpected_keys:
-                raise RuntimeError(f"unexpected tensors {missing_ok.unexpected_keys[:5]}")
-        else:
-            safetensors.torch.load_model(model, str(path), strict=True, device=str(device))
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {err}") from err
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------- RNG state
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors, lists and numbers only (``torch.load(weights_only=True)``)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached_gaussian": float(cached)},
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-
-
-def _restore_rng(states: list[dict[str, Any]], process_index: int, seed: int) -> None:
-    if process_index >= len(states):
-        # More processes than when the checkpoint was written: the new ones get fresh, distinct streams.
-        logger.warning("checkpoint has RNG states for %d processes; process %d is seeded afresh",
-                       len(states), process_index)
-        set_seed(seed + process_index)
-        return
-    state = states[process_index]
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-
-
-# ============================================================================================== launching
-def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSettings, out_dir: str | os.PathLike,
-           config_hash: str = "", accelerate_config: str | os.PathLike | None = None) -> TrainResult:
-    """Build the task with ``factory(**factory_kwargs)`` and train it in ``settings.num_processes`` processes.
-
-    Args:
-        factory: ``"package.module:function"`` returning a :class:`TrainingTask`; importable by a new process
-            (this process's ``sys.path`` is passed on).
-        factory_kwargs: JSON-serialisable keyword arguments of ``factory``.
-        accelerate_config: an ``accelerate`` config file for the launched processes (e.g. DeepSpeed ZeRO-1);
-            None: plain DDP. Ignored with one process.
-
-    One process: in this process. More: ``accelerate launch`` of ``python -m nbsupport.train`` (DDP; gloo on a
-    machine without CUDA), its output streamed here and kept in ``out_dir/launch.log``.
-
-    Raises:
-        RuntimeError: the launched processes failed; the message holds the end of their log.
-    """
-    out_dir = Path(out_dir)
-    if settings.num_processes == 1:
-        return fit(_build_task(factory, factory_kwargs), settings, out_dir, config_hash)
-    if torch.cuda.is_available() and settings.num_processes > torch.cuda.device_count():
-        raise ValueError(f"num_processes={settings.num_processes} but this machine has {torch.cuda.device_count()} "
-                         "CUDA devices (one process per GPU)")
-    if not settings.resume:
-        _refuse_overwrite(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULT_FILE).unlink(missing_ok=True)  # never mistake an earlier result for this run's
-    kwargs_file = atomic_write_json(out_dir / "launch_kwargs.json", dict(factory_kwargs))
-    settings_file = atomic_write_json(out_dir / "launch_settings.json", settings.to_dict())
-    command = launch_command(settings.num_processes, ["--factory", factory, "--kwargs", str(kwargs_file),
-                                                      "--settings", str(settings_file), "--out", str(out_dir),
-                                                      "--config-hash", config_hash],
-                             accelerate_config=accelerate_config)
-    env = dict(os.environ)
-    # The children must import the factory's module just as this process (a notebook kernel, pytest) can.
-    path = [os.getcwd() if p == "" else p for p in sys.path if p == "" or os.path.isdir(p)]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    with open(out_dir / "launch.log", "w", encoding="utf-8") as log:
-        log.write(" ".join(command) + "\n")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                   bufsize=1)
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                log.write(line)
-                tail.append(line)
-            code = process.wait()
-        except BaseException:  # KeyboardInterrupt in a notebook: do not leave orphaned trainers behind
-            process.terminate()
-            process.wait()
-            raise
-    if code != 0:
-        raise RuntimeError(f"training in {settings.num_processes} processes failed with exit code {code}; full log: "
-                           f"{out_dir / 'launch.log'}; command: {' '.join(command)}\nlast lines:\n" + "".join(tail))
-    result = read_json(out_dir / RESULT_FILE)
-    if result is None:
-        raise RuntimeError(f"the launched training exited cleanly but wrote no {out_dir / RESULT_FILE}")
-    return TrainResult.from_dict(result)
-
-
-def launch_command(num_processes: int, entry_args: list[str],
-                   accelerate_config: str | os.PathLike | None = None) -> list[str]:
-    """``accelerate launch`` of ``python -m nbsupport.train`` in ``num_processes`` local processes.
-
-    ``--multi_gpu`` selects accelerate's torchrun launcher, the one that starts N processes; without CUDA the
-    processes join a gloo group on the CPU (``--cpu`` would start a single process, multi-CPU being mpirun's
-    job there). Precision is left to :func:`fit`, which decides it from the settings. With
-    ``accelerate_config`` (e.g. a DeepSpeed ZeRO-1 file) that file chooses the launcher and its precision.
-    """
-    if accelerate_config is not None:
-        mode = ["--config_file", str(accelerate_config)]
-    else:
-        mode = ["--multi_gpu", "--mixed_precision", "no"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
-            "--num_machines", "1", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "nbsupport.train", *entry_args]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _build_task(factory: str, kwargs: Mapping[str, Any]) -> TrainingTask:
-    module_name, _, function_name = factory.partition(":")
-    if not module_name or not function_name:
-        raise ValueError(f"factory must look like 'package.module:function', got {factory!r}")
-    return getattr(importlib.import_module(module_name), function_name)(**kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m nbsupport.train --factory pkg.mod:fn --kwargs k.json --settings s.json --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m nbsupport.train", description=(
-        "Train the TrainingTask a factory builds: the entry point launch() starts in every process of "
-        "`accelerate launch`; also usable alone, in one process."))
-    parser.add_argument("--factory", required=True, help="'package.module:function' returning a TrainingTask")
-    parser.add_argument("--kwargs", help="JSON file with the factory's keyword arguments")
-    parser.add_argument("--settings", required=True, help="JSON file with TrainSettings fields")
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--config-hash", default="", help="fingerprint stored in checkpoints")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = TrainSettings.from_dict(json.loads(Path(args.settings).read_text(encoding="utf-8")))
-    kwargs = json.loads(Path(args.kwargs).read_text(encoding="utf-8")) if args.kwargs else {}
-    fit(_build_task(args.factory, kwargs), settings, args.out, args.config_hash)
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the copy imported as `nbsupport.train`, not this `__main__` one, so that a task's
-    # isinstance(settings, nbsupport.train.TrainSettings) holds.
-    from nbsupport.train import main as _main
-
-    sys.exit(_main())

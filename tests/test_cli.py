@@ -88,11 +88,11 @@ def test_run_with_unknown_or_repeated_param_exits_2_before_running(tmp_path, cap
 # ---------------------------------------------------------------------------------------------- demo-data
 @pytest.fixture
 def fake_system(tmp_path, monkeypatch):
-    """``nbsupport.fake_sys.data`` from a temporary folder added to the nbsupport package path."""
+    """``nbsupport.fake_sys.demo_data`` from a temporary folder added to the nbsupport package path."""
     pkg_root = tmp_path / "pkg"
     (pkg_root / "fake_sys").mkdir(parents=True)
     (pkg_root / "fake_sys" / "__init__.py").write_text("")
-    (pkg_root / "fake_sys" / "data.py").write_text(textwrap.dedent('''
+    (pkg_root / "fake_sys" / "demo_data.py").write_text(textwrap.dedent('''
         import json
         from pathlib import Path
 
@@ -106,7 +106,7 @@ def fake_system(tmp_path, monkeypatch):
     '''))
     (pkg_root / "broken_sys").mkdir()
     (pkg_root / "broken_sys" / "__init__.py").write_text("")
-    (pkg_root / "broken_sys" / "data.py").write_text("def write_demo_dataset(root):\n    pass\n")
+    (pkg_root / "broken_sys" / "demo_data.py").write_text("def write_demo_dataset(root):\n    pass\n")
     monkeypatch.setattr(nbsupport, "__path__", [*nbsupport.__path__, str(pkg_root)])
     yield
     for name in [m for m in sys.modules if m.startswith(("nbsupport.fake_sys", "nbsupport.broken_sys"))]:
@@ -130,7 +130,7 @@ def test_demo_data_defaults_to_nbsupport_data_and_demo_size(fake_system, tmp_pat
 
 def test_demo_data_rejects_unknown_and_malformed_systems(fake_system, tmp_path, capsys):
     assert cli.main(["demo-data", "no_such_sys", "--root", str(tmp_path)]) == 2
-    assert "no module nbsupport.no_such_sys.data" in capsys.readouterr().err
+    assert "no module nbsupport.no_such_sys.demo_data" in capsys.readouterr().err
     # Every module is checked before anything is written.
     assert cli.main(["demo-data", "fake_sys", "broken_sys", "--root", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err

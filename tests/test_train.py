@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 from nbsupport.config import ConfigError
 from nbsupport.runs import RunExistsError
-from nbsupport.train import TrainSettings, fit, launch, load_weights, read_checkpoint_meta
+from nbsupport.checkpoints import load_weights, read_checkpoint_meta
+from nbsupport.launch import launch
+from nbsupport.train import TrainSettings, fit
 
 TESTS_DIR = Path(__file__).parent
 # The tasks are found by module name, here and in the processes launch() starts (they inherit sys.path);
@@ -148,7 +150,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(tmp_path: Path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     log = open(tmp_path / "trainer.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "nbsupport.train", "--factory", "train_tasks:make_regression",
+        [sys.executable, "-m", "nbsupport.launch", "--factory", "train_tasks:make_regression",
          "--kwargs", str(tmp_path / "kwargs.json"), "--settings", str(tmp_path / "settings.json"),
          "--out", str(run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
     kill_at = 13  # mid-epoch; the kill lands wherever the process is, often inside a checkpoint write

@@ -111,7 +111,7 @@ def qlora_model() -> nn.Module:
 
 
 def make_regression(**kwargs: Any) -> RegressionTask:
-    """Factory for ``launch`` / ``python -m nbsupport.train --factory train_tasks:make_regression``."""
+    """Factory for ``launch`` / ``python -m nbsupport.launch --factory train_tasks:make_regression``."""
     return RegressionTask(**kwargs)
 
 

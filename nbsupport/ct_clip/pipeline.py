@@ -24,7 +24,9 @@ from nbsupport.metrics import RETRIEVAL_KS, auroc, binary_classification_metrics
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
 from nbsupport.runs import RunFolder, atomic_write_text, find_checkpoint
-from nbsupport.train import TrainSettings, launch, load_weights
+from nbsupport.checkpoints import load_weights
+from nbsupport.launch import launch
+from nbsupport.train import TrainSettings
 
 SYSTEM = "ct_clip"
 LABELS = ct_data.LABELS

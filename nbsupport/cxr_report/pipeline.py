@@ -42,7 +42,9 @@ from nbsupport.metrics import bleu_scores, cider_d, clinical_efficacy, rouge_l
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.progress import progress
 from nbsupport.runs import RunFolder, atomic_write_text, runs_root
-from nbsupport.train import TrainSettings, launch, load_weights
+from nbsupport.checkpoints import load_weights
+from nbsupport.launch import launch
+from nbsupport.train import TrainSettings
 
 SYSTEM = "cxr_report"
 DEFAULT_MANIFEST = "data_manifests/chexpert_plus_demo.csv"

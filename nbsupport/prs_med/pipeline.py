@@ -30,7 +30,9 @@ from nbsupport.progress import progress
 from nbsupport.prs_med import data as prs_data
 from nbsupport.prs_med.model import ImageOnlySegmenter, PRSMedNet, PRSMedSpec, count_parameters, structure_loss
 from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, find_checkpoint, read_json
-from nbsupport.train import TrainSettings, launch, load_weights
+from nbsupport.checkpoints import load_weights
+from nbsupport.launch import launch
+from nbsupport.train import TrainSettings
 
 SYSTEM = "prs_med"
 DEFAULT_MANIFEST = "data_manifests/prs_med_demo.csv"

@@ -25,7 +25,9 @@ from nbsupport.runs import RunFolder, atomic_write_text, find_checkpoint
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d.model import (BCEDiceLoss, Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec)
 from nbsupport.seg2d.scoring import competition_score
-from nbsupport.train import TrainSettings, launch, load_weights
+from nbsupport.checkpoints import load_weights
+from nbsupport.launch import launch
+from nbsupport.train import TrainSettings
 
 SYSTEM = "seg2d"
 CLASSES = seg_data.CLASSES

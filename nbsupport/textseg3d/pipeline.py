@@ -25,7 +25,9 @@ from nbsupport.runs import RunFolder, atomic_path, atomic_write_text, find_check
 from nbsupport.textseg3d import data as ts_data
 from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, build_llmseg, count_parameters
 from nbsupport.textseg3d.transforms import collate_cases, eval_transforms, train_transforms
-from nbsupport.train import TrainSettings, launch, load_weights
+from nbsupport.checkpoints import load_weights
+from nbsupport.launch import launch
+from nbsupport.train import TrainSettings
 
 SYSTEM = "textseg3d"
 DEFAULT_MANIFEST = "data_manifests/textseg3d_demo.csv"

@@ -11,7 +11,8 @@ from nbsupport.config import PROFILES, ConfigError
 from nbsupport.ct_clip import data as ct_data
 from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip.pipeline import ACCELERATE_ZERO1, distributed_config
-from nbsupport.train import WEIGHTS_FILE, TrainSettings, _save_weights, _write_checkpoint, launch_command
+from nbsupport.checkpoints import WEIGHTS_FILE, save_weights, write_checkpoint
+from nbsupport.launch import launch_command
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -120,8 +121,7 @@ def test_lora_text_tower_trains_and_its_checkpoint_reloads(tiny_manifest, tmp_pa
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model_spec.json").write_text(spec.to_json())
     meta = {"config_hash": spec.fingerprint(), "step": 1}
-    _write_checkpoint(checkpoint, meta, lambda folder: _save_weights(
-        model, folder / WEIGHTS_FILE, meta, TrainSettings(save_trainable_only=True)))
+    write_checkpoint(checkpoint, meta, lambda folder: save_weights(model, folder / WEIGHTS_FILE, meta, True))
     reloaded = ct_clip.pipeline.load_trained_model(checkpoint)
     with torch.no_grad():
         assert torch.allclose(reloaded.encode_text(prompts), after, atol=1e-5)

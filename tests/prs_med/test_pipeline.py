@@ -64,7 +64,8 @@ def test_modality_loss_schedule_survives_a_resume(tmp_path: Path) -> None:
     """The early modality loss is keyed on the batches the network was trained on, which a resumed run restores from
     the checkpoint: after a resume past ``cls_epochs`` the loss stays off (a fresh counter would turn it back on)."""
     from nbsupport.manifest import write_manifest
-    from nbsupport.train import fit, load_weights
+    from nbsupport.checkpoints import load_weights
+    from nbsupport.train import fit
 
     root = data.write_demo_dataset(tmp_path / "d", n_train=4, n_val=0, n_test=0, image_size=32,
                                    tasks=("polyp_endoscopy",))

@@ -29,5 +29,5 @@ class TargetDistanceTask(RegressionTask):
 
 
 def make_target_task(**kwargs: Any) -> TargetDistanceTask:
-    """Factory for ``python -m nbsupport.train --factory fault_tasks:make_target_task``."""
+    """Factory for ``python -m nbsupport.launch --factory fault_tasks:make_target_task``."""
     return TargetDistanceTask(**kwargs)

@@ -1,12 +1,12 @@
-"""``python -m nbsupport.train`` that freezes at one chosen moment of a checkpoint write, for a test to SIGKILL.
+"""``python -m nbsupport.launch`` that freezes at one chosen moment of a checkpoint write, for a test to SIGKILL.
 
 Usage::
 
-    python fault_trainer.py --phase PHASE --nth N --marker FILE -- <arguments of python -m nbsupport.train>
+    python fault_trainer.py --phase PHASE --nth N --marker FILE -- <arguments of python -m nbsupport.launch>
 
 The trainer runs normally until the N-th time it reaches PHASE (see ``PHASES``); there it writes ``FILE`` (a JSON
 line saying where it stopped) and sleeps, so that the test's SIGKILL lands exactly at that point of the write.
-Nothing else of the run is changed: the checkpoint code under test is the real one in ``nbsupport.train``.
+Nothing else of the run is changed: the checkpoint code under test is the real one in ``nbsupport.checkpoints``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Where a write can be cut, in the order they happen in nbsupport.train._write_checkpoint.
+# Where a write can be cut, in the order they happen in nbsupport.checkpoints.write_checkpoint.
 PHASES = {
     "last_weights_half_written": "half of model.safetensors of a 'last' checkpoint is on disk",
     "last_state_half_written": "model.safetensors complete, half of training_state.pt on disk",
@@ -34,11 +34,11 @@ FROZEN_S = 300  # far longer than any test waits; the test kills the process fir
 
 
 def install(phase: str, nth: int, marker: Path) -> None:
-    """Wrap the functions nbsupport.train calls so that the ``nth`` arrival at ``phase`` freezes the process."""
+    """Wrap the functions nbsupport.checkpoints calls so that the ``nth`` arrival at ``phase`` freezes the process."""
     import safetensors.torch
     import torch
 
-    from nbsupport import train
+    from nbsupport import checkpoints
 
     if phase not in PHASES:
         raise SystemExit(f"unknown phase {phase!r}; expected one of {sorted(PHASES)}")
@@ -85,11 +85,11 @@ def install(phase: str, nth: int, marker: Path) -> None:
             half_write(Path(f), buffer.getvalue(), step=obj["progress"]["step"])
         torch_save(obj, f, *args, **kwargs)
 
-    write_json: Callable[..., Path] = train.atomic_write_json
+    write_json: Callable[..., Path] = checkpoints.atomic_write_json
 
     def write_json_hooked(path: Any, obj: Any, *args: Any, **kwargs: Any) -> Path:
         path = Path(path)
-        if path.name == train.META_FILE:
+        if path.name == checkpoints.META_FILE:
             kind = "last" if path.parent.name.startswith(".last.tmp") else "best"
             if arrive(f"{kind}_files_without_meta"):
                 freeze(step=obj.get("step"), folder=str(path.parent))
@@ -108,7 +108,7 @@ def install(phase: str, nth: int, marker: Path) -> None:
 
     safetensors.torch.save_model = save_model_hooked
     torch.save = torch_save_hooked
-    train.atomic_write_json = write_json_hooked
+    checkpoints.atomic_write_json = write_json_hooked
     os.rename = rename_hooked
 
 
@@ -117,11 +117,11 @@ def main() -> int:
     parser.add_argument("--phase", required=True, choices=sorted(PHASES))
     parser.add_argument("--nth", type=int, required=True, help="freeze at the nth arrival at the phase (1-based)")
     parser.add_argument("--marker", required=True, type=Path, help="file written when frozen")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then python -m nbsupport.train arguments")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then python -m nbsupport.launch arguments")
     args = parser.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     install(args.phase, args.nth, args.marker)
-    from nbsupport.train import main as train_main
+    from nbsupport.launch import main as train_main
 
     return train_main(train_args)
 

@@ -1,6 +1,6 @@
 """Runs killed with SIGKILL — at a random step, and at every point of a checkpoint write — resume exactly.
 
-Each test starts a real training process (``python -m nbsupport.train`` on a tiny regression task from
+Each test starts a real training process (``python -m nbsupport.launch`` on a tiny regression task from
 tests/train_tasks.py), kills it with SIGKILL, checks what the kill left on disk, resumes with ``resume=True`` in
 this process and compares the final weights and history with an uninterrupted run (CPU, deterministic).
 The random draws are printed in every assertion message; ``NBSUPPORT_FAULT_SEED=<n>`` replays one.
@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nbsupport.train import TrainResult, TrainSettings, fit, load_weights, read_checkpoint_meta
+from nbsupport.checkpoints import load_weights, read_checkpoint_meta
+from nbsupport.train import TrainResult, TrainSettings, fit
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 FAULT_TRAINER = Path(__file__).with_name("fault_trainer.py")
@@ -129,7 +130,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     context = f"NBSUPPORT_FAULT_SEED={SEED}, SIGKILL once training_step call {kill_at_call} began"
     calls_file = tmp_path / "calls"
     task = {**KILL_TASK, "step_delay": 0.02, "calls_file": str(calls_file)}
-    process, log = _start([sys.executable, "-m", "nbsupport.train", *_write_inputs(tmp_path, KILL_SETTINGS, task)],
+    process, log = _start([sys.executable, "-m", "nbsupport.launch", *_write_inputs(tmp_path, KILL_SETTINGS, task)],
                           tmp_path)
     _kill_when(process, log, lambda: calls_made(calls_file) >= kill_at_call, tmp_path, context)
     run_dir = tmp_path / "run"

@@ -20,7 +20,8 @@ from torch.utils.data import TensorDataset
 import nbsupport
 from nbsupport import models
 from nbsupport.paths import project_root
-from nbsupport.train import TrainSettings, fit, load_weights
+from nbsupport.checkpoints import load_weights
+from nbsupport.train import TrainSettings, fit
 
 PACKAGE = Path(nbsupport.__file__).parent
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -99,7 +100,8 @@ def test_trust_remote_code_is_logged_when_turned_on(caplog: pytest.LogCaptureFix
     assert "trust_remote_code" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="nbsupport.models"):
         models.load_text_encoder(models.MINILM_ALIAS, trust_remote_code=True)
-    assert "trust_remote_code=True" in caplog.text and "all-MiniLM-L6-v2" in caplog.text
+    # the folder the alias resolves to: the prepared cache copy, or the packaged files before `prepare-models`
+    assert "trust_remote_code=True" in caplog.text and models.resolve_pretrained(models.MINILM_ALIAS) in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- tampered files

@@ -1,0 +1,116 @@
+"""The stage configs every system shares: what its four notebooks have in common.
+
+A system's ``config.py`` subclasses these (setting ``SYSTEM``, ``SCHEMA``, ``DEFAULT_MANIFEST`` and its own
+fields and ``PROFILES``):
+
+* :class:`PreprocessStage` (01): reads a dataset in its published layout, writes the manifest;
+* :class:`TrainStage` (02): reads the manifest, trains; holds the optimisation fields every system has, with
+  one conversion to the shared loop's :class:`nbsupport.train.TrainSettings`;
+* :class:`TrainedModelStage` (03, 04): reads the manifest and a trained checkpoint, works on one split.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pandas as pd
+
+from nbsupport.config import StageConfig, param
+from nbsupport.manifest import ManifestSchema, read_manifest
+from nbsupport.paths import demo_data_root, resolve_path
+from nbsupport.runs import RunFolder, find_checkpoint
+
+if TYPE_CHECKING:
+    from nbsupport.train import TrainSettings
+
+
+def check_split_fractions(**fractions: float) -> None:
+    """Each held-out fraction in [0, 1), together less than 1 (the rest is the train split).
+
+    Raises:
+        ValueError: naming every fraction with the value given.
+    """
+    given = ", ".join(f"{name}={value!r}" for name, value in fractions.items())
+    if any(not 0 <= value < 1 for value in fractions.values()) or sum(fractions.values()) >= 1:
+        raise ValueError(f"{' and '.join(fractions)} must each be in [0, 1) and sum to less than 1 (the rest is "
+                         f"the train split); got {given}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestStage(StageConfig):
+    """A stage that reads (01: writes) the system's manifest."""
+
+    SCHEMA: ClassVar[ManifestSchema | None] = None
+    DEFAULT_MANIFEST: ClassVar[str] = ""  # data_manifests/<dataset>_demo.csv
+
+    data_root: str = param("", "dataset root; '' = the root recorded in the manifest")
+    manifest: str = param("", "manifest CSV (paths relative to its data root); '' = the system's demo manifest "
+                              "under data_manifests/")
+
+    def __post_init__(self) -> None:
+        if not self.manifest:
+            object.__setattr__(self, "manifest", self.DEFAULT_MANIFEST)
+
+    def load_manifest(self, check_files: bool = True) -> tuple[pd.DataFrame, Path]:
+        """The validated manifest and its data root (``data_root`` when given, else the one it records)."""
+        assert self.SCHEMA is not None, f"{type(self).__name__}.SCHEMA is not set"
+        return read_manifest(resolve_path(self.manifest), self.SCHEMA, check_files=check_files,
+                             data_root=resolve_path(self.data_root) if self.data_root else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessStage(ManifestStage):
+    """01_preprocess: read a dataset in its published layout and write the manifest."""
+
+    STAGE = "01_preprocess"
+
+    data_root: str = param("", "dataset root in the dataset's published layout; '' = the demo dataset")
+    manifest: str = param("", "where to write the manifest (CSV, paths relative to data_root); '' = the "
+                              "system's demo manifest under data_manifests/")
+
+    def source_root(self) -> Path:
+        """The dataset folder to read: ``data_root``, else the system's demo dataset."""
+        return resolve_path(self.data_root) if self.data_root else demo_data_root() / self.SYSTEM
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStage(ManifestStage):
+    """02_train: the optimisation fields every system has. A system redefines a field to give its seed's default."""
+
+    STAGE = "02_train"
+
+    epochs: int = param(1, "passes over the training split")
+    max_steps: int | None = param(None, "stop after this many optimizer steps (None: epochs decide)")
+    batch_size: int = param(8, "global batch size, split evenly across processes")
+    grad_accum: int = param(1, "batches per optimizer step; effective batch = batch_size * grad_accum")
+    lr: float = param(1e-4, "peak learning rate")
+    weight_decay: float = param(0.0, "weight decay on matrices and kernels")
+    grad_clip: float | None = param(1.0, "clip the global gradient norm to this value (None: off)")
+    num_processes: int = param(1, "data-parallel training processes (accelerate launch; one per GPU)")
+    num_workers: int = param(0, "data-loader worker processes per training process")
+    resume: bool = param(False, "continue from the last complete checkpoint in run_dir (set run_dir to the "
+                                "interrupted run's folder)")
+
+    def train_settings(self, **task_specific: Any) -> "TrainSettings":
+        """The shared loop's settings: each :class:`TrainSettings` field this config also has, ``log_every=5``,
+        then ``task_specific`` (monitor, schedule, what to store), which win."""
+        from nbsupport.train import TrainSettings
+
+        names = {f.name for f in dataclasses.fields(TrainSettings)}
+        values: dict[str, Any] = {"log_every": 5}
+        values.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
+        values.update(task_specific)
+        return TrainSettings(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModelStage(ManifestStage):
+    """03_infer and 04_attention: a trained checkpoint applied to one split of the manifest."""
+
+    checkpoint: str = param("", "checkpoint folder; '' = best checkpoint of run_dir, else of the newest run")
+    split: Literal["train", "val", "test"] = param("test", "manifest split to use")
+
+    def find_checkpoint(self, run: RunFolder, model: str = "") -> Path:
+        """``checkpoint``, else this run's best, else the newest run's best (see :func:`nbsupport.runs.find_checkpoint`)."""
+        return find_checkpoint(self.checkpoint, run, self.SYSTEM, model)

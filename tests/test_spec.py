@@ -1,0 +1,47 @@
+"""The model-spec base: JSON round trip, fingerprints that ignore what does not change the weights."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nbsupport.spec import ModelSpec, count_parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySpec(ModelSpec):
+    LATER_FIELDS = {"extra": "off"}
+    NOT_FINGERPRINTED = ("window",)
+
+    width: int = 8
+    window: tuple[int, int] = (32, 32)
+    extra: str = "off"
+
+
+def test_round_trip_restores_tuples_and_defaults() -> None:
+    spec = ToySpec(width=4, window=(16, 8), extra="on")
+    assert ToySpec.from_json(spec.to_json()) == spec
+    assert "extra" not in ToySpec().to_json()  # a later field at its default is not written
+    assert ToySpec.from_json('{"width": 8, "window": [32, 32]}') == ToySpec()
+
+
+def test_fingerprint_ignores_inference_only_fields_and_later_defaults() -> None:
+    base = ToySpec()
+    assert dataclasses.replace(base, window=(64, 64)).fingerprint() == base.fingerprint()
+    assert dataclasses.replace(base, width=9).fingerprint() != base.fingerprint()
+    assert dataclasses.replace(base, extra="on").fingerprint() != base.fingerprint()
+    assert base.fingerprint("vision") != base.fingerprint("report")
+
+
+def test_unknown_fields_are_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
+        ToySpec.from_json('{"width": 8, "depth": 3}')
+
+
+def test_parameter_count_by_part() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    count = count_parameters(model, {"first": model[0]})
+    assert (count.total, count.trainable, count.frozen, count.parts["first"]) == (26, 10, 16, 16)
+    assert count.to_dict() == {"total": 26, "trainable": 10, "frozen": 16, "first": 16}
