@@ -11,6 +11,8 @@ fields and ``PROFILES``):
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -22,7 +24,8 @@ from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.runs import RunFolder, find_checkpoint
 
 if TYPE_CHECKING:
-    from nbsupport.train import TrainSettings
+    from nbsupport.spec import ModelSpec
+    from nbsupport.train import TrainResult, TrainSettings
 
 
 def check_split_fractions(**fractions: float) -> None:
@@ -102,6 +105,42 @@ class TrainStage(ManifestStage):
         values.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
         values.update(task_specific)
         return TrainSettings(**values)
+
+    def launch_training(self, task: type["ManifestTask"], out_dir: Path, data_root: Path, spec: "ModelSpec",
+                        settings: "TrainSettings", config_hash: str | None = None,
+                        accelerate_config: str | os.PathLike | None = None, **task_kwargs: Any) -> "TrainResult":
+        """Train ``task`` (a :class:`ManifestTask` subclass) into ``out_dir`` with :func:`nbsupport.launch.launch`.
+
+        Every training process rebuilds the task from this config, the manifest, ``data_root``, the spec's JSON and
+        ``task_kwargs`` (JSON-ready). Checkpoints record ``config_hash`` (default: the spec's fingerprint).
+        """
+        from nbsupport.launch import launch
+
+        kwargs = {"config": self.to_dict(), "manifest": str(resolve_path(self.manifest)), "data_root": str(data_root),
+                  "spec_json": spec.to_json(), **task_kwargs}
+        return launch(f"{task.__module__}:{task.__qualname__}", kwargs, settings, out_dir,
+                      config_hash=spec.fingerprint() if config_hash is None else config_hash,
+                      accelerate_config=accelerate_config)
+
+
+class ManifestTask:
+    """Base of a system's :class:`nbsupport.train.TrainingTask`, built in every training process from what
+    :meth:`TrainStage.launch_training` passes: the stage config, the manifest (files not checked again: the stage
+    validated them before launching) and the model spec."""
+
+    CONFIG: ClassVar[type[TrainStage]]
+    SPEC: ClassVar[type["ModelSpec"]]
+
+    def __init__(self, config: Mapping[str, Any], manifest: str, data_root: str, spec_json: str):
+        self.cfg = self.CONFIG.from_params(config)
+        assert self.cfg.SCHEMA is not None, f"{self.CONFIG.__name__}.SCHEMA is not set"
+        self.manifest, self.root = read_manifest(Path(manifest), self.cfg.SCHEMA, data_root=Path(data_root),
+                                                 check_files=False)
+        self.spec = self.SPEC.from_json(spec_json)
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The manifest rows of one split."""
+        return self.manifest[self.manifest.split == name]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,3 +53,64 @@ def test_train_settings_take_every_shared_field_then_the_task_specific_ones() ->
 def test_a_misspelt_unified_parameter_gets_a_did_you_mean() -> None:
     with pytest.raises(ConfigError, match=r"did you mean 'grad_accum'"):
         ToyTrain.from_params({"grad_acum": 2})
+
+
+# ---------------------------------------------------------------------------------------------- launch_training
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from nbsupport.checkpoints import load_model, read_checkpoint_meta  # noqa: E402
+from nbsupport.manifest import Column, ManifestSchema, write_manifest  # noqa: E402
+from nbsupport.spec import ModelSpec  # noqa: E402
+from nbsupport.stages import ManifestTask  # noqa: E402
+
+LINE_SCHEMA = ManifestSchema("line", (Column("id"), Column("x", "float"), Column("y", "float"),
+                                      Column("split", "split")), key="id")
+
+
+@dataclasses.dataclass(frozen=True)
+class LineSpec(ModelSpec):
+    hidden: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LineTrain(TrainStage):
+    SYSTEM = "line"
+    SCHEMA = LINE_SCHEMA
+    lr: float = param(0.1, "a rate that fits y = 3x - 1 in a few hundred steps")
+
+
+class LineTask(ManifestTask):
+    CONFIG = LineTrain
+    SPEC = LineSpec
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Linear(1, self.spec.hidden)
+
+    def train_dataset(self) -> list[dict[str, torch.Tensor]]:
+        return [{"x": torch.tensor([r.x]), "y": torch.tensor([r.y])} for r in self.split("train").itertuples()]
+
+    def val_dataset(self) -> None:
+        return None
+
+    def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+    def evaluate(self, model, loader, device):  # pragma: no cover - no val split
+        return {}
+
+
+def test_launch_training_rebuilds_the_task_from_the_manifest_and_records_the_spec(tmp_path) -> None:
+    xs = torch.linspace(-1, 1, 32)
+    frame = pd.DataFrame({"id": [f"p{i}" for i in range(32)], "x": xs.tolist(), "y": (3 * xs - 1).tolist(),
+                          "split": ["train"] * 32})
+    write_manifest(frame, tmp_path / "line.csv", LINE_SCHEMA, tmp_path)
+    cfg = LineTrain.from_params({"manifest": str(tmp_path / "line.csv"), "epochs": 40, "batch_size": 8})
+    spec = LineSpec()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model_spec.json").write_text(spec.to_json())
+    result = cfg.launch_training(LineTask, tmp_path / "run", tmp_path, spec,
+                                 cfg.train_settings(monitor="train_loss"))
+    assert read_checkpoint_meta(result.last_checkpoint)["config_hash"] == spec.fingerprint()
+    model = load_model(result.last_checkpoint, LineSpec, lambda s: torch.nn.Linear(1, s.hidden))
+    assert abs(float(model.weight) - 3) < 0.05 and abs(float(model.bias) + 1) < 0.05  # untrained: |w - 3| ~ 3
