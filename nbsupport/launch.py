@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from nbsupport.runs import atomic_write_json, read_json
-from nbsupport.train import RESULT_FILE, TrainingTask, TrainResult, TrainSettings, fit, refuse_overwrite
+from nbsupport.train import (RESULT_FILE, TrainingInterrupted, TrainingTask, TrainResult, TrainSettings, fit,
+                             refuse_overwrite)
 
 
 def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSettings, out_dir: str | os.PathLike,
@@ -79,6 +80,10 @@ def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSetti
             process.terminate()
             process.wait()
             raise
+    if code == TrainingInterrupted.EXIT_CODE:
+        raise TrainingInterrupted(f"training in {settings.num_processes} processes stopped on SIGTERM after writing "
+                                  f"{out_dir / 'checkpoints' / 'last'}; run again with resume=True to continue "
+                                  f"(log: {out_dir / 'launch.log'})")
     if code != 0:
         raise RuntimeError(f"training in {settings.num_processes} processes failed with exit code {code}; full log: "
                            f"{out_dir / 'launch.log'}; command: {' '.join(command)}\nlast lines:\n" + "".join(tail))
@@ -133,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = TrainSettings.from_dict(json.loads(Path(args.settings).read_text(encoding="utf-8")))
     kwargs = json.loads(Path(args.kwargs).read_text(encoding="utf-8")) if args.kwargs else {}
-    fit(_build_task(args.factory, kwargs), settings, args.out, args.config_hash)
+    try:
+        fit(_build_task(args.factory, kwargs), settings, args.out, args.config_hash)
+    except TrainingInterrupted as stopped:
+        logging.getLogger(__name__).error("%s", stopped)
+        return TrainingInterrupted.EXIT_CODE
     return 0
 
 
