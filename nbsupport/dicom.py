@@ -2,11 +2,13 @@
 
 :func:`read_dicom_image` returns the display-ready pixels of a single-frame grayscale DICOM (radiograph, CT or
 MR slice) and a :class:`DicomImageInfo` holding only what image processing needs (size, spacing, rescale,
-window, photometric interpretation, modality, view). The pydicom ``Dataset`` — with PatientName, PatientID,
-PatientBirthDate, AccessionNumber, InstitutionName, UIDs and dates — never leaves this module, so it cannot end
-up in a manifest, a log line, a figure title or a report. Warnings and log records pydicom emits while reading
-(which can quote tag values) are re-issued with every identifying value of the file replaced by ``<redacted>``;
-its debug dumps of raw elements are dropped.
+window, photometric interpretation, modality, view). :func:`read_dicom_series` returns a CT or MR series (or an
+enhanced multi-frame image) as an HU volume and its voxel -> RAS affine, checked to be one evenly spaced stack.
+The pydicom ``Dataset`` — with PatientName, PatientID, PatientBirthDate, AccessionNumber, InstitutionName, UIDs
+and dates — never leaves this module (except inside :func:`series_headers`, for the DICOM-SEG writer), so it
+cannot end up in a manifest, a log line, a figure title or a report. Warnings and log records pydicom emits while
+reading (which can quote tag values) are re-issued with every identifying value of the files replaced by
+``<redacted>``; its debug dumps of raw elements are dropped.
 
 Pixel pipeline (DICOM PS3.3 C.11, PS3.4 N.2):
 
@@ -115,15 +117,9 @@ def read_dicom_image(
     with _reading() as identifying:
         ds = _open(path)
         identifying += _identifying_values(ds)
-        try:
+        with _decoding(path):
             image, info = _pixels(ds, path, window, apply_modality_lut, apply_voi)
-        except DicomError:
-            raise
-        except Exception as err:
-            raise DicomError(f"{path}: cannot decode the pixel data ({type(err).__name__}: {err}); expected "
-                             "complete, uncompressed or decodable PixelData") from None
-        finally:
-            del ds  # nothing identifying is kept past this point
+        del ds  # nothing identifying is kept past this point
     return image, info
 
 
@@ -148,6 +144,18 @@ def _open(path: Path, header_only: bool = False) -> Any:
     except Exception as err:  # truncated headers raise EOFError, OSError, struct errors...
         raise DicomError(f"{path}: cannot parse the DICOM header ({type(err).__name__}); the file is "
                          "truncated or damaged") from None
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Turn a decoder's failure inside into a :class:`DicomError` naming the file."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as err:
+        raise DicomError(f"{path}: cannot decode the pixel data ({type(err).__name__}: {err}); expected "
+                         "complete, uncompressed or decodable PixelData") from None
 
 
 @contextlib.contextmanager
@@ -325,18 +333,11 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @dataclasses.dataclass(frozen=True)
 class DicomPlane:
-    """One 2-D image of a series: a single-frame file, or one frame of an enhanced multi-frame file.
-
-    Attributes:
-        path: its file; ``label``: how errors name it (the path below the series folder, plus the frame).
-        frame: index of the frame in a multi-frame file, None for a single-frame file.
-        series: which series and frame of reference it belongs to, numbered in reading order (the UIDs
-            identify the patient's study and are not kept).
-        row_direction, column_direction: ImageOrientationPatient, unit vectors in LPS.
-        position: ImagePositionPatient (the centre of the first pixel), mm LPS.
-        shape: (Rows, Columns); spacing: PixelSpacing (between rows, between columns) in mm.
-        thickness: SpacingBetweenSlices, else SliceThickness, else None (only used for a one-plane series).
-    """
+    """One 2-D image of a series: a single-frame file, or frame ``frame`` of an enhanced multi-frame file. ``label``
+    names it in errors (path below the series folder); ``series`` numbers its SeriesInstanceUID and
+    FrameOfReferenceUID in reading order (the UIDs identify the study and are not kept); directions
+    (ImageOrientationPatient, unit) and ``position`` (ImagePositionPatient) are LPS mm; ``spacing`` is PixelSpacing
+    (between rows, between columns); ``thickness`` SpacingBetweenSlices or SliceThickness (for one-plane series)."""
 
     path: Path
     label: str
@@ -368,28 +369,23 @@ class DicomSeriesGeometry:
     def shape(self) -> tuple[int, int, int]:
         return (len(self.planes), *self.planes[0].shape)
 
-    @property
-    def spacing_mm(self) -> tuple[float, float, float]:
-        """Voxel size along (D, H, W): the lengths of the affine's columns, as nibabel reports them."""
-        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(0)))  # type: ignore[return-value]
-
 
 def read_dicom_series(folder_or_files: str | os.PathLike | Sequence[str | os.PathLike]
                       ) -> tuple[np.ndarray, np.ndarray]:
     """A CT or MR series as a volume: HU (modality values) and the voxel -> RAS+ affine.
 
     Args:
-        folder_or_files: a folder holding the files of one series (not searched below; hidden files and
-            DICOMDIR are skipped), one file (a single slice, or an enhanced multi-frame image), or a list of
-            files. File names and InstanceNumber play no part in the order.
+        folder_or_files: a folder with the files of one series (subfolders are not searched; hidden files and
+            DICOMDIR are skipped), one file (a slice, or an enhanced multi-frame image), or a list of files.
+            File names and InstanceNumber play no part in the order.
 
     Returns:
         ``(volume, affine)``: float32 ``(D, H, W)`` = (slice, row, column), slices sorted by position along the
-        slice normal, values after each plane's RescaleSlope/RescaleIntercept (HU for CT); ``affine`` float64
-        4x4 from voxel ``(d, h, w)`` to RAS+ mm (see :class:`DicomSeriesGeometry`). ``nibabel.Nifti1Image(
-        volume, affine)`` saves the series as NIfTI; read back with nibabel it gives the same array and affine,
-        and ``nbsupport.textseg3d.data.to_canonical`` / ``nibabel.io_orientation`` reorient it like any NIfTI.
-        A one-plane series gets a slice step of SpacingBetweenSlices, else SliceThickness, else 1 mm.
+        slice normal, values after each plane's RescaleSlope/RescaleIntercept (HU for CT); float64 4x4 voxel
+        ``(d, h, w)`` -> RAS+ mm (:class:`DicomSeriesGeometry`). ``nibabel.Nifti1Image(volume, affine)`` saved and
+        read back gives the same array and affine; ``nibabel.io_orientation`` (textseg3d's ``to_canonical``, ct_clip's
+        ``CTVolume``) reorients it like any NIfTI. One plane: a slice step of SpacingBetweenSlices, SliceThickness
+        or 1 mm.
 
     Raises:
         FileNotFoundError: no such file or folder.
@@ -406,18 +402,10 @@ def read_dicom_series(folder_or_files: str | os.PathLike | Sequence[str | os.Pat
         for path in dict.fromkeys(plane.path for plane in geometry.planes):
             ds = _open(path)
             identifying += _identifying_values(ds)
-            try:
-                if _is_enhanced(ds):
-                    values[path] = _enhanced_frames(ds, path)
-                else:
-                    values[path] = _pixels(ds, path, None, apply_modality_lut, apply_voi)[0][None]
-            except DicomError:
-                raise
-            except Exception as err:
-                raise DicomError(f"{path}: cannot decode the pixel data ({type(err).__name__}: {err}); expected "
-                                 "complete, uncompressed or decodable PixelData") from None
-            finally:
-                del ds
+            with _decoding(path):
+                values[path] = (_enhanced_frames(ds, path) if _is_enhanced(ds)
+                                else _pixels(ds, path, None, apply_modality_lut, apply_voi)[0][None])
+            del ds
     volume = np.stack([values[p.path][p.frame or 0] for p in geometry.planes]).astype(np.float32, copy=False)
     return volume, geometry.affine.copy()
 
@@ -428,7 +416,7 @@ def dicom_series_geometry(folder_or_files: str | os.PathLike | Sequence[str | os
     The ordering and every check of :func:`read_dicom_series` happen here, so that a writer of derived objects
     (:func:`nbsupport.dicom_seg.write_dicom_seg`) lines its frames up with exactly the volume that was read.
     """
-    paths = dicom_series_files(folder_or_files)
+    paths = [p.absolute() for p in dicom_series_files(folder_or_files)]
     root = Path(os.path.commonpath([p.parent for p in paths]))
     planes: list[DicomPlane] = []
     series: dict[tuple[str, str], int] = {}
@@ -458,25 +446,16 @@ def series_headers(geometry: DicomSeriesGeometry) -> Iterator[list[Any]]:
 
 def dicom_series_files(folder_or_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The files of a series: a folder's files (hidden files and DICOMDIR skipped), one file, or a list."""
-    if isinstance(folder_or_files, (str, os.PathLike)):
-        path = Path(folder_or_files)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir()
-                           if p.is_file() and not p.name.startswith(".") and p.name.upper() not in NOT_SERIES_FILES)
-            if not files:
-                raise DicomError(f"{path}: holds no files; expected the DICOM files of one series directly in it "
-                                 "(subfolders are not searched)")
-            return files
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such DICOM file or series folder")
-        return [path]
-    files = [Path(p) for p in folder_or_files]
-    if not files:
-        raise DicomError("no DICOM files given; expected the files of one series")
+    single = isinstance(folder_or_files, (str, os.PathLike))
+    files = [Path(folder_or_files)] if single else [Path(p) for p in folder_or_files]  # type: ignore[arg-type]
+    if single and files[0].is_dir():
+        folder, files = files[0], sorted(p for p in files[0].iterdir() if p.is_file() and not p.name.startswith(".")
+                                         and p.name.upper() not in NOT_SERIES_FILES)
+        if not files:
+            raise DicomError(f"{folder}: holds no files; expected the DICOM files of one series directly in it")
     absent = [str(p) for p in files if not p.is_file()]
-    if absent:
-        raise FileNotFoundError(f"no such DICOM file: {', '.join(absent[:5])}"
-                                + (f" and {len(absent) - 5} more" if len(absent) > 5 else ""))
+    if absent or not files:
+        raise FileNotFoundError(f"no such DICOM file or series folder: {_listed(absent) or '(none given)'}")
     return files
 
 
@@ -545,16 +524,17 @@ def _planes(ds: Any, path: Path, label: str, series: int) -> list[DicomPlane]:
 def _geometry(planes: list[DicomPlane], root: Path) -> DicomSeriesGeometry:
     """Check that the planes form one evenly spaced stack and sort them along its normal; the affine."""
     for what, key, same in (
-            ("belong to more than one series (SeriesInstanceUID or FrameOfReferenceUID differs)", lambda p: p.series, None),
+            ("belong to more than one series (SeriesInstanceUID or FrameOfReferenceUID differs)",
+             lambda p: p.series, None),
             ("have different orientations (ImageOrientationPatient)", lambda p: p.row_direction + p.column_direction,
              lambda a, b: np.abs(np.subtract(a, b)).max() <= ORIENTATION_TOLERANCE),
             ("have different image sizes (Rows x Columns)", lambda p: p.shape, None),
             ("have different PixelSpacing", lambda p: p.spacing, lambda a, b: np.allclose(a, b, rtol=1e-4, atol=0))):
         groups = _groups(planes, key, same)
         if len(groups) > 1:
+            kinds = [f"{_describe(key(g[0]), i)}: {_listed([p.label for p in g])}" for i, g in enumerate(groups)]
             raise DicomError(f"{root}: the files {what}; expected one series of parallel planes: "
-                             + "; ".join(f"{_describe(key(g[0]), i)}: {_names(g)}" for i, g in enumerate(groups))
-                             + ". Pass the files of one series (its own folder or a list)")
+                             + "; ".join(kinds) + ". Pass the files of one series (its own folder or a list)")
     row, column = np.array(planes[0].row_direction), np.array(planes[0].column_direction)
     normal = np.cross(row, column)
     ordered = sorted(planes, key=lambda p: float(normal @ p.position))
@@ -610,10 +590,6 @@ def _describe(value: Any, index: int) -> str:
     if isinstance(value, int):
         return f"series {index + 1}"  # the UID itself is identifying
     return str([round(float(v), 4) for v in value])
-
-
-def _names(planes: list[DicomPlane]) -> str:
-    return _listed([p.label for p in planes])
 
 
 def _listed(items: list[str], limit: int = 6) -> str:

@@ -7,10 +7,11 @@ image (SOP instance, and frame for an enhanced source) it was drawn on, the SEG 
 series. PACS and viewers (OHIF, 3D Slicer, radiotherapy systems) show it over the source series.
 
 Privacy: a DICOM-SEG belongs to the patient's record, so the Patient and General Study modules are copied from the
-source (PS3.3 A.51.3 requires them) - treat the written file like the source files. Nothing else carries them:
+source (the Segmentation IOD, PS3.3 A.51, includes them) - treat the written file like the source files. Nothing else carries them:
 errors, warnings and log records while writing are redacted as when reading (:mod:`nbsupport.dicom`).
 
-RTSTRUCT: highdicom (0.28) writes SEG, SR, KOS, parametric maps and presentation states, not RT Structure Sets.
+RTSTRUCT: highdicom (0.28) writes SEG, SR, KOS, parametric maps and presentation states, not RT Structure Sets;
+radiotherapy systems that take no SEG get one from it through 3D Slicer's SlicerRT, or from the mask with rt-utils.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from nbsupport.dicom import DicomError, dicom_series_geometry, series_headers
+from nbsupport.dicom import DicomError, DicomSeriesGeometry, dicom_series_geometry, series_headers
 
 # Coded concepts as (value, scheme, meaning). The defaults describe textseg3d's output, a radiotherapy clinical
 # target volume: category from CID 9580 "RT Segmentation Property Category", type from CID 9534 "Radiotherapy
@@ -62,8 +64,9 @@ def write_dicom_seg(mask: np.ndarray, source: str | os.PathLike | Sequence[str |
         overwrite: replace an existing ``out_path`` (otherwise it is an error).
 
     Returns:
-        ``out_path``. Frames that hold no voxel of their segment are left out (highdicom's default); each frame's
-        segment, source image and position are in its per-frame functional groups.
+        ``out_path``. Frames that hold no voxel of their segment are left out (highdicom's default; an all-zero
+        mask keeps all its frames); each frame's segment, source image and position are in its per-frame
+        functional groups.
 
     Raises:
         DicomError: a mask of another shape than the series, labels without a segment, a segment name or
@@ -76,11 +79,10 @@ def write_dicom_seg(mask: np.ndarray, source: str | os.PathLike | Sequence[str |
     described = [s if isinstance(s, Segment) else Segment(str(s)) for s in segments]
     labels = _checked_labels(np.asarray(mask), geometry.shape, described)
     out_path = Path(out_path)
-    with series_headers(geometry) as datasets:
-        seg = _segmentation(labels, geometry, datasets, described, algorithm, series_description)
-        with atomic_path(out_path, overwrite=overwrite) as tmp:
-            seg.save_as(tmp, enforce_file_format=True)
-        del seg, datasets
+    with atomic_path(out_path, overwrite=overwrite) as tmp, series_headers(geometry) as datasets:
+        _segmentation(labels, geometry, datasets, described, algorithm, series_description).save_as(
+            tmp, enforce_file_format=True)
+        del datasets
     return out_path
 
 
@@ -105,8 +107,8 @@ def _checked_labels(mask: np.ndarray, shape: tuple[int, int, int], segments: lis
     return mask.astype(np.uint8 if len(segments) < 256 else np.uint16)
 
 
-def _segmentation(labels: np.ndarray, geometry, datasets: list, segments: list[Segment], algorithm: str,
-                  series_description: str):
+def _segmentation(labels: np.ndarray, geometry: DicomSeriesGeometry, datasets: list[Any], segments: list[Segment],
+                  algorithm: str, series_description: str) -> Any:
     """The highdicom Segmentation; ``labels`` reordered to the source's frame order for an enhanced source."""
     import highdicom as hd
     from pydicom.sr.codedict import codes

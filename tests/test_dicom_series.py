@@ -370,3 +370,15 @@ def test_a_refused_dicom_seg_names_no_identifier(tmp_path: Path) -> None:
     text = (str(raised.value) + "\n".join(str(w.message) for w in caught)).lower()
     assert "<redacted>" in text and [v for v in FORBIDDEN + ["1964-02-29"] if v.lower() in text] == []
     assert not (tmp_path / "ctv.dcm").exists()
+
+
+def test_dicom_seg_of_a_real_ct_slice(tmp_path: Path) -> None:
+    source = get_testdata_file("CT_small.dcm")
+    volume, _ = read_dicom_series(source)
+    bone = (volume > 300).astype(np.uint8)
+    assert 0 < bone.sum() < bone.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seg = pydicom.dcmread(write_dicom_seg(bone, source, tmp_path / "bone.dcm", [Segment("bone")]))
+    np.testing.assert_array_equal(seg.pixel_array, bone[0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(source).SeriesInstanceUID
