@@ -444,10 +444,10 @@ def _as_metric(value: Any) -> float | None:
     return float(value) if isinstance(value, (float, np.floating)) else None
 
 
-Statistic = Callable[[np.ndarray | None], dict[str, float]]
+_Statistic = Callable[[np.ndarray | None], dict[str, float]]
 
 
-def _statistic(values_or_metric: Any, cases: tuple) -> tuple[Statistic, int]:
+def _statistic(values_or_metric: Any, cases: tuple) -> tuple[_Statistic, int]:
     """The metric as a function of resample indices (``None``: all cases) -> ``{key: value}`` (key "" for a single
     number), and the number of cases. Per-case values: the NaN-mean over all entries of the chosen cases, for a
     (N,) or (N, k) array."""
@@ -481,7 +481,7 @@ def _statistic(values_or_metric: Any, cases: tuple) -> tuple[Statistic, int]:
     return mean, len(arr)
 
 
-def _replicates(statistic: Statistic, n: int, n_resamples: int, seed: int) -> dict[str, np.ndarray]:
+def _replicates(statistic: _Statistic, n: int, n_resamples: int, seed: int) -> dict[str, np.ndarray]:
     rows = [statistic(idx) for idx in _resamples(n, n_resamples, seed)]
     keys = dict.fromkeys(k for row in rows for k in row)
     return {k: np.array([row.get(k, np.nan) for row in rows]) for k in keys}
@@ -539,6 +539,9 @@ def with_ci95(metrics: Mapping[str, Any], values_or_metric: Any, *cases: Any, n_
                       for key, values in values_or_metric.items()}
     elif callable(values_or_metric):
         replicates = _replicates(*_statistic(values_or_metric, cases), n_resamples, seed)
+        if "" in replicates:
+            raise ValueError("with_ci95 needs a metric function returning a dict of metrics; for one number use "
+                             "bootstrap_ci95")
     else:
         raise TypeError("with_ci95 takes a {metric: per-case values} mapping or a metric function and its cases, "
                         f"got {type(values_or_metric).__name__}")

@@ -2,15 +2,16 @@
 pycocoevalcap 1.2 (the scorer of R2Gen, R2GenGPT and CXPMRG-Bench), one reference report per generated report.
 
 Why not a library: sacrebleu and nltk smooth BLEU or treat hypotheses shorter than n tokens differently, so their
-BLEU-3/4 on short reports are far from the published numbers; pycocoevalcap itself is a test dependency here (the
-tests compare every score with it on hundreds of report pairs), and METEOR reuses the ``meteor-1.5.jar`` its wheel
-ships, run by Java exactly as pycocoevalcap runs it.
+BLEU-3/4 on short reports are far from the published numbers. BLEU, ROUGE-L and CIDEr-D are re-implemented here
+(pycocoevalcap is never imported at run time; the tests compare every score with it on hundreds of report pairs),
+and METEOR runs the ``meteor-1.5.jar`` that the pycocoevalcap wheel ships, under Java, as pycocoevalcap runs it: the
+jar is the metric, so the package is a run-time dependency for its files only.
 
 Tokens: the report-generation papers score reports cleaned by R2Gen's ``clean_report_mimic_cxr`` (R2Gen
 modules/tokenizers.py:46-58): lower case, one ``.`` token per sentence, most punctuation deleted; pycocoevalcap then
 splits the cleaned string on whitespace. :func:`tokenize_report` does that cleaning, and every scorer here sees its
-tokens. Faster than the original when scores are recomputed many times (bootstrap intervals): per-report and
-per-pair statistics are cached, so a resampled corpus only re-adds them.
+tokens. Scores are recomputed many times for bootstrap intervals, so per-report and per-pair statistics are cached
+and a resampled corpus only re-adds them.
 """
 from __future__ import annotations
 
@@ -255,7 +256,8 @@ _CHUNKS = 20
 
 
 def _is_exact_match(stats: np.ndarray) -> np.ndarray:
-    """Pairs whose every word matched in one chunk: MeteorStats.addStats does not add their chunk (of 1)."""
+    """Pairs whose every word matched in one chunk: MeteorStats.addStats (in the jar) adds every statistic of a pair
+    to the corpus total except the chunk count of such a pair."""
     test_matches = stats[:, 4:20:4].sum(1) + stats[:, 6:20:4].sum(1)
     ref_matches = stats[:, 5:20:4].sum(1) + stats[:, 7:20:4].sum(1)
     return (test_matches == stats[:, 0]) & (ref_matches == stats[:, 1]) & (stats[:, _CHUNKS] == 1)
@@ -310,8 +312,11 @@ class _MeteorProcess:
             self._line(f"EVAL ||| {line}")  # its answer: the score of this one "segment", then the corpus score
             return float(self._read())
 
+    def exited(self) -> bool:
+        return self._process.poll() is not None
+
     def close(self) -> None:
-        if self._process.poll() is None:
+        if not self.exited():
             self._process.stdin.close()
             self._process.kill()
             self._process.wait()
@@ -342,7 +347,7 @@ def meteor(predictions: Sequence[str], references: Sequence[str]) -> float:
     hyps, refs = _texts(predictions, references)
     jar, java = meteor_jar(), _java()
     with _METEOR_LOCK:
-        if jar not in _METEOR:
+        if jar not in _METEOR or _METEOR[jar].exited():
             _METEOR[jar] = _MeteorProcess(java, jar)
         process = _METEOR[jar]
     return process.score([" ".join(_tokens(h)) for h in hyps], [" ".join(_tokens(r)) for r in refs])
