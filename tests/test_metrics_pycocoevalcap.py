@@ -23,10 +23,11 @@ from nbsupport.metrics import (
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6
 
-FINDINGS = ["heart size is normal", "the heart is mildly enlarged", "no pleural effusion", "small left pleural effusion",
-            "no pneumothorax", "right lower lobe consolidation", "lungs are clear", "stable cardiomediastinal silhouette",
-            "mild pulmonary edema", "left-sided picc tip in the svc", "degenerative changes of the spine",
-            "no acute cardiopulmonary process", "bibasilar atelectasis", "a 3.5 cm nodule in the right upper lobe"]
+FINDINGS = ["heart size is normal", "the heart is mildly enlarged", "no pleural effusion",
+            "small left pleural effusion", "no pneumothorax", "right lower lobe consolidation", "lungs are clear",
+            "stable cardiomediastinal silhouette", "mild pulmonary edema", "left-sided picc tip in the svc",
+            "degenerative changes of the spine", "no acute cardiopulmonary process", "bibasilar atelectasis",
+            "a 3.5 cm nodule in the right upper lobe"]
 
 
 def _report(rng: random.Random) -> str:
