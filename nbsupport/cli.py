@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from nbsupport.config import PROFILES
+from nbsupport.config import PROFILES, ConfigError
 from nbsupport.models import ModelNotAvailableError
 from nbsupport.paths import demo_data_root, project_root
 from nbsupport.runner import RunnerError
@@ -195,6 +195,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else EXIT_FAILED
 
 
+def _cmd_params(args: argparse.Namespace) -> int:
+    from nbsupport.config import find_stage, parameter_docs, stage_configs
+
+    configs = [find_stage(args.system, args.stage)] if args.stage else list(stage_configs(args.system).values())
+    for cls in configs:
+        print(f"{args.system} {cls.STAGE} (profile {args.profile}); set with -p NAME=VALUE in nbsupport run, "
+              f"or papermill -p NAME VALUE")
+        docs = parameter_docs(cls, args.profile)
+        width = max(len(d["name"]) for d in docs)
+        for d in docs:
+            print(f"  {d['name']:<{width}} = {d['value']!r}  ({d['type']}) {d['help']}")
+        print()
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     write_demo_data(args.systems, root=args.root, size=args.size)
     return 0
@@ -264,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"systems: {_systems_hint()}\n"
                "-p values are YAML: 3 -> int, 1e-4 -> float, true -> bool, [1,2] -> list, null or empty -> the "
                "profile's default, anything else -> string. Each goes to the notebooks whose parameters cell "
-               "declares it; a name no selected notebook declares is an error.",
+               "declares it; a name no selected notebook declares is an error.\n"
+               "parameters of a system, with their values in a profile and their help: "
+               "nbsupport params SYSTEM [STAGE] --profile PROFILE",
     )
     run.add_argument("systems", nargs="+", metavar="SYSTEM", help="system name(s), or 'all'")
     run.add_argument("--profile", choices=PROFILES, default="demo",
@@ -282,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to wait for a kernel to start (default: %(default)s)")
     run.add_argument("--execution-timeout", type=int, metavar="S", help="seconds one cell may run (default: no limit)")
     run.set_defaults(func=_cmd_run)
+
+    params = sub.add_parser(
+        "params", help="list a system's notebook parameters: value in a profile, type, help",
+        description="Print every parameter of a system's stages (or one stage) with the value it takes in the "
+                    "profile, its type and its help text.",
+    )
+    params.add_argument("system", help=f"system name ({_systems_hint()})")
+    params.add_argument("stage", nargs="?", help="preprocess | train | infer | attention, or 01..04 (default: all)")
+    params.add_argument("--profile", choices=PROFILES, default="demo", help="default: %(default)s")
+    params.set_defaults(func=_cmd_params)
 
     demo = sub.add_parser(
         "demo-data", help="write the small synthetic/packaged demo datasets",
@@ -329,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except (RunnerError, RunExistsError, ModelNotAvailableError, DemoDataError) as err:
+    except (RunnerError, RunExistsError, ModelNotAvailableError, DemoDataError, ConfigError) as err:
         print(f"nbsupport {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
