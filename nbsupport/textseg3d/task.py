@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import CacheDataset
 
 from nbsupport.stages import ManifestTask
 from nbsupport.textseg3d.config import TrainConfig
@@ -15,6 +16,16 @@ from nbsupport.textseg3d.data import case_items
 from nbsupport.textseg3d.inference import predict_volume
 from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, build_llmseg
 from nbsupport.textseg3d.transforms import collate_cases, eval_transforms, train_transforms
+
+
+class TorchSeededCacheDataset(CacheDataset):
+    """MONAI's CacheDataset whose random transforms draw from torch's RNG: one seed per item from the global
+    generator, which the trainer seeds from ``seed`` and restores on resume. MONAI's default seeds each chain
+    from OS entropy, so no two runs (and no resumed run) would crop and jitter alike."""
+
+    def _transform(self, index: int) -> Any:
+        self.transform.set_random_state(seed=int(torch.randint(2**31 - 1, ()).item()))
+        return super()._transform(index)
 
 
 class TextSeg3DTrainingTask(ManifestTask):
@@ -40,19 +51,15 @@ class TextSeg3DTrainingTask(ManifestTask):
         return model
 
     def train_dataset(self) -> Any:
-        from monai.data import CacheDataset
-
         if self._train_dataset is None:
             # caches everything up to the first random transform (the crop), once per process
-            self._train_dataset = CacheDataset(
+            self._train_dataset = TorchSeededCacheDataset(
                 case_items(self.split("train"), self.root),
                 train_transforms(self.spec.roi, self.cfg.neg_ratio, self.cfg.side_mirror_prob),
                 cache_rate=1.0, num_workers=0, progress=False)
         return self._train_dataset
 
     def val_dataset(self) -> Any:
-        from monai.data import CacheDataset
-
         part = self.split("val")
         if not len(part):
             return None

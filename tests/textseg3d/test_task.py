@@ -70,3 +70,25 @@ def test_foreground_prior_bias_starts_the_network_at_the_training_crops_target_f
     bias = model.out.bias.detach()
     assert float(bias[1] - bias[0]) == pytest.approx(np.log(0.01 / 0.99), rel=1e-5)
     assert 0.3 < float(default) < 0.7 and float(started) < 0.05
+
+
+def test_training_crops_follow_torchs_seed_so_runs_and_resumes_repeat(tmp_path: Path) -> None:
+    """The random crop and jitter come from torch's RNG (which the trainer seeds and restores on resume): the same
+    torch seed gives the same crops, another seed other crops. MONAI's own default draws from OS entropy."""
+    from nbsupport.textseg3d.task import TorchSeededCacheDataset
+
+    root = write_demo_dataset(tmp_path / "d", **SMOKE)
+    manifest = ts_data.build_manifest(root).manifest
+    items = case_items(manifest.head(2), root)
+    roi = tuple(s // 2 for s in SMOKE["shape"])
+
+    def crops(seed: int) -> list[np.ndarray]:
+        dataset = TorchSeededCacheDataset(items, train_transforms(roi), cache_rate=1.0, num_workers=0,
+                                          progress=False)
+        torch.manual_seed(seed)
+        # each item is a list of crops (RandCropByPosNegLabeld's num_samples)
+        return [np.asarray(crop["image"]) for i in (0, 1, 0) for crop in dataset[i]]
+
+    first, again, other = crops(0), crops(0), crops(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
