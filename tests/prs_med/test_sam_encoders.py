@@ -177,7 +177,8 @@ def test_original_sam_vit_checkpoint_loads_under_transformers_names(tmp_path: Pa
     path = tmp_path / "sam_vit_b_01ec64.pth"
     torch.save(state, path)
     encoder = load_sam_image_encoder(path)
-    assert capsys.readouterr().out == f"{path}: loaded {len(layout)} of {len(layout)} tensors (0 missing, 0 unexpected)\n"
+    n = len(layout)
+    assert capsys.readouterr().out == f"{path}: loaded {n} of {n} tensors (0 missing, 0 unexpected)\n"
     config = encoder.encoder.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.image_size,
             config.window_size, list(config.global_attn_indexes), config.mlp_dim, config.output_channels) == (
