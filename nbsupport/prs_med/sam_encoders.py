@@ -40,7 +40,7 @@ from nbsupport.weights import Log, load_into, read_state_dict
 
 # The image-encoder entries of KEYS_TO_MODIFY_MAPPING in huggingface/transformers
 # src/transformers/models/sam/convert_sam_to_hf.py (lines 83-105 at commit 09cb93d), applied in this order as plain
-# substring replacements (replace_keys, lines 108-117). ".norm" turns blocks.N.norm1/norm2 into layer_norm1/2.
+# substring replacements (replace_keys, lines 108-118). ".norm" turns blocks.N.norm1/norm2 into layer_norm1/2.
 SAM_TO_HF_RENAMES: tuple[tuple[str, str], ...] = (
     ("image_encoder", "vision_encoder"),
     ("neck.0", "neck.conv1"),
@@ -208,7 +208,8 @@ def _load_hf_sam(folder: Path, state: Mapping[str, torch.Tensor], source: str | 
 
 def encoder_parameter_counts() -> dict[str, int]:
     """Parameters of the full-size encoders, built on the meta device: TinySAM ``vit_t`` with and without its
-    unused classifier head, and SAM ViT-B (transformers' defaults are ViT-B: convert_sam_to_hf.py ``sam_vit_b``)."""
+    unused classifier head, and SAM ViT-B (convert_sam_to_hf.py:59-60 builds ``sam_vit_b`` as ``SamVisionConfig()``,
+    transformers' defaults)."""
     from transformers import SamVisionConfig
 
     with torch.device("meta"):
