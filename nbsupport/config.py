@@ -241,3 +241,18 @@ def find_stage(system: str, stage: str) -> type[StageConfig]:
         raise ConfigError(f"{system} has no stage {stage!r}; stages: {', '.join(configs)} "
                           f"(or {', '.join(STAGE_ALIASES)})")
     return matches[0]
+
+
+def parameters_cell(cls: type[StageConfig], source: str) -> str:
+    """A notebook's parameters cell rewritten from its config: one ``name = value  # type: <type> <help>`` line
+    per field, in field order, keeping the values the cell already has (``None`` = the profile's value for a field
+    it lacks). What ``papermill --help-notebook`` shows and what a reader of the notebook sees."""
+    values = {}
+    for line in source.splitlines():
+        name, sep, rest = line.partition("=")
+        if sep and name.strip().isidentifier():
+            values[name.strip()] = rest.split("  #", 1)[0].strip()
+    docs = parameter_docs(cls)
+    header = (f"# None = the profile's value (nbsupport params {cls.SYSTEM} {cls.STAGE} --profile PROFILE lists "
+              "them); papermill -p NAME VALUE or nbsupport run -p NAME=VALUE sets any of these")
+    return "\n".join([header] + [parameter_line(d["name"], values.get(d["name"], "None"), d) for d in docs])
