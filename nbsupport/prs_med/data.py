@@ -226,8 +226,20 @@ def build_manifest(root: str | os.PathLike, tasks: Sequence[str] | None = None,
             unreadable, of another size than their image, not binary, or empty.
     """
     root = resolve_path(root)
+    reader = _AnnotationReader(root, check_masks)
+    rows = [row for csv_path in _annotation_files(root, tasks) for row in reader.read(csv_path)]
+    if reader.problems:
+        raise ManifestError(reader.problems, str(root), hint=f"Expected the PRS-Med layout: {LAYOUT}")
+    manifest = pd.DataFrame(rows, columns=PRSMED_SCHEMA.names)
+    for name in ("image", "mask"):
+        manifest[name] = [str(Path(p).resolve().relative_to(root.resolve()).as_posix()) for p in manifest[name]]
+    return manifest, pd.DataFrame(reader.disagreements, columns=["id", "file", "line", "csv_position",
+                                                                 "mask_position", "mask"])
+
+
+def _annotation_files(root: Path, tasks: Sequence[str] | None) -> list[Path]:
+    """``annotations/<task>.csv`` of ``tasks`` (default: of every known task there is one for)."""
     ann_dir = root / "annotations"
-    problems: list[ManifestProblem] = []
     if not ann_dir.is_dir():
         raise ManifestError([ManifestProblem(None, None, f"no annotations folder {ann_dir}")], str(root),
                             hint=f"Expected the PRS-Med layout: {LAYOUT}")
@@ -241,84 +253,92 @@ def build_manifest(root: str | os.PathLike, tasks: Sequence[str] | None = None,
     if not files:
         raise ManifestError([ManifestProblem(None, None, f"no <task>.csv for any of {list(TASKS)} in {ann_dir}")],
                             str(root), hint=f"Expected the PRS-Med layout: {LAYOUT}")
-    rows: list[dict[str, Any]] = []
-    disagreements: list[dict[str, Any]] = []
-    shapes: dict[Path, tuple[int, int]] = {}
-    mask_cache: dict[Path, MaskPosition] = {}
-    for csv_path in files:
+    return files
+
+
+class _AnnotationReader:
+    """Reads annotation files into manifest rows for :func:`build_manifest`, collecting every problem (file, line,
+    column) and every CSV position that disagrees with its mask; each image and mask is opened once."""
+
+    def __init__(self, root: Path, check_masks: bool):
+        self.root, self.check_masks = root, check_masks
+        self.problems: list[ManifestProblem] = []
+        self.disagreements: list[dict[str, Any]] = []
+        self._shapes: dict[Path, tuple[int, int]] = {}
+        self._positions: dict[Path, MaskPosition] = {}
+
+    def read(self, csv_path: Path) -> list[dict[str, Any]]:
+        """The manifest rows of one annotation file (its problems are added to :attr:`problems`)."""
+        root = self.root
         where = str(csv_path.relative_to(root)) if csv_path.is_relative_to(root) else str(csv_path)
         if not csv_path.is_file():
-            problems.append(ManifestProblem(None, None, "annotation file is missing", where))
-            continue
+            self.problems.append(ManifestProblem(None, None, "annotation file is missing", where))
+            return []
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
         missing = [c for c in ("question", "answer", "split") if c not in df.columns]
         has_path = "image_path" in df.columns
         if not has_path and "image_name" not in df.columns:
             missing.append("image_path or image_name")
         if missing:
-            problems.append(ManifestProblem(1, None, f"missing columns {missing}; has {list(df.columns)}", where))
-            continue
+            self.problems.append(ManifestProblem(1, None, f"missing columns {missing}; has {list(df.columns)}",
+                                                 where))
+            return []
+        rows = []
         for i, row in progress(df.iterrows(), desc=f"check {csv_path.stem}", total=len(df)):
-            line = int(i) + 2
             task = str(row.get("task", "") or csv_path.stem).strip()
-            if task not in TASKS:
-                problems.append(ManifestProblem(line, "task", f"expected one of {list(TASKS)}, got {task!r}", where))
-                continue
-            split = str(row["split"]).strip()
-            if split not in SPLITS:
-                problems.append(ManifestProblem(line, "split", f"expected one of {list(SPLITS)}, got {split!r}",
-                                                where))
-                continue
-            image = _resolve_image(row, task, split, root, has_path)
-            mask = _resolve_mask(row, image, task, split, root)
-            column = "image_path" if has_path else "image_name"
-            if not image.is_file():
-                problems.append(ManifestProblem(line, column, f"image {image} does not exist", where))
-                continue
-            if not mask.is_file():
-                problems.append(ManifestProblem(line, "mask_path", f"mask is missing: expected {mask} (same file "
-                                                "name as the image, in <task>/<split>_masks/)", where))
-                continue
-            empty = [c for c in ("question", "answer") if not str(row[c]).strip()]
-            for c in empty:
-                problems.append(ManifestProblem(line, c, f"empty; expected the {c} text of this image", where))
-            if empty:
-                continue
-            width = height = 0
-            found: MaskPosition | None = None
-            if check_masks:
-                try:
-                    if image not in shapes:
-                        shapes[image] = read_image(image).shape[:2]
-                except ValueError as err:
-                    problems.append(ManifestProblem(line, column, f"{err} (expected a PNG or JPEG image)", where))
-                    continue
-                try:
-                    height, width = shapes[image]
-                    if mask not in mask_cache:
-                        mask_cache[mask] = position_of(read_mask(mask, shapes[image]))
-                    found = mask_cache[mask]
-                except (ValueError, FileNotFoundError) as err:
-                    problems.append(ManifestProblem(line, "mask_path", str(err), where))
-                    continue
-            csv_position = parse_position(row.get("position", "")) if "position" in df.columns else None
-            position = found.position if found else (csv_position or "")
-            if found and csv_position and csv_position != found.position:
-                disagreements.append({"id": f"{task}:{line}", "file": where, "line": line,
-                                      "csv_position": csv_position, "mask_position": found.position,
-                                      "mask": str(mask.relative_to(root))})
-            rows.append({"id": f"{task}:{line}", "task": task, "split": split, "image": str(image), "mask": str(mask),
-                         "question": str(row["question"]).strip(), "answer": str(row["answer"]).strip(),
-                         "position": position, "csv_position": csv_position or "",
-                         "near_center": bool(found.near_center) if found else False,
-                         "width": int(width), "height": int(height), "modality_class": MODALITY_CLASS[task]})
-    if problems:
-        raise ManifestError(problems, str(root), hint=f"Expected the PRS-Med layout: {LAYOUT}")
-    manifest = pd.DataFrame(rows, columns=PRSMED_SCHEMA.names)
-    for name in ("image", "mask"):
-        manifest[name] = [str(Path(p).resolve().relative_to(root.resolve()).as_posix()) for p in manifest[name]]
-    return manifest, pd.DataFrame(disagreements, columns=["id", "file", "line", "csv_position", "mask_position",
-                                                          "mask"])
+            found = self._row(row, int(i) + 2, task, where, has_path, "position" in df.columns)
+            if found is not None:
+                rows.append(found)
+        return rows
+
+    def _row(self, row: pd.Series, line: int, task: str, where: str, has_path: bool,
+             has_position: bool) -> dict[str, Any] | None:
+        """One manifest row, or None after recording what is wrong with the annotation row at ``line``."""
+        def problem(column: str, message: str) -> None:
+            self.problems.append(ManifestProblem(line, column, message, where))
+
+        if task not in TASKS:
+            return problem("task", f"expected one of {list(TASKS)}, got {task!r}")
+        split = str(row["split"]).strip()
+        if split not in SPLITS:
+            return problem("split", f"expected one of {list(SPLITS)}, got {split!r}")
+        image = _resolve_image(row, task, split, self.root, has_path)
+        mask = _resolve_mask(row, image, task, split, self.root)
+        column = "image_path" if has_path else "image_name"
+        if not image.is_file():
+            return problem(column, f"image {image} does not exist")
+        if not mask.is_file():
+            return problem("mask_path", f"mask is missing: expected {mask} (same file name as the image, in "
+                                        "<task>/<split>_masks/)")
+        empty = [c for c in ("question", "answer") if not str(row[c]).strip()]
+        for c in empty:
+            problem(c, f"empty; expected the {c} text of this image")
+        if empty:
+            return None
+        (height, width), found = (0, 0), None
+        if self.check_masks:
+            try:
+                if image not in self._shapes:
+                    self._shapes[image] = read_image(image).shape[:2]
+            except ValueError as err:
+                return problem(column, f"{err} (expected a PNG or JPEG image)")
+            try:
+                height, width = self._shapes[image]
+                if mask not in self._positions:
+                    self._positions[mask] = position_of(read_mask(mask, self._shapes[image]))
+                found = self._positions[mask]
+            except (ValueError, FileNotFoundError) as err:
+                return problem("mask_path", str(err))
+        csv_position = parse_position(row.get("position", "")) if has_position else None
+        if found and csv_position and csv_position != found.position:
+            self.disagreements.append({"id": f"{task}:{line}", "file": where, "line": line,
+                                       "csv_position": csv_position, "mask_position": found.position,
+                                       "mask": str(mask.relative_to(self.root))})
+        return {"id": f"{task}:{line}", "task": task, "split": split, "image": str(image), "mask": str(mask),
+                "question": str(row["question"]).strip(), "answer": str(row["answer"]).strip(),
+                "position": found.position if found else (csv_position or ""), "csv_position": csv_position or "",
+                "near_center": bool(found.near_center) if found else False,
+                "width": int(width), "height": int(height), "modality_class": MODALITY_CLASS[task]}
 
 
 def summarise_manifest(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from nbsupport.manifest import ManifestError
-from nbsupport.metrics import POSITIONS
 from nbsupport.prs_med import data
 
 
