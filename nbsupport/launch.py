@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from nbsupport.runs import atomic_write_json, read_json
-from nbsupport.train import RESULT_FILE, TrainingTask, TrainResult, TrainSettings, fit, refuse_overwrite
+from nbsupport.train import (RESULT_FILE, TrainingInterrupted, TrainingTask, TrainResult, TrainSettings, fit,
+                             refuse_overwrite)
 
 
 def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSettings, out_dir: str | os.PathLike,
@@ -45,7 +46,8 @@ def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSetti
     out_dir = Path(out_dir)
     if settings.num_processes == 1:
         return fit(_build_task(factory, factory_kwargs), settings, out_dir, config_hash)
-    if torch.cuda.is_available() and settings.num_processes > torch.cuda.device_count():
+    if (machines_in(accelerate_config) == 1 and torch.cuda.is_available()
+            and settings.num_processes > torch.cuda.device_count()):
         raise ValueError(f"num_processes={settings.num_processes} but this machine has {torch.cuda.device_count()} "
                          "CUDA devices (one process per GPU)")
     if not settings.resume:
@@ -79,6 +81,10 @@ def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSetti
             process.terminate()
             process.wait()
             raise
+    if code == TrainingInterrupted.EXIT_CODE:
+        raise TrainingInterrupted(f"training in {settings.num_processes} processes stopped on SIGTERM after writing "
+                                  f"{out_dir / 'checkpoints' / 'last'}; run again with resume=True to continue "
+                                  f"(log: {out_dir / 'launch.log'})")
     if code != 0:
         raise RuntimeError(f"training in {settings.num_processes} processes failed with exit code {code}; full log: "
                            f"{out_dir / 'launch.log'}; command: {' '.join(command)}\nlast lines:\n" + "".join(tail))
@@ -90,20 +96,36 @@ def launch(factory: str, factory_kwargs: Mapping[str, Any], settings: TrainSetti
 
 def launch_command(num_processes: int, entry_args: list[str],
                    accelerate_config: str | os.PathLike | None = None) -> list[str]:
-    """``accelerate launch`` of ``python -m nbsupport.launch`` in ``num_processes`` local processes.
+    """``accelerate launch`` of ``python -m nbsupport.launch`` with ``num_processes`` processes in all.
 
-    ``--multi_gpu`` selects accelerate's torchrun launcher, the one that starts N processes; without CUDA the
-    processes join a gloo group on the CPU (``--cpu`` would start a single process, multi-CPU being mpirun's
-    job there). Precision is left to :func:`fit`, which decides it from the settings. With
-    ``accelerate_config`` (e.g. a DeepSpeed ZeRO-1 file) that file chooses the launcher and its precision.
+    Without ``accelerate_config``: one machine; ``--multi_gpu`` selects accelerate's torchrun launcher, the one
+    that starts N processes; without CUDA the processes join a gloo group on the CPU (``--cpu`` would start a
+    single process, multi-CPU being mpirun's job there). Precision is left to :func:`fit`, which decides it from
+    the settings. With ``accelerate_config`` (the user's ``accelerate config`` file, or a DeepSpeed ZeRO-1 one) that
+    file chooses the launcher, its precision, and for several machines ``num_machines``, ``machine_rank``,
+    ``main_process_ip`` and ``main_process_port``: nothing here overrides them.
     """
     if accelerate_config is not None:
         mode = ["--config_file", str(accelerate_config)]
     else:
-        mode = ["--multi_gpu", "--mixed_precision", "no"]
+        mode = ["--multi_gpu", "--mixed_precision", "no", "--num_machines", "1",
+                "--main_process_port", str(_free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
-            "--num_machines", "1", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "nbsupport.launch", *entry_args]
+            "--dynamo_backend", "no", "-m", "nbsupport.launch", *entry_args]
+
+
+def machines_in(accelerate_config: str | os.PathLike | None) -> int:
+    """``num_machines`` of an accelerate config file (YAML or JSON); 1 without a file."""
+    if accelerate_config is None:
+        return 1
+    import yaml
+
+    path = Path(accelerate_config)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"accelerate config {path}: cannot be read ({err})") from err
+    return int(values.get("num_machines", 1))
 
 
 def _free_port() -> int:
@@ -133,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = TrainSettings.from_dict(json.loads(Path(args.settings).read_text(encoding="utf-8")))
     kwargs = json.loads(Path(args.kwargs).read_text(encoding="utf-8")) if args.kwargs else {}
-    fit(_build_task(args.factory, kwargs), settings, args.out, args.config_hash)
+    try:
+        fit(_build_task(args.factory, kwargs), settings, args.out, args.config_hash)
+    except TrainingInterrupted as stopped:
+        logging.getLogger(__name__).error("%s", stopped)
+        return TrainingInterrupted.EXIT_CODE
     return 0
 
 

@@ -94,6 +94,8 @@ class TrainStage(ManifestStage):
     num_workers: int = param(0, "data-loader worker processes per training process")
     resume: bool = param(False, "continue from the last complete checkpoint in run_dir (set run_dir to the "
                                 "interrupted run's folder)")
+    accelerate_config: str = param("", "an `accelerate config` file for num_processes > 1 (several machines, "
+                                       "DeepSpeed, ...); '' = one machine, plain DDP")
 
     def train_settings(self, **task_specific: Any) -> "TrainSettings":
         """The shared loop's settings: each :class:`TrainSettings` field this config also has, ``log_every=5``,
@@ -112,15 +114,17 @@ class TrainStage(ManifestStage):
         """Train ``task`` (a :class:`ManifestTask` subclass) into ``out_dir`` with :func:`nbsupport.launch.launch`.
 
         Every training process rebuilds the task from this config, the manifest, ``data_root``, the spec's JSON and
-        ``task_kwargs`` (JSON-ready). Checkpoints record ``config_hash`` (default: the spec's fingerprint).
+        ``task_kwargs`` (JSON-ready). Checkpoints record ``config_hash`` (default: the spec's fingerprint). The
+        user's ``accelerate_config`` field wins over the system's ``accelerate_config`` argument.
         """
         from nbsupport.launch import launch
 
         kwargs = {"config": self.to_dict(), "manifest": str(resolve_path(self.manifest)), "data_root": str(data_root),
                   "spec_json": spec.to_json(), **task_kwargs}
+        user_config = resolve_path(self.accelerate_config) if self.accelerate_config else None
         return launch(f"{task.__module__}:{task.__qualname__}", kwargs, settings, out_dir,
                       config_hash=spec.fingerprint() if config_hash is None else config_hash,
-                      accelerate_config=accelerate_config)
+                      accelerate_config=user_config or accelerate_config)
 
 
 class ManifestTask:

@@ -30,6 +30,8 @@ import datetime as _dt
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +196,13 @@ class _Progress:
 
 
 # ============================================================================================== the loop
+class TrainingInterrupted(RuntimeError):
+    """The run was asked to stop (SIGTERM: a cluster's time limit or preemption) and wrote a ``last`` checkpoint
+    at the step it had finished; ``resume=True`` continues from there."""
+
+    EXIT_CODE = 143  # 128 + SIGTERM, what a scheduler expects from a process that stopped on its signal
+
+
 def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike, config_hash: str = "") -> TrainResult:
     """Train ``task`` in this process (alone, or as one of ``settings.num_processes`` DDP processes).
 
@@ -202,22 +211,43 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
         settings: optimisation and checkpointing settings.
         out_dir: run folder for checkpoints, TensorBoard events and ``train_result.json``.
         config_hash: fingerprint of the system config, stored in every checkpoint; a resume or
-            :func:`load_weights` with another hash is refused.
+            :func:`nbsupport.checkpoints.load_weights` with another hash is refused.
 
     Raises:
         RunExistsError: ``out_dir`` holds an earlier run and ``settings.resume`` is False.
+        TrainingInterrupted: SIGTERM arrived; the step in progress was finished and saved as ``last``.
     """
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
     if not settings.resume:
         refuse_overwrite(out_dir)
-    # Device and precision are decided once, here; prepare() wraps the model's forward in autocast.
+    accelerator = _accelerator(settings)
+    run = None
+    try:
+        if accelerator.num_processes != settings.num_processes:
+            raise RuntimeError(f"settings.num_processes={settings.num_processes} but this process is one of "
+                               f"{accelerator.num_processes}; start several processes with launch(), not fit()")
+        run = _Run(task, settings, accelerator, out_dir, config_hash)
+        run.resume_or_start()
+        with _StopRequest() as stop:
+            run.train(stop)
+        return run.finish()
+    finally:
+        if run is not None and run.writer is not None:
+            run.writer.close()
+        # accelerate keeps its state in process-wide singletons; a second fit() in the same notebook kernel
+        # (other precision, other accumulation) must start from a clean slate. The process group stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _accelerator(settings: TrainSettings) -> Accelerator:
+    """Device and precision, decided once here; prepare() wraps the model's forward in autocast."""
     on_cpu = not torch.cuda.is_available()
     # A long main-process evaluation keeps the other processes waiting; the default 30 min can be too short.
     process_group = InitProcessGroupKwargs(timeout=_dt.timedelta(hours=2))
     if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         process_group.backend = "gloo"  # accelerate would take MPI where torch has it, which needs mpirun
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=on_cpu,  # also what makes accelerate join the launched CPU processes into one group
         gradient_accumulation_steps=settings.grad_accum,
         mixed_precision=resolve_mixed_precision(settings.mixed_precision),
@@ -226,12 +256,40 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
         rng_types=[],  # our sampler is seeded by (seed, epoch); accelerate must not re-sync RNGs behind our back
         kwargs_handlers=[process_group],
     )
-    main = accelerator.is_main_process
-    writer = None
-    try:
-        if accelerator.num_processes != settings.num_processes:
-            raise RuntimeError(f"settings.num_processes={settings.num_processes} but this process is one of "
-                               f"{accelerator.num_processes}; start several processes with launch(), not fit()")
+
+
+class _StopRequest:
+    """Turns SIGTERM into a request the loop honours between optimizer steps (installed in the main thread only;
+    the previous handler comes back on exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM: finishing the current step, then writing a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Run:
+    """One training run: built identically on every process, then resumed or started, trained, summarised."""
+
+    def __init__(self, task: TrainingTask, settings: TrainSettings, accelerator: Accelerator, out_dir: Path,
+                 config_hash: str):
+        self.task, self.settings, self.accelerator = task, settings, accelerator
+        self.out_dir, self.ckpt_dir, self.config_hash = out_dir, out_dir / "checkpoints", config_hash
+        self.main = accelerator.is_main_process
+        self.writer: Any = None
+        self.state, self.resumed_from = _Progress(), None
         # ---- model, data, optimizer, schedule: identical on every process (same seed, same init)
         set_seed(settings.seed)
         model = task.build_model()
@@ -240,75 +298,81 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
             raise ConfigError(f"monitor={settings.monitor!r} needs a validation set but task.val_dataset() is None;"
                               " use monitor='train_loss'")
         collate = getattr(task, "collate", None) or default_collate
-        samples_per_step = settings.batch_size * settings.grad_accum
-        steps_per_epoch = len(train_set) // samples_per_step
-        if steps_per_epoch == 0:
+        self.samples_per_step = settings.batch_size * settings.grad_accum
+        self.steps_per_epoch = len(train_set) // self.samples_per_step
+        if self.steps_per_epoch == 0:
             raise ValueError(f"the training set has {len(train_set)} items, fewer than one optimizer step needs "
-                             f"(batch_size * grad_accum = {samples_per_step})")
-        total_steps = settings.epochs * steps_per_epoch
+                             f"(batch_size * grad_accum = {self.samples_per_step})")
+        self.total_steps = settings.epochs * self.steps_per_epoch
         if settings.max_steps is not None:
-            total_steps = min(total_steps, settings.max_steps)
-        sampler = EpochShuffle(len(train_set), settings.seed, multiple_of=samples_per_step)
-        train_loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, drop_last=True,
-                                  collate_fn=collate, num_workers=settings.num_workers, generator=sampler.generator)
-        val_loader = None if val_set is None else DataLoader(
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        self.sampler = EpochShuffle(len(train_set), settings.seed, multiple_of=self.samples_per_step)
+        train_loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=self.sampler, drop_last=True,
+                                  collate_fn=collate, num_workers=settings.num_workers,
+                                  generator=self.sampler.generator)
+        self.val_loader = None if val_set is None else DataLoader(
             val_set, batch_size=settings.batch_size, shuffle=False, collate_fn=collate,
             num_workers=settings.num_workers)
         trainable = getattr(task, "trainable_parameters", None)
         params = trainable(model) if trainable else [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, settings, accelerator.device)
-        scheduler = build_scheduler(optimizer, settings, total_steps)
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-        bare_model = accelerator.unwrap_model(model)
+        scheduler = build_scheduler(optimizer, settings, self.total_steps)
+        self.model, self.optimizer, self.train_loader, self.scheduler = accelerator.prepare(
+            model, optimizer, train_loader, scheduler)
+        self.bare_model = accelerator.unwrap_model(self.model)
 
-        # ---- resume, or start: from here on the RNG streams differ per process (dropout, augmentation)
-        state = _Progress()
-        resumed_from = None
-        source = find_resumable(ckpt_dir) if settings.resume else None
+    def resume_or_start(self) -> None:
+        """Continue from the newest complete ``last`` checkpoint (``settings.resume``), or start at step 0. From
+        here on the RNG streams differ per process (dropout, augmentation)."""
+        settings, main = self.settings, self.main
+        source = find_resumable(self.ckpt_dir) if settings.resume else None
         if source is not None:
-            source_meta = _check_resumable(source, settings, steps_per_epoch)
-            load_weights(bare_model, source, expected_config_hash=config_hash)  # refuses another config
+            source_meta = _check_resumable(source, settings, self.steps_per_epoch)
+            load_weights(self.bare_model, source, expected_config_hash=self.config_hash)  # refuses another config
             saved = load_training_state(source / STATE_FILE)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = _Progress(**saved["progress"])
-            restore_rng(saved["rng"], accelerator.process_index, settings.seed)
-            resumed_from = state.step
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = _Progress(**saved["progress"])
+            restore_rng(saved["rng"], self.accelerator.process_index, settings.seed)
+            self.resumed_from = self.state.step
             if main:
-                logger.warning("resuming from %s at step %d of %d", source, state.step, total_steps)
-                repair_best(ckpt_dir / "best", source_meta, state.step, state.best_step, bare_model,
-                            settings.save_trainable_only)
-                if source_meta["total_steps"] != total_steps and settings.scheduler != "constant":
+                logger.warning("resuming from %s at step %d of %d", source, self.state.step, self.total_steps)
+                repair_best(self.ckpt_dir / "best", source_meta, self.state.step, self.state.best_step,
+                            self.bare_model, settings.save_trainable_only)
+                if source_meta["total_steps"] != self.total_steps and settings.scheduler != "constant":
                     logger.warning("the schedule now spans %d steps instead of %d: the lr curve bends at step %d",
-                                   total_steps, source_meta["total_steps"], state.step)
+                                   self.total_steps, source_meta["total_steps"], self.state.step)
         else:
             if settings.resume and main:
-                logger.warning("resume=True but %s holds no complete checkpoint: starting from step 0", ckpt_dir)
-            set_seed(settings.seed + accelerator.process_index)
+                logger.warning("resume=True but %s holds no complete checkpoint: starting from step 0", self.ckpt_dir)
+            set_seed(settings.seed + self.accelerator.process_index)
         if main:
             # purge_step drops events a killed run logged after its last checkpoint.
-            writer = _summary_writer(out_dir / "tensorboard", purge_step=state.step if resumed_from else None)
-        bar = progress(None, desc="train", total=total_steps, initial=state.step, disable=not main)
+            self.writer = _summary_writer(self.out_dir / "tensorboard",
+                                          purge_step=self.state.step if self.resumed_from else None)
 
-        # ---- the loop: one optimizer step per settings.grad_accum batches
-        start_epoch, steps_done_in_epoch = divmod(state.step, steps_per_epoch)
-        sampler.resume_at(start_epoch, steps_done_in_epoch * samples_per_step)
+    def train(self, stop: _StopRequest) -> None:
+        """The loop: one optimizer step per ``settings.grad_accum`` batches, until ``total_steps``."""
+        settings, accelerator, state = self.settings, self.accelerator, self.state
+        bar = progress(None, desc="train", total=self.total_steps, initial=state.step, disable=not self.main)
+        start_epoch, steps_done_in_epoch = divmod(state.step, self.steps_per_epoch)
+        self.sampler.resume_at(start_epoch, steps_done_in_epoch * self.samples_per_step)
         step_loss = torch.zeros((), device=accelerator.device)
-        for epoch in range(start_epoch, math.ceil(total_steps / steps_per_epoch)):
-            if state.step >= total_steps:
+        for epoch in range(start_epoch, math.ceil(self.total_steps / self.steps_per_epoch)):
+            if state.step >= self.total_steps:
                 break
-            train_loader.set_epoch(epoch)  # accelerate passes it on to sampler.set_epoch
-            model.train()
-            for batch in train_loader:
-                with accelerator.accumulate(model):
-                    loss = task.training_step(model, batch)
+            self.train_loader.set_epoch(epoch)  # accelerate passes it on to sampler.set_epoch
+            self.model.train()
+            for batch in self.train_loader:
+                with accelerator.accumulate(self.model):
+                    loss = self.task.training_step(self.model, batch)
                     accelerator.backward(loss)  # divides by grad_accum: the step's gradient is the mean
                     if accelerator.sync_gradients and settings.grad_clip:
-                        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                    lr = optimizer.param_groups[0]["lr"]  # the rate this update uses; scheduler.step moves it on
-                    optimizer.step()  # these three are no-ops until the last batch of the accumulation
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        accelerator.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
+                    lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses; scheduler.step moves on
+                    self.optimizer.step()  # these three are no-ops until the last batch of the accumulation
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float()
                 if not accelerator.sync_gradients:
                     continue
@@ -321,57 +385,75 @@ def fit(task: TrainingTask, settings: TrainSettings, out_dir: str | os.PathLike,
                                              "lower lr, set grad_clip, or check the batch")
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.3g}", refresh=False)
-                finished = state.step >= total_steps
-                for acc in (state.log_loss, state.eval_loss):
-                    acc[0] += mean_loss
-                    acc[1] += 1
-                if state.step % settings.log_every == 0 or finished:
-                    entry = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                             "train_loss": state.log_loss[0] / state.log_loss[1], "lr": lr}
-                    state.history.append(entry)
-                    state.log_loss = [0.0, 0]
-                    if writer:
-                        writer.add_scalar("train/loss", entry["train_loss"], state.step)
-                        writer.add_scalar("train/lr", lr, state.step)
-
-                end_of_epoch = state.step % steps_per_epoch == 0
-                improved = False
-                if (end_of_epoch and (epoch + 1) % settings.eval_every == 0) or finished:
-                    improved = _evaluate(task, accelerator, bare_model, val_loader, settings, state, steps_per_epoch,
-                                         writer)
-                if end_of_epoch or finished or (settings.save_every and state.step % settings.save_every == 0):
-                    meta = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                            "config_hash": config_hash, "metrics": state.metrics, "monitor": settings.monitor,
-                            "best_metric": state.best_metric, "best_step": state.best_step,
-                            "settings": settings.to_dict()}
-                    _save_last(ckpt_dir / "last", accelerator, bare_model, optimizer, scheduler, state, meta, settings)
-                    if improved and main:
-                        write_checkpoint(ckpt_dir / "best", {"kind": "best", **meta},
-                                          lambda tmp: save_weights(bare_model, tmp / WEIGHTS_FILE, meta,
-                                                                     settings.save_trainable_only))
-                    accelerator.wait_for_everyone()
-                if finished:
+                saved = self._after_step(mean_loss, lr, epoch)
+                if state.step >= self.total_steps:
                     break
+                if self._stop_requested(stop):
+                    if not saved:
+                        self._save(improved=False)
+                    bar.close()
+                    raise TrainingInterrupted(
+                        f"stopped by SIGTERM after step {state.step} of {self.total_steps}; "
+                        f"{self.ckpt_dir / 'last'} holds it: run again with resume=True to continue")
         bar.close()
 
-        # ---- result
-        best = ckpt_dir / "best"
-        result = TrainResult(history=state.history, best_metric=state.best_metric,
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        """Whether any process received SIGTERM (every process must stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor(float(stop.requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _after_step(self, mean_loss: float, lr: float, epoch: int) -> bool:
+        """Log, evaluate and checkpoint as the settings say after an optimizer step; True if 'last' was written."""
+        settings, state = self.settings, self.state
+        finished = state.step >= self.total_steps
+        for acc in (state.log_loss, state.eval_loss):
+            acc[0] += mean_loss
+            acc[1] += 1
+        if state.step % settings.log_every == 0 or finished:
+            entry = {"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
+                     "train_loss": state.log_loss[0] / state.log_loss[1], "lr": lr}
+            state.history.append(entry)
+            state.log_loss = [0.0, 0]
+            if self.writer:
+                self.writer.add_scalar("train/loss", entry["train_loss"], state.step)
+                self.writer.add_scalar("train/lr", lr, state.step)
+        end_of_epoch = state.step % self.steps_per_epoch == 0
+        improved = False
+        if (end_of_epoch and (epoch + 1) % settings.eval_every == 0) or finished:
+            improved = _evaluate(self.task, self.accelerator, self.bare_model, self.val_loader, settings, state,
+                                 self.steps_per_epoch, self.writer)
+        if end_of_epoch or finished or (settings.save_every and state.step % settings.save_every == 0):
+            self._save(improved)
+            return True
+        return False
+
+    def _save(self, improved: bool) -> None:
+        """Write 'last' (every process takes part) and, when the monitor improved, 'best'."""
+        state, settings = self.state, self.settings
+        meta = {"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "config_hash": self.config_hash, "metrics": state.metrics, "monitor": settings.monitor,
+                "best_metric": state.best_metric, "best_step": state.best_step, "settings": settings.to_dict()}
+        _save_last(self.ckpt_dir / "last", self.accelerator, self.bare_model, self.optimizer, self.scheduler, state,
+                   meta, settings)
+        if improved and self.main:
+            write_checkpoint(self.ckpt_dir / "best", {"kind": "best", **meta},
+                             lambda tmp: save_weights(self.bare_model, tmp / WEIGHTS_FILE, meta,
+                                                      settings.save_trainable_only))
+        self.accelerator.wait_for_everyone()
+
+    def finish(self) -> TrainResult:
+        best, last = self.ckpt_dir / "best", self.ckpt_dir / "last"
+        result = TrainResult(history=self.state.history, best_metric=self.state.best_metric,
                              best_checkpoint=str(best) if best.exists() else None,
-                             last_checkpoint=str(ckpt_dir / "last") if (ckpt_dir / "last").exists() else None,
-                             steps=state.step, monitor=settings.monitor, resumed_from=resumed_from)
-        if main:
-            atomic_write_json(out_dir / RESULT_FILE, dataclasses.asdict(result))
-        accelerator.wait_for_everyone()
+                             last_checkpoint=str(last) if last.exists() else None, steps=self.state.step,
+                             monitor=self.settings.monitor, resumed_from=self.resumed_from)
+        if self.main:
+            atomic_write_json(self.out_dir / RESULT_FILE, dataclasses.asdict(result))
+        self.accelerator.wait_for_everyone()
         return result
-    finally:
-        if writer is not None:
-            writer.close()
-        # accelerate keeps its state in process-wide singletons; a second fit() in the same notebook kernel
-        # (other precision, other accumulation) must start from a clean slate. The process group stays.
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
 
 
 def _evaluate(task: TrainingTask, accelerator: Accelerator, model: torch.nn.Module, val_loader: DataLoader | None,

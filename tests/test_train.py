@@ -337,3 +337,17 @@ def test_settings_are_validated() -> None:
         TrainSettings.from_dict({"learning_rate": 0.1})
     assert TrainSettings.from_dict(BASE.to_dict()) == BASE
     assert all(TrainSettings.describe().values())  # every field has help text
+
+
+def test_a_users_accelerate_config_decides_machines_and_port(tmp_path: Path) -> None:
+    from nbsupport.launch import launch_command, machines_in
+
+    config = tmp_path / "two_nodes.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 2\n"
+                      "machine_rank: 1\nmain_process_ip: 10.0.0.1\nmain_process_port: 29500\n")
+    command = launch_command(8, ["--out", "x"], accelerate_config=config)
+    assert command[command.index("--config_file") + 1] == str(config)
+    assert "--num_machines" not in command and "--main_process_port" not in command
+    assert command[command.index("--num_processes") + 1] == "8" and machines_in(config) == 2
+    plain = launch_command(2, ["--out", "x"])
+    assert plain[plain.index("--num_machines") + 1] == "1" and "--multi_gpu" in plain and machines_in(None) == 1

@@ -20,8 +20,6 @@ mean). ``text_tuning``: ``frozen`` (embeddings cached once), ``lora`` (peft, r/a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -30,6 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nbsupport.spec import ModelSpec
 
 ImageArch = Literal["resnet", "vit"]
 TextPooling = Literal["mean", "sentence_mean", "latent_attention"]
@@ -40,8 +40,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclasses.dataclass(frozen=True)
-class CTClipSpec:
-    """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json``."""
+class CTClipSpec(ModelSpec):
+    """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json`` (indented,
+    sorted keys: ModelSpec's defaults, which are the JSON the first ct_clip checkpoints were written with)."""
 
     input_size: tuple[int, int, int] = (224, 224, 160)  # model input (R, A, S) voxels
     image_arch: str = "resnet"
@@ -60,18 +61,6 @@ class CTClipSpec:
     max_text_length: int = 256
     embed_dim: int = 512
     loss: str = "siglip"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CTClipSpec:
-        d = json.loads(text)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-    def fingerprint(self) -> str:
-        """Short hash of the spec, stored with checkpoints so a checkpoint never loads into another model."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 # ============================================================================================ image encoders
@@ -322,5 +311,10 @@ def contrastive_loss(model: CTClip, image_emb: torch.Tensor, text_emb: torch.Ten
     return siglip_loss(logits) if model.spec.loss == "siglip" else clip_loss(logits)
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def report_features(model: CTClip, reports: list[str]) -> torch.Tensor:
+    """(N, hidden) pooled text features of ``reports``, computed once per unique text (no gradient)."""
+    unique = list(dict.fromkeys(reports))
+    with torch.no_grad():
+        feats = model.text_encoder(unique)
+    index = {t: i for i, t in enumerate(unique)}
+    return feats[torch.tensor([index[t] for t in reports])]

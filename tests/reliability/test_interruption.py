@@ -161,6 +161,43 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "last"], context
 
 
+# ---------------------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_mid_epoch_saves_the_finished_step_exits_143_and_resumes_exactly(tmp_path: Path) -> None:
+    """A cluster's time limit: SIGTERM, then (after a grace period) SIGKILL. The trainer finishes the step in
+    progress, writes it as 'last' although no checkpoint is due, and exits with 143; resume loses nothing."""
+    settings = dataclasses.replace(KILL_SETTINGS, save_every=0)  # checkpoints only at epoch ends (steps 8, 16, 24)
+    full = fit(make_regression(**KILL_TASK), settings, tmp_path / "full")
+    term_at_call = DRAWS.randrange(3, 14)  # inside the first epoch (calls 1-16), after a step or mid-accumulation
+    context = f"NBSUPPORT_FAULT_SEED={SEED}, SIGTERM once training_step call {term_at_call} began"
+    calls_file = tmp_path / "calls"
+    task = {**KILL_TASK, "step_delay": 0.02, "calls_file": str(calls_file)}
+    process, log = _start([sys.executable, "-m", "nbsupport.launch", *_write_inputs(tmp_path, settings, task)],
+                          tmp_path)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while calls_made(calls_file) < term_at_call:
+            assert process.poll() is None and time.monotonic() < deadline, context
+            time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=TIMEOUT_S)
+    finally:
+        process.kill()
+        log.close()
+    output = (tmp_path / "trainer.log").read_text()
+    assert code == 143, f"{context}: exit code {code}\n{output[-2000:]}"
+    assert "resume=True" in output, context
+    run_dir = tmp_path / "run"
+    saved = read_checkpoint_meta(run_dir / "checkpoints" / "last")
+    assert saved is not None and 1 <= saved["step"] < 8, f"{context}: {saved}"  # mid-epoch: no checkpoint was due
+    assert calls_made(calls_file) <= 2 * saved["step"] + 2, f"{context}: more than the step in progress ran"
+
+    resumed = fit(make_regression(**KILL_TASK), dataclasses.replace(settings, resume=True), run_dir)
+    assert resumed.resumed_from == saved["step"], context
+    assert resumed.steps == full.steps == 24, context
+    for which in ("last", "best"):
+        assert_same_weights(weights(tmp_path / "full", which), weights(run_dir, which), f"{context}, {which}")
+
+
 # ---------------------------------------------------------------------------------------------- kill inside a write
 # phase -> (first write that can reach it, step resumed from when the write of step s is cut there)
 WRITE_PHASES = {
