@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,9 @@ from nbsupport.prs_med.views import (
 from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, read_json
 from nbsupport.spec import ParameterCount, count_parameters
 from nbsupport.train import TrainSettings
+
+if TYPE_CHECKING:
+    import torch
 
 BASELINE_DIR = "image_only"  # the question-free baseline's own training folder inside the run
 BASELINE_HASH_SUFFIX = "-image-only"  # its checkpoints record the spec's fingerprint + this
@@ -140,7 +143,7 @@ def train_image_only(cfg: TrainConfig, run: RunFolder, root: Path, model: PRSMed
 
 
 # ============================================================================================ loading
-def load_trained_model(checkpoint: str | Path, device: str = "cpu") -> PRSMedNet:
+def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> PRSMedNet:
     """Rebuild the network from the run's ``model_spec.json`` and load the checkpoint (trainable weights) into it,
     every tensor on ``device``, in eval mode."""
     return load_model(checkpoint, PRSMedSpec, PRSMedNet, device=device, system=TrainConfig.SYSTEM)
