@@ -30,7 +30,7 @@ convert_llava_weights_to_hf.py), so its logit is the mean logit and greedy decod
 
 Every load prints one line per source through :mod:`nbsupport.weights`, naming the folder the user gave, e.g.::
 
-    weights/llava-med-v1.5-mistral-7b: loaded 683 of 683 tensors (0 missing, 0 unexpected)
+    weights/llava-med-v1.5-mistral-7b: loaded 686 of 686 tensors (0 missing, 0 unexpected)
 
 Weights are read from safetensors or with ``torch.load(weights_only=True)``; no code from a checkpoint runs.
 """
@@ -40,7 +40,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,9 @@ def load_llava_med(vlm_path: str | os.PathLike, vision_tower_path: str | os.Path
         vlm_path: the published LLaVA-Med v1.5 folder as downloaded (``model_type: llava_mistral``), or an
             HF-converted LLaVA folder (``model_type: llava``); a hub id is looked up in the local HF cache only.
         vision_tower_path: a local CLIP folder (``CLIPModel`` or ``CLIPVisionModel``; ``config.json`` plus
-            ``model.safetensors`` or ``pytorch_model.bin``), used when the checkpoint holds no copy of the tower.
-            None: the config's ``mm_vision_tower`` in the local HF cache.
+            ``model.safetensors`` or ``pytorch_model.bin``), whose weights are used when the checkpoint holds no
+            copy of the tower (with a stored copy only its config.json is read). None: the config's
+            ``mm_vision_tower`` from the local HF cache.
         dtype: dtype of the loaded weights (``torch.bfloat16``, ``"float32"``, ...); None: as the checkpoint's
             config says (``torch_dtype``).
         device_map: passed to ``from_pretrained`` (``"auto"``, ``{"": 0}``, ...); None: CPU.
@@ -121,8 +122,8 @@ def llava_config_from_original(source: Mapping[str, Any], vision_config: Any, vo
     Args:
         source: the parsed ``config.json`` (``llava_mistral``).
         vision_config: the tower's ``CLIPVisionConfig``.
-        vocab_size: the language model's vocabulary (default: the source's; the converted model has one more,
-            for ``<image>``). The image token id is the source vocabulary size.
+        vocab_size: the language model's vocabulary; default: the source's plus one row for ``<image>``, whose id
+            is the source's vocabulary size (the conversion checks the source tensors with the source's size).
     """
     from transformers import LlavaConfig, MistralConfig
 
@@ -179,18 +180,6 @@ def _source_files(folder: Path) -> tuple[list[Path], Path | None]:
                                  "pytorch_model.bin[.index.json]")
 
 
-def _tensor_names(files: Sequence[Path], index: Path | None) -> list[str]:
-    """Tensor names of a checkpoint without reading the tensors (index, safetensors header, or a mmap'd pickle)."""
-    if index is not None:
-        return sorted(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    if files[0].suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(files[0]), framework="pt") as f:
-            return sorted(f.keys())
-    return sorted(torch.load(files[0], map_location="cpu", weights_only=True, mmap=True))
-
-
 class _Tower:
     """Where the vision tower comes from: ``stored`` in the checkpoint, or a local CLIP ``folder``; and its config."""
 
@@ -202,19 +191,19 @@ def _tower_source(folder: Path, source: Mapping[str, Any], vision_tower_path: st
                   label: str, log: Log | None) -> _Tower:
     """The stored copy if the checkpoint has one, else ``vision_tower_path``, else ``mm_vision_tower`` (HF cache)."""
     files, index = _source_files(folder)
-    names = _tensor_names(files, index)
+    names = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index else _tensor_shapes(files)
     stored = [n for n in names if n.startswith(_STORED_TOWER)]
     hub_name = str(source["mm_vision_tower"])
+    given = Path(resolve_pretrained(vision_tower_path, "vision_tower_path")) if vision_tower_path else None
     if stored:
-        if vision_tower_path is not None and log is not None:
-            log(f"{label}: holds its own copy of the vision tower ({len(stored)} tensors); "
-                f"vision_tower_path={str(vision_tower_path)!r} is not used")
-        local = _local_clip_folder(hub_name)  # its config.json only, when there; else the tower's shapes say
+        if given is not None and log is not None:
+            log(f"{label}: holds its own copy of the vision tower ({len(stored)} tensors); of "
+                f"vision_tower_path={str(vision_tower_path)!r} only config.json is read")
+        local = given or _local_clip_folder(hub_name)  # for its config.json; without one the tower's shapes say
         config = _clip_vision_config(local) if local else _clip_config_from_shapes(folder, files, stored, hub_name)
         return _Tower(True, None, label, config)
-    if vision_tower_path is not None:
-        tower = Path(resolve_pretrained(vision_tower_path, "vision_tower_path"))
-        return _Tower(False, tower, str(vision_tower_path), _clip_vision_config(tower))
+    if given is not None:
+        return _Tower(False, given, str(vision_tower_path), _clip_vision_config(given))
     tower = _local_clip_folder(hub_name)
     if tower is None:
         raise ModelNotAvailableError(
@@ -263,7 +252,7 @@ def _clip_config_from_shapes(folder: Path, files: Sequence[Path], stored: Sequen
     prefix = _STORED_TOWER + "vision_model."
     wanted = {f"{prefix}embeddings.class_embedding", f"{prefix}embeddings.patch_embedding.weight",
               f"{prefix}embeddings.position_embedding.weight", f"{prefix}encoder.layers.0.mlp.fc1.weight"}
-    shapes = _tensor_shapes(files, wanted)
+    shapes = _tensor_shapes(files)
     missing = sorted(wanted - set(shapes))
     if missing:
         raise WeightsMismatchError(f"vlm_path: {folder}: the stored vision tower lacks {', '.join(missing)}")
@@ -277,18 +266,19 @@ def _clip_config_from_shapes(folder: Path, files: Sequence[Path], stored: Sequen
                             layer_norm_eps=1e-5)
 
 
-def _tensor_shapes(files: Sequence[Path], names: Iterable[str] | None = None) -> dict[str, tuple[int, ...]]:
-    """Shapes of the tensors (or of ``names`` only) of weight files: safetensors headers; pickled files are read."""
+def _tensor_shapes(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of some weight files, without reading the tensors (safetensors headers;
+    pickled files memory-mapped, ``weights_only=True``)."""
     from safetensors import safe_open
 
-    wanted = None if names is None else set(names)
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if wanted is None or k in wanted})
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         else:
-            shapes.update({k: tuple(v.shape) for k, v in read_state_dict(path).items() if wanted is None or k in wanted})
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
     return shapes
 
 

@@ -167,8 +167,8 @@ def published(tmp_path_factory):
     return folder, reference, vocab
 
 
-def _load(folder, lines, cache, **kwargs):
-    return load_llava_med(folder, dtype=torch.float32, cache_dir=cache, log=lines.append, **kwargs)
+def _load(folder, lines, cache, dtype=torch.float32, **kwargs):
+    return load_llava_med(folder, dtype=dtype, cache_dir=cache, log=lines.append, **kwargs)
 
 
 def _converted_path(lines: list[str]) -> Path:
@@ -218,8 +218,9 @@ def test_second_load_uses_the_cache_and_a_changed_source_converts_again(publishe
     shard = converted / "model-00001-of-00002.safetensors"
     written = shard.stat().st_mtime_ns
     second: list[str] = []
-    _load(folder, second, tmp_path / "cache")
+    model, _ = _load(folder, second, tmp_path / "cache", dtype=None)
     assert _converted_path(second) == converted and shard.stat().st_mtime_ns == written
+    assert model.dtype == torch.bfloat16  # dtype=None: as the checkpoint's config says (torch_dtype)
     assert [x for x in second if "loaded" in x] == [x for x in first if "loaded" in x]
     os.utime(folder / "config.json", ns=(written + 10**9, written + 10**9))  # an edited source file
     third: list[str] = []
@@ -250,7 +251,7 @@ def test_missing_and_unexpected_tensors_are_errors_naming_them(published, tmp_pa
 
 def test_tower_from_vision_tower_path_or_the_hf_cache_and_a_clear_error_without(published, tmp_path,
                                                                                 monkeypatch) -> None:
-    _, reference, vocab = published
+    stored, reference, vocab = published
     folder = write_original_folder(tmp_path / "no-tower", reference, vocab, with_tower=False)
     with pytest.raises(ModelNotAvailableError, match=r"openai/clip-vit-large-patch14-336.*\n.*hf download.*"
                                                      r"\n.*vision_tower_path"):
@@ -268,6 +269,10 @@ def test_tower_from_vision_tower_path_or_the_hf_cache_and_a_clear_error_without(
     with torch.no_grad():
         features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
     torch.testing.assert_close(features, reference.image_features(pixels), atol=1e-5, rtol=1e-5)
+
+    lines = []  # a checkpoint with its own tower: of vision_tower_path only config.json is read
+    _load(stored, lines, tmp_path / "cache", vision_tower_path=clip)
+    assert any("only config.json is read" in x for x in lines) and not any(x.startswith(str(clip)) for x in lines)
 
     import huggingface_hub.constants
 
