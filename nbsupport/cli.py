@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -195,6 +196,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else EXIT_FAILED
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from nbsupport.predict import PredictError, training_run
+
+    try:
+        module = importlib.import_module(f"nbsupport.{args.system}.pipeline")
+    except ModuleNotFoundError as err:
+        raise RunnerError(f"unknown system {args.system!r}; systems: {_systems_hint()}") from err
+    if not hasattr(module, "predict_files"):
+        raise RunnerError(f"{args.system} has no predict_files yet")
+    extras = {k: v for k, v in (("report", args.report), ("question", args.question)) if v is not None}
+    accepted = inspect.signature(module.predict_files).parameters
+    unused = [f"--{k}" for k in extras if k not in accepted]
+    if unused:
+        raise RunnerError(f"{args.system} takes no {', '.join(unused)}")
+    try:
+        run_dir, _ = training_run(args.run)
+        out = args.output or run_dir / "predictions"
+        summary = module.predict_files(args.run, args.input, out, device=args.device, overwrite=args.overwrite,
+                                       **extras)
+    except PredictError as err:
+        print(f"nbsupport predict: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in summary.lines():
+        print(line)
+    return 0 if summary.ok else EXIT_FAILED
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from nbsupport.config import find_stage, parameter_docs, stage_configs
 
@@ -299,6 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to wait for a kernel to start (default: %(default)s)")
     run.add_argument("--execution-timeout", type=int, metavar="S", help="seconds one cell may run (default: no limit)")
     run.set_defaults(func=_cmd_run)
+
+    predict = sub.add_parser(
+        "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="score your own files with a trained run (no manifest needed)",
+        description="Apply a trained run to new files with exactly the run's own preprocessing. A file that fails "
+                    "is named with its reason and the others go on; existing outputs are never overwritten "
+                    "unless --overwrite.",
+        epilog="examples:\n"
+               "  nbsupport predict seg2d --run outputs/runs/R/seg2d -i scans/ -o masks/\n"
+               "  nbsupport predict textseg3d --run outputs/runs/R/textseg3d -i ct.nii.gz --report \"N0, left side\"\n"
+               "  nbsupport predict prs_med --run outputs/runs/R/prs_med -i img.png --question \"Where is the tumour?\"",
+    )
+    predict.add_argument("system", help=f"system name ({_systems_hint()})")
+    predict.add_argument("--run", required=True, help="trained run folder (outputs/runs/<id>/<system>) or checkpoint folder")
+    predict.add_argument("-i", "--input", nargs="+", required=True, help="files or folders (DICOM series folders too)")
+    predict.add_argument("-o", "--output", type=Path, help="output folder (default: <run folder>/predictions)")
+    predict.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.add_argument("--report", help="textseg3d: the clinical report text that guides the segmentation")
+    predict.add_argument("--question", help="prs_med: the question about the image")
+    predict.set_defaults(func=_cmd_predict)
 
     params = sub.add_parser(
         "params", help="list a system's notebook parameters: value in a profile, type, help",
