@@ -98,6 +98,7 @@ class TrainConfig(_CxrReport, TrainStage):
     epochs: int = param(20, "epochs of the report stage (seed num_train_epochs)")
     max_steps: int | None = param(None, "stop the report stage after this many optimizer steps (None: epochs)")
     batch_size: int = param(1, "report-stage batch size (seed per_device_train_batch_size)")
+    # seed: gradient_accumulation_steps = 1 in the QLoRA-parameters cell of multimodal_final.ipynb
     grad_accum: int = param(1, "report-stage batches per optimizer step (seed gradient_accumulation_steps); "
                                "effective batch = batch_size * grad_accum")
     lr: float = param(5e-4, "report-stage learning rate, constant (seed)")
@@ -134,7 +135,20 @@ class _TrainedStage(_CxrReport, TrainedModelStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(_TrainedStage):
+class _ReportingStage(_TrainedStage):
+    """03 and 04 write reports: the seed's beam search (``multimodal_final.ipynb``, ``Model_PreCarDiv.generate``:
+    ``num_beams=5, early_stopping=True, no_repeat_ngram_size=2, max_length=512``) and which finished beam is kept."""
+
+    num_beams: int = param(5, "beam width (seed)")
+    no_repeat_ngram_size: int = param(2, "no n-gram of this size is generated twice (seed: 2; 0: off)")
+    max_new_tokens: int = param(512, "longest generated report in tokens (seed max_length 512)")
+    beam_choice: Literal["score", "findings"] = param(
+        "score", "report kept from the finished beams: the best beam score (seed), or the first whose labeled "
+        "findings differ least from the classifier's (a findings-prompt model)")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig(_ReportingStage):
     """03_infer: beam-search reports for a split (scored against the references and two baselines), an image
     file or DICOM, and the real radiograph shipped by pydicom-data."""
 
@@ -150,19 +164,13 @@ class InferConfig(_TrainedStage):
 
     input_image: str = param("", "an image file or DICOM to write a report for, besides the split")
     real_dicom: bool = param(True, "also report on the real chest radiograph RG1_UNCR.dcm from pydicom-data")
-    num_beams: int = param(5, "beam width (seed)")
-    no_repeat_ngram_size: int = param(2, "no n-gram of this size is generated twice (seed: 2; 0: off)")
-    max_new_tokens: int = param(512, "longest generated report in tokens (seed max_length 512)")
-    beam_choice: Literal["score", "findings"] = param(
-        "score", "report kept from the finished beams: the best beam score (seed), or the first whose labeled "
-        "findings differ least from the classifier's (a findings-prompt model)")
     batch_size: int = param(8, "images per generate call")
     max_reports: int = param(0, "score only the first N images of the split (0: all)")
     n_examples: int = param(4, "images shown with generated and reference reports")
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(_TrainedStage):
+class AttentionConfig(_ReportingStage):
     """04_attention: the 14 disease attention maps on an X-ray beside the generated sentences, and the LM's
     token-level attention over the visual and text tokens."""
 
@@ -173,10 +181,5 @@ class AttentionConfig(_TrainedStage):
 
     image_id: str = param("", "manifest id of the image; '' = the split's image with most positive labels")
     input_image: str = param("", "an image file or DICOM to use instead of a manifest image")
-    num_beams: int = param(5, "beam width for the report shown")
-    no_repeat_ngram_size: int = param(2, "no n-gram of this size is generated twice (0: off)")
     max_new_tokens: int = param(256, "longest generated report in tokens")
-    beam_choice: Literal["score", "findings"] = param(
-        "score", "report kept from the finished beams: the best beam score (seed), or the first whose labeled "
-        "findings differ least from the classifier's (a findings-prompt model)")
     layer: int = param(-1, "LM layer whose attention is drawn (-1: last)")

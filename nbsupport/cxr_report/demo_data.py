@@ -33,8 +33,9 @@ _FINDING_LABEL = {"cardiomegaly": "Cardiomegaly", "effusion_left": "Pleural Effu
                   "edema": "Edema", "atelectasis": "Atelectasis", "mediastinum": "Enlarged Cardiomediastinum",
                   "pleural_thickening": "Pleural Other"}
 # Each finding is drawn independently, so images carry several at once (about 2.4 labels per image, 12 % with no
-# pathology: CheXpert has about 10 %) as real radiographs do. The order follows CheXpert's (support devices and effusions commonest,
-# pneumothorax and nodules rarer); the rare ones are raised so a few hundred demo images show each many times.
+# pathology: CheXpert has about 10 %) as real radiographs do. The order follows CheXpert's (support devices and
+# effusions commonest, pneumothorax and nodules rarer); the rare ones are raised so a few hundred demo images show
+# each many times.
 FINDING_PREVALENCE = {"devices": 0.4, "cardiomegaly": 0.28, "mediastinum": 0.14, "effusion_left": 0.22,
                       "effusion_right": 0.25, "edema": 0.2, "atelectasis": 0.2, "consolidation": 0.16,
                       "pneumothorax": 0.12, "nodules": 0.14, "pleural_thickening": 0.14}

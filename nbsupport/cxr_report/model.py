@@ -274,7 +274,7 @@ def classifier_findings_prompt(prompt: str, probabilities: Sequence[float], thre
 
     A diagnosis-driven prompt in the manner of PromptMRG (Jin et al., AAAI 2024): the LM is told in words what the
     image classifier found, so a report states each finding the classifier sees, in any combination. At inference
-    it is built from the image alone; in training from the report's own labels (``pipeline.prompt_findings``).
+    it is built from the image alone; in training from the report's own labels (``task.prompt_findings``).
     """
     if len(probabilities) != NUM_DISEASES:
         raise ValueError(f"expected {NUM_DISEASES} label probabilities (in LABELS order), got {len(probabilities)}")

@@ -1,7 +1,6 @@
 """CheXpert Plus / seed CSV / DICOM adapters and the manifest (on the synthetic demo dataset)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -50,7 +50,8 @@ _STUDY = {"ptx_side": "left", "cons_side": "left", "cons_zone": "lower", "atel_s
 
 def _draw(*findings: str) -> np.ndarray:
     """The same synthetic patient (same random stream) with ``findings``, at 128 px, as float."""
-    return demo_data.draw_radiograph({**_STUDY, "findings": list(findings)}, 128, np.random.default_rng(1)).astype(float)
+    study = {**_STUDY, "findings": list(findings)}
+    return demo_data.draw_radiograph(study, 128, np.random.default_rng(1)).astype(float)
 
 
 def _region(rows: tuple[float, float], cols: tuple[float, float]) -> tuple[slice, slice]:
