@@ -111,14 +111,8 @@ def demo_data_systems() -> list[str]:
     import nbsupport
 
     found = {p.name for base in nbsupport.__path__ for p in Path(base).iterdir()
-             if p.is_dir() and not p.name.startswith(("_", ".")) and _demo_module_file(p).is_file()}
+             if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "demo_data.py").is_file()}
     return sorted(found)
-
-
-def _demo_module_file(system_dir: Path) -> Path:
-    # TRANSITION (issue 17): systems not yet split keep their generator in data.py.
-    own = system_dir / "demo_data.py"
-    return own if own.is_file() or not (system_dir / "data.py").is_file() else system_dir / "data.py"
 
 
 def demo_data_module(system: str) -> Any:
@@ -129,11 +123,7 @@ def demo_data_module(system: str) -> Any:
     """
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", system):
         raise DemoDataError(f"{system!r} is not a system name")
-    import nbsupport
-
-    stem = next((_demo_module_file(Path(base) / system).stem for base in nbsupport.__path__
-                 if _demo_module_file(Path(base) / system).is_file()), "demo_data")
-    name = f"nbsupport.{system}.{stem}"
+    name = f"nbsupport.{system}.demo_data"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as err:
