@@ -3,6 +3,8 @@ intervals and the headline in metrics.json, the labelers named beside every CE n
 radiographs in no manifest, and the device rule checked on the meta device."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -28,24 +30,40 @@ pytestmark = pytest.mark.slow  # one smoke training and one 03_infer: ~1 min on 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """01 -> 02 -> 03 (smoke) on 16 synthetic patients, in one run folder, on one thread."""
+def trained(tmp_path_factory: pytest.TempPathFactory, torchvision_densenet_file) -> SimpleNamespace:
+    """01 -> 02 -> 03 (smoke) on 16 synthetic patients, in one run folder, on one thread; the encoder starts from
+    a file in the layout of torchvision's published DenseNet (tiny sizes: the smoke encoder), and 02's output is
+    kept."""
     folder = tmp_path_factory.mktemp("cxr_pipeline")
     root = write_demo_dataset(folder / "data", n_patients=16, image_size=64, seed=2)
+    weights, _ = torchvision_densenet_file(folder / "weights" / "densenet_tiny_torchvision.pth")
     run_dir = folder / "runs" / "r" / "cxr_report"
     common = {"profile": "smoke", "manifest": str(folder / "m.csv"), "run_dir": str(run_dir), "device": "cpu"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    printed = io.StringIO()
     try:
         pre = PreprocessConfig.from_params({**common, "data_root": str(root), "n_examples": 1})
         prepared = preprocess(pre, RunFolder.for_stage(pre))
-        cfg = TrainConfig.from_params(common)
-        train(cfg, RunFolder.for_stage(cfg))
+        cfg = TrainConfig.from_params({**common, "encoder_weights": str(weights)})
+        with contextlib.redirect_stdout(printed):
+            train(cfg, RunFolder.for_stage(cfg))
         cfg = InferConfig.from_params({**common, "real_dicom": False, "n_examples": 1})
         inferred = predict(cfg, RunFolder.for_stage(cfg))
     finally:
         torch.set_num_threads(threads)
-    return SimpleNamespace(root=root, run_dir=run_dir, prepared=prepared, inferred=inferred)
+    return SimpleNamespace(root=root, run_dir=run_dir, prepared=prepared, inferred=inferred, weights=weights,
+                           train_output=printed.getvalue())
+
+
+def test_train_loads_every_tensor_of_a_torchvision_densenet_file_and_says_so(trained: SimpleNamespace) -> None:
+    from nbsupport.cxr_report.model import build_densenet_features
+
+    n = len(build_densenet_features("densenet_tiny").state_dict())
+    assert f"{trained.weights}: loaded {n} of {n} tensors (0 missing, 0 unexpected)" in trained.train_output
+    assert "left out classifier.weight, classifier.bias (ImageNet head)" in trained.train_output
+    metrics = json.loads((trained.run_dir / "metrics.json").read_text())["02_train"]
+    assert metrics["encoder_weights"] == str(trained.weights)
 
 
 def _is_metric(key: str, value: object) -> bool:
