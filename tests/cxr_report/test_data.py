@@ -60,7 +60,8 @@ def test_chexpert_plus_png_release_as_it_unpacks(tmp_path: Path, tree: str) -> N
     for row in manifest.itertuples():
         assert Path(row.source_image) == root / tree / f"{row.id}.png"
     (root / tree / f"{manifest['id'][0]}.png").unlink()
-    with pytest.raises(ManifestError, match=r"does not exist .*tried .jpg, .png, .dcm directly and under PNG/, PNG/PNG/"):
+    with pytest.raises(ManifestError, match=r"does not exist .*tried .jpg, .png, .dcm directly and under PNG/, "
+                                            r"PNG/PNG/"):
         cxr_data.build_manifest(root)
 
 

@@ -30,12 +30,12 @@ def test_the_published_densenet121_layout_loads_every_tensor(densenet121_file: t
     assert "left out classifier.weight, classifier.bias (ImageNet head)" in lines[-2]
     assert "121 BatchNorm num_batches_tracked set to 0" in lines[-2]
     state = features.state_dict()
-    for ours, theirs in (("conv0.weight", "features.conv0.weight"),
-                         ("denseblock1.denselayer1.layers.norm1.weight", "features.denseblock1.denselayer1.norm.1.weight"),
-                         ("denseblock4.denselayer16.layers.conv2.weight", "features.denseblock4.denselayer16.conv.2.weight"),
-                         ("transition3.norm.running_var", "features.transition3.norm.running_var"),
-                         ("norm5.bias", "features.norm5.bias")):
-        assert torch.equal(state[ours], written[theirs]), ours
+    for ours, theirs in (("conv0.weight", "conv0.weight"),
+                         ("denseblock1.denselayer1.layers.norm1.weight", "denseblock1.denselayer1.norm.1.weight"),
+                         ("denseblock4.denselayer16.layers.conv2.weight", "denseblock4.denselayer16.conv.2.weight"),
+                         ("transition3.norm.running_var", "transition3.norm.running_var"),
+                         ("norm5.bias", "norm5.bias")):
+        assert torch.equal(state[ours], written[f"features.{theirs}"]), ours
 
 
 def test_the_mapping_is_monais_own(densenet121_file: tuple[Path, dict], tmp_path: Path,
