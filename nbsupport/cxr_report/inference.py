@@ -35,7 +35,15 @@ from nbsupport.cxr_report.model import (
     lm_prompts,
     prompt_token_ids,
 )
-from nbsupport.metrics import bleu_scores, cider_d, clinical_efficacy, rouge_l
+from nbsupport.metrics import (
+    bleu_scores,
+    cider_d,
+    clinical_efficacy,
+    format_with_ci,
+    paired_bootstrap_diff,
+    rouge_l,
+    with_ci95,
+)
 from nbsupport.progress import progress
 
 
@@ -240,8 +248,6 @@ def score_systems(systems: dict[str, list[str]], references: list[str], referenc
     ``_ci95`` (the same seeded resamples of the reports for every system), and for each model row the paired
     bootstrap difference of CE micro-F1 against the nearest-neighbour report,
     ``<system>_minus_baseline_nn_ce_micro_f1: {"diff", "ci95"}``."""
-    from nbsupport.metrics import format_with_ci, paired_bootstrap_diff, with_ci95
-
     positives = {name: labeler.positives(reports) for name, reports in systems.items()}
     metrics: dict[str, Any] = {}
     values, table, comparisons = {}, {}, {}

@@ -21,6 +21,7 @@ import torch
 
 from nbsupport.checkpoints import SPEC_FILE, load_weights
 from nbsupport.cxr_report import data as cxr_data
+from nbsupport.cxr_report.chexbert import RULE_LABELER, ReportLabeler, report_labeler
 from nbsupport.cxr_report.config import (
     DENSENET121_IMAGENET,
     AttentionConfig,
@@ -29,6 +30,7 @@ from nbsupport.cxr_report.config import (
     TrainConfig,
 )
 from nbsupport.cxr_report.inference import (
+    SplitScores,
     TrainedModel,
     baseline_reports,
     best_checkpoint,
@@ -42,9 +44,7 @@ from nbsupport.cxr_report.inference import (
     reference_positives,
     report_on_image,
     score_systems,
-    SplitScores,
 )
-from nbsupport.cxr_report.chexbert import RULE_LABELER, ReportLabeler, report_labeler
 from nbsupport.cxr_report.labeler import LABELS
 from nbsupport.cxr_report.model import (
     LLAMA2_7B_CONFIG,
