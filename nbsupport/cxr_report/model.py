@@ -27,6 +27,7 @@ from torch import nn
 
 from nbsupport.cxr_report.labeler import LABELS
 from nbsupport.spec import ModelSpec, ParameterCount, count_parameters
+from nbsupport.weights import LoadReport, Log, load_into, read_state_dict
 
 NUM_DISEASES = len(LABELS)
 ENCODERS = {
@@ -124,7 +125,7 @@ def monai_feature_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, to
     return renamed, [k for k in TORCHVISION_HEAD if k in state]
 
 
-def load_encoder_weights(features: nn.Module, path: str | Path, log: Any = print) -> Any:
+def load_encoder_weights(features: nn.Module, path: str | Path, log: Log | None = print) -> LoadReport:
     """Load pretrained encoder weights into the MONAI DenseNet ``features`` strictly, with one report line
     (``<path>: loaded N of N tensors (0 missing, 0 unexpected)``).
 
@@ -137,12 +138,10 @@ def load_encoder_weights(features: nn.Module, path: str | Path, log: Any = print
     Raises:
         WeightsMismatchError: a tensor missing, unexpected or of another shape (e.g. a DenseNet-169 file).
     """
-    from nbsupport.weights import load_into, read_state_dict
-
     state = read_state_dict(path)
     if any(k.startswith("features.") for k in state):
         state, head = monai_feature_names(state)
-        counters = [k for k, v in features.state_dict().items() if k.endswith("num_batches_tracked")]
+        counters = [k for k in features.state_dict() if k.endswith("num_batches_tracked")]
         added = [k for k in counters if k not in state] if not any(k in state for k in counters) else []
         state.update({k: torch.zeros((), dtype=torch.long) for k in added})
         if log is not None:
@@ -258,7 +257,8 @@ class ReportGenerator(nn.Module):
         self.tokenizer = tokenizer
         self.labelled_logits_only = labelled_logits_only
         embedding = lm.get_input_embeddings().weight
-        self.projection = nn.Linear(spec.feature_dim, embedding.shape[1], device=embedding.device)  # the LM's device
+        # initialised on the CPU (the same values on any device), then kept on the LM's device
+        self.projection = nn.Linear(spec.feature_dim, embedding.shape[1]).to(embedding.device)
 
     @property
     def device(self) -> torch.device:

@@ -25,8 +25,8 @@ from nbsupport.cxr_report.model import (
     VisionModel,
     encode_example,
     keep_4bit_weights_trainable,
-    load_encoder_weights,
     lm_prompts,
+    load_encoder_weights,
     load_language_model,
     pad_examples,
 )
