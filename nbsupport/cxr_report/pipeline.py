@@ -218,7 +218,7 @@ def _train_outcome(cfg: TrainConfig, run: RunFolder, manifest: pd.DataFrame, spe
     test_split = "test" if (manifest.split == "test").any() else "val"
     rows = (manifest.split == test_split).to_numpy()
     labels = (np.nan_to_num(cxr_data.label_matrix(manifest[rows]), nan=0.0) == 1).astype(int)
-    scores = probs[rows].numpy()
+    scores = probs.numpy()[rows]
     aurocs = label_aurocs(scores, labels)
     auroc_key = f"{test_split}_aux_auroc_mean"
     this_run = _this_run_parameters(spec)
