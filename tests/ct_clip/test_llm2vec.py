@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from nbsupport import ct_clip
 from nbsupport.ct_clip.llm2vec import SEPARATOR, LLM2Vec, is_bidirectional_folder, llm2vec_on_meta, load_llm2vec
 from nbsupport.ct_clip.model import CTClip, CTClipSpec
+from nbsupport.runs import RunFolder
 from nbsupport.weights import WeightsMismatchError, read_state_dict
 
 from ct_clip_checkpoints import TINY_LLAMA, llm2clip_config
@@ -103,3 +105,20 @@ def test_the_full_size_text_tower_has_llama_3_2_1b_parameters():
     d = 2048
     assert pooling == 512 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (d * d + d)  # latents, attention, MLP
     assert {p.device.type for p in encoder.parameters()} == {"meta"}
+
+
+def test_02_train_smoke_on_the_published_layouts_prints_complete_loads(tiny_manifest, llm2vec_checkpoint,
+                                                                       merlin_checkpoint, tmp_path, capfd):
+    _, manifest = tiny_manifest
+    base, weights = llm2vec_checkpoint
+    cfg = ct_clip.TrainConfig.from_params({
+        "profile": "smoke", "manifest": str(manifest), "run_dir": str(tmp_path / "run" / "ct_clip"),
+        "text_encoder": str(base), "text_encoder_weights": str(weights), "text_pooling": "latent_attention",
+        "max_text_length": 512, "image_arch": "i3resnet", "image_width": 4, "image_blocks": [1, 1, 1, 1],
+        "image_weights": str(merlin_checkpoint), "input_size": [32, 32, 16], "max_steps": 2, "batch_size": 2})
+    outcome = ct_clip.train(cfg, RunFolder.for_stage(cfg))
+    out = capfd.readouterr().out
+    for source in (base, weights, merlin_checkpoint):
+        lines = [line for line in out.splitlines() if line.startswith(f"{source}: loaded ")]
+        assert lines and all(line.endswith("(0 missing, 0 unexpected)") for line in lines), (source, lines)
+    assert outcome.parameters.trainable < outcome.parameters.total and (outcome.checkpoint / "model.safetensors").is_file()
