@@ -15,8 +15,9 @@ The layers, as inflated by ``merlin/models/inflate.py`` and ``i3res.py``:
 * ``avgpool`` to 1x1x1; ``classifier`` (1692 phenotypes) and ``contrastive_head`` (512), 1x1x1 convolutions
   (``i3res.py:48-58``) that the image embedding does not use.
 
-Merlin checkpoints every bottleneck (``i3res.py:79-88, 180-183``); so does :class:`I3ResNet` while gradients flow
-(BatchNorm's running statistics then see each batch twice, as in Merlin). :func:`load_merlin_weights` reads
+Merlin recomputes its stages in the backward pass (gradient checkpointing, ``i3res.py:79-88, 180-183``); so does
+:class:`I3ResNet`, per bottleneck, while gradients flow (BatchNorm's running statistics then see a batch more than
+once, as in Merlin). :func:`load_merlin_weights` reads
 Merlin's published checkpoints as downloaded (``i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99
 .pt``: the whole CLIP model, image tensors under ``encode_image.i3_resnet.``; the five-year-prediction file: the
 I3ResNet alone, ``merlin/models/load.py:11-25, 84-87``).
@@ -36,6 +37,8 @@ from nbsupport.weights import Log, WeightsMismatchError, load_into, read_state_d
 RESNET152_BLOCKS = (3, 8, 36, 3)  # torchvision resnet152 (Bottleneck, [3, 8, 36, 3])
 MERLIN_CLASSES = 1692  # build.py:26
 MERLIN_CONTRASTIVE_DIM = 512  # i3res.py:56-58
+MERLIN_DOWNLOAD = ("hf download stanfordmimi/Merlin i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99"
+                   ".pt --local-dir weights/merlin")  # the Hub repo and file load.py:11-15 fetch
 MERLIN_PREFIX = "encode_image.i3_resnet."  # MerlinArchitecture.encode_image (build.py:81) -> ImageEncoder.i3_resnet
 # The rest of Merlin's CLIP checkpoint: its Clinical-Longformer text tower and the logit scale (build.py:86-87).
 NOT_IMAGE_ENCODER = ("encode_text.", "logit_scale")

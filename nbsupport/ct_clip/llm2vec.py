@@ -52,6 +52,9 @@ from torch import nn
 from nbsupport.weights import Log, load_into, read_state_dict, report_hf_load
 
 SEPARATOR = "!@#$%^&*()"  # llm2vec.py:241
+# llm2vec4cxr README "Download the Model": Google Drive file id 1JB8hTgmVC1yJts8tmQamBij6LDcDfk0l -> pytorch_model.bin
+LLM2VEC4CXR_DOWNLOAD = ("https://drive.google.com/file/d/1JB8hTgmVC1yJts8tmQamBij6LDcDfk0l (llm2vec4cxr's README), "
+                        "saved as weights/llm2vec4cxr/pytorch_model.bin")
 NUM_LATENTS = 512  # llm2vec.py:115
 LATENT_HEADS = 8  # llm2vec.py:115
 MAX_LENGTH = 512  # CT-Data training/main.py:196

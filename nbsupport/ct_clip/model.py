@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbsupport.ct_clip.i3resnet import I3ResNet, load_merlin_weights
-from nbsupport.ct_clip.llm2vec import LORA_TARGETS, LatentAttentionPooling, is_bidirectional_folder, load_llm2vec
+from nbsupport.ct_clip.i3resnet import MERLIN_DOWNLOAD, I3ResNet, load_merlin_weights
+from nbsupport.ct_clip.llm2vec import (LLM2VEC4CXR_DOWNLOAD, LORA_TARGETS, LatentAttentionPooling,
+                                       is_bidirectional_folder, load_llm2vec)
 from nbsupport.spec import ModelSpec
 
 ImageArch = Literal["i3resnet", "resnet", "vit"]
@@ -169,7 +170,7 @@ def _is_llm2vec(name_or_path: str) -> bool:
     return is_bidirectional_folder(resolve_pretrained(name_or_path, "text_encoder"))
 
 
-def _resolve_file(path: str, what: str) -> str | None:
+def _resolve_file(path: str, what: str, download: str) -> str | None:
     """The existing weight file a spec field names ('' = none), relative paths from the project root."""
     from nbsupport.paths import resolve_path
 
@@ -177,8 +178,8 @@ def _resolve_file(path: str, what: str) -> str | None:
         return None
     resolved = resolve_path(path)
     if not resolved.is_file():
-        raise FileNotFoundError(f"{what}: {resolved} does not exist (see the README's 'ct_clip full' section for "
-                                "where to download it; '' trains without it)")
+        raise FileNotFoundError(f"{what}: {resolved} does not exist. Download it on a machine with network access: "
+                                f"{download}; or set {what}='' to train without it")
     return str(resolved)
 
 
@@ -198,8 +199,25 @@ def build_text_backbone(name_or_path: str, seed: int = 0) -> tuple[nn.Module, An
     return load_text_encoder(name_or_path, device="cpu")
 
 
+def build_llm2vec_backbone(spec: CTClipSpec) -> nn.Module:
+    """The seed's LLM2Vec tower from ``text_encoder`` (the base folder) and ``text_encoder_weights``; pooling
+    ``latent_attention`` (the seed's) or ``mean`` (for ``mean`` and ``sentence_mean``)."""
+    from nbsupport.models import resolve_pretrained
+    from nbsupport.weights import WeightsMismatchError
+
+    weights = _resolve_file(spec.text_encoder_weights, "text_encoder_weights", LLM2VEC4CXR_DOWNLOAD)
+    pooling = "latent_attention" if spec.text_pooling == "latent_attention" else "mean"
+    try:
+        return load_llm2vec(resolve_pretrained(spec.text_encoder, "text_encoder"), weights, pooling,
+                            spec.max_text_length, source=spec.text_encoder)
+    except WeightsMismatchError as err:
+        raise WeightsMismatchError(f"{err}\n(text_pooling={spec.text_pooling!r} builds LLM2Vec with "
+                                   f"pooling_mode={pooling!r})") from err
+
+
 class TextEncoder(nn.Module):
-    """Report text -> pooled embedding (B, hidden), by the spec's pooling and tuning."""
+    """Report text -> pooled embedding (B, hidden), by the spec's pooling and tuning; a Llama ``text_encoder`` is the
+    seed's LLM2Vec (pooling inside it), anything else a transformers encoder pooled here."""
 
     def __init__(self, spec: CTClipSpec, seed: int = 0):
         super().__init__()
@@ -211,17 +229,7 @@ class TextEncoder(nn.Module):
                              f"Llama folder such as LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned); "
                              f"{spec.text_encoder!r} is not one")
         if self.llm2vec:
-            from nbsupport.models import resolve_pretrained
-            from nbsupport.weights import WeightsMismatchError
-
-            weights = _resolve_file(spec.text_encoder_weights, "text_encoder_weights")
-            pooling = "latent_attention" if spec.text_pooling == "latent_attention" else "mean"
-            try:
-                backbone: nn.Module = load_llm2vec(resolve_pretrained(spec.text_encoder, "text_encoder"), weights,
-                                                   pooling, spec.max_text_length, source=spec.text_encoder)
-            except WeightsMismatchError as err:
-                raise WeightsMismatchError(f"{err}\n(text_pooling={spec.text_pooling!r} builds LLM2Vec with "
-                                           f"pooling_mode={pooling!r})") from err
+            backbone: nn.Module = build_llm2vec_backbone(spec)
             self.tokenizer = backbone.tokenizer
             self.hidden = int(backbone.config.hidden_size)
         else:
@@ -306,7 +314,7 @@ class CTClip(nn.Module):
             raise ValueError(f"image_weights (Merlin's checkpoint) needs image_arch='i3resnet', got {spec.image_arch!r}")
         if spec.image_arch == "i3resnet":
             self.image_encoder: nn.Module = I3ResNet(spec.image_width, spec.image_blocks)
-            weights = _resolve_file(spec.image_weights, "image_weights")
+            weights = _resolve_file(spec.image_weights, "image_weights", MERLIN_DOWNLOAD)
             if weights:
                 load_merlin_weights(self.image_encoder, weights)
         elif spec.image_arch == "resnet":

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nbsupport.ct_clip.i3resnet import I3ResNet, load_merlin_weights
+from nbsupport.ct_clip.inference import relevance_map
 from nbsupport.ct_clip.model import CTClip, CTClipSpec
 from nbsupport.weights import WeightsMismatchError, read_state_dict
 
@@ -66,6 +67,8 @@ def test_ct_clip_uses_merlins_weights_and_its_2048_features(merlin_checkpoint, c
     assert model.image_projection[0].normalized_shape == (128,)  # LayerNorm(2048) + Linear at full width
     image, _ = model(torch.rand(2, 1, 32, 32, 16), model.text_encoder(["a.", "b."]))
     assert image.shape == (2, 16)
+    relevance = relevance_map(model, torch.rand(1, 32, 32, 16), "Cardiomegaly is present.")
+    assert relevance.shape == (32, 32, 16) and relevance.max() <= 1  # the feature map is back in (X, Y, Z) order
     with pytest.raises(ValueError, match="image_arch='i3resnet'"):
         CTClip(CTClipSpec(**{**spec.__dict__, "image_arch": "resnet"}))
 
