@@ -238,21 +238,21 @@ def relevance_map(model: CTClip, image: torch.Tensor, prompt: str) -> np.ndarray
     text = model.encode_text([prompt]).detach()
     encoder = model.image_encoder
     with torch.enable_grad():
-        features = encoder.feature_map(image[None])
+        features = encoder.feature_map(image[None].to(text.device))
         features.retain_grad()
         emb = torch.nn.functional.normalize(model.image_projection(encoder.pool(features)), dim=-1)
         (emb @ text.T).sum().backward()
     weights = features.grad.mean(dim=(2, 3, 4), keepdim=True)
     cam = torch.relu((weights * features).sum(1, keepdim=True)).detach()
     cam = torch.nn.functional.interpolate(cam, size=tuple(image.shape[1:]), mode="trilinear", align_corners=False)
-    cam = cam[0, 0].numpy()
+    cam = cam[0, 0].float().cpu().numpy()
     return cam / cam.max() if cam.max() > 0 else cam
 
 
 def retrieve_reports(model: CTClip, part: pd.DataFrame, image_emb: torch.Tensor, own: int, top_k: int) -> pd.DataFrame:
     """The ``top_k`` reports of ``part`` most similar to one volume's embedding (D,): rank, whose report,
     similarity, whether it is the volume's own (row ``own``), and the text."""
-    all_text = model.project_text(report_features(model, list(part.report))).detach()
+    all_text = model.project_text(report_features(model, list(part.report))).detach().cpu()
     scores = (all_text @ image_emb).numpy()
     order = np.argsort(-scores)[:top_k]
     return pd.DataFrame({"rank": np.arange(1, len(order) + 1), "report of": part.volume.to_numpy()[order],

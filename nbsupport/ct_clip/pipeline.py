@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     result = cfg.launch_training(CTClipTrainingTask, run.path, root, spec, settings,
                                  accelerate_config=distributed_config(cfg.num_processes))
     best = Path(result.best_checkpoint or result.last_checkpoint)
-    model = load_trained_model(best)
+    model = load_trained_model(best, resolve_device(cfg.device))
     parameters = count_parameters(model)
     print(f"{spec.image_arch} image encoder + {spec.text_encoder} ({spec.text_tuning}): "
           f"{parameters.total / 1e6:.1f} M parameters, {parameters.trainable / 1e6:.2f} M trained")
@@ -175,9 +175,10 @@ class InferResult:
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     """Evaluate the checkpoint on ``cfg.split`` (retrieval, zero-shot, linear probe), extract the features of one
     CT file, and write the case viewer."""
-    model = load_trained_model(cfg.find_checkpoint(run))
-    manifest, root = cfg.load_manifest()
     device = resolve_device(cfg.device)
+    checkpoint = cfg.find_checkpoint(run)
+    model = load_trained_model(checkpoint, device)
+    manifest, root = cfg.load_manifest()
     evaluation = evaluate_split(model, manifest, root, cfg.split, device, cfg.batch_size, cfg.prompt_present,
                                 cfg.prompt_absent)
     zero_shot = evaluation.zero_shot.copy()
@@ -190,7 +191,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     metrics = _infer_metrics(evaluation, probe)
     run.write_metrics(cfg.STAGE, metrics)
     write_retrieval_headline(run, cfg.STAGE, metrics, evaluation.split, len(evaluation.manifest))
-    features = _features_of_one_file(model, cfg, root, evaluation, run)
+    features = _features_of_one_file(model, cfg, root, evaluation, run, _preprocessing_of(checkpoint))
     fig = views.auroc_figure(zero_shot)
     run.save_figure(fig, "03_zero_shot_auroc")
     cases = views.viewer_cases(evaluation, root, limit=4)
@@ -214,17 +215,27 @@ def _infer_metrics(evaluation: Evaluation, probe: LinearProbe | None) -> dict[st
     return metrics
 
 
+def _preprocessing_of(checkpoint: Path) -> ct_pre.PreprocessSpec:
+    """The preprocessing the checkpoint's training run recorded (01_preprocess), else CT-Data's (said so)."""
+    try:
+        return _trained_preprocessing(training_run(checkpoint)[0])[0]
+    except PredictError as err:
+        print(f"features of one file: CT-Data's preprocessing geometry, since {err}")
+        return ct_pre.PreprocessSpec()
+
+
 def _features_of_one_file(model: CTClip, cfg: InferConfig, root: Path, evaluation: Evaluation,
-                          run: RunFolder) -> dict[str, Any]:
+                          run: RunFolder, spec: ct_pre.PreprocessSpec) -> dict[str, Any]:
     """Feature extraction for one file, as a user would do it on a new CT: ``cfg.input_file``, else the source
-    NIfTI of the split's first volume (with its metadata's rescale). Saved as ``features/<name>.npy``."""
+    NIfTI of the split's first volume (with its metadata's rescale), preprocessed by ``spec`` (the training run's).
+    Saved as ``features/<name>.npy``."""
     if cfg.input_file:
         source, slope, intercept = resolve_path(cfg.input_file), None, None
     else:
         meta = scan_dataset(root)
         row = meta[meta.volume == evaluation.manifest.volume.iloc[0]].iloc[0]
         source, slope, intercept = root / row.nifti, row.rescale_slope, row.rescale_intercept
-    embedding = extract_features(model, source, slope=slope, intercept=intercept)
+    embedding = extract_features(model, source, spec, slope, intercept)
     feature_path = run.file(f"features/{Path(source).name.split('.')[0]}.npy")
     np.save(feature_path, embedding)
     return {"file": str(source), "embedding": embedding, "path": str(feature_path)}
@@ -333,14 +344,15 @@ class AttentionResult:
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     """Similarity matrix of a batch, the top-k reports for one volume, the relevance of a label prompt, and the
     attention viewer."""
-    model = load_trained_model(cfg.find_checkpoint(run))
+    device = resolve_device(cfg.device)
+    model = load_trained_model(cfg.find_checkpoint(run), device)
     manifest, root = cfg.load_manifest()
     part = manifest[manifest.split == cfg.split].reset_index(drop=True)
     index = _volume_to_explain(cfg, part)
     batch = part.iloc[sorted({*range(min(cfg.n_batch, len(part))), index})].reset_index(drop=True)
     dataset = CTVolumeDataset(batch, root, model.spec.input_size)
-    image_emb, _ = encode_volumes(model, dataset, torch.device("cpu"), cfg.batch_size)
-    text_emb = model.project_text(report_features(model, list(batch.report))).detach()
+    image_emb, _ = encode_volumes(model, dataset, device, cfg.batch_size)
+    text_emb = model.project_text(report_features(model, list(batch.report))).detach().cpu()
     similarity = views.similarity_figure((text_emb @ image_emb.T).numpy(), list(batch.volume))
     run.save_figure(similarity, "04_similarity_matrix")
     row = int(np.flatnonzero(batch.volume == part.volume[index])[0])
