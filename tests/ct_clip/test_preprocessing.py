@@ -3,6 +3,7 @@ agreement with the seed's MONAI chain (CT-Data preprocess.py), and the many-volu
 from __future__ import annotations
 
 import gzip
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -79,11 +80,14 @@ def _affine(spacing, axes=(0, 1, 2), flips=(False, False, False), degrees=0.0) -
     return affine
 
 
-def _write_header_scaled(path, stored: np.ndarray, affine: np.ndarray, slope: float, intercept: float) -> None:
+def _write_header_scaled(path, stored: np.ndarray, affine: np.ndarray, slope: float, intercept: float,
+                         endianness: str = "<") -> None:
     """A gzipped NIfTI whose header carries the HU rescale (scl_slope / scl_inter, bytes 112-119), as MONAI's
     LoadImaged applies it; nibabel itself would reset the scaling of int16 data it writes."""
-    raw = bytearray(nib.Nifti1Image(stored, affine).to_bytes())
-    raw[112:120] = np.array([slope, intercept], dtype="<f4").tobytes()
+    header = nib.Nifti1Header(endianness=endianness)
+    header.set_data_dtype(stored.dtype)
+    raw = bytearray(nib.Nifti1Image(stored, affine, header).to_bytes())
+    raw[112:120] = np.array([slope, intercept], dtype=f"{endianness}f4").tobytes()
     path.write_bytes(gzip.compress(bytes(raw), 1))
 
 
@@ -138,6 +142,19 @@ def test_metadata_rescale_equals_the_chain_given_the_same_hu(tmp_path):
     seed = ct_pre.monai_chain(spec, rescale=(1.0, -1024.0))(path)
     ours, _ = ct_pre.preprocess_volume(ct_pre.load_ct(path, slope=1.0, intercept=-1024.0), spec)
     assert np.abs(ours.astype(np.float32) - seed.astype(np.float32)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("isal", ["installed", "absent"])
+def test_volume_decodes_the_same_with_or_without_isal(tmp_path, monkeypatch, isal):
+    """ISA-L inflates when importable, zlib otherwise; either way the stored voxels are the file's."""
+    if isal == "absent":
+        monkeypatch.setitem(sys.modules, "isal", None)  # `from isal import ...` now raises ImportError
+    stored = _random_ct((30, 20, 10), seed=1)
+    _write_header_scaled(tmp_path / "ct.nii.gz", stored, _affine((0.9, 0.8, 3.0)), 2.0, -1000.0, endianness=">")
+    ct = ct_pre.load_ct(tmp_path / "ct.nii.gz")
+    assert ct.stored.dtype == np.dtype(">i2")  # a view of the big-endian bytes as they are
+    np.testing.assert_array_equal(ct.stored, stored)
+    assert (ct.slope, ct.intercept) == (2.0, -1000.0)
 
 
 def test_corrupt_gzip_is_reported_with_the_file_name(tmp_path):
