@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"large {k}: {large_rows[-1]}", flush=True)
     print()
     load = os.getloadavg()
+    isal_version = importlib.metadata.version("isal") if isal_gzip else "not installed"
     print(f"Run: ({time.strftime('%Y-%m-%d %H:%M')}, load average {load[0]:.1f} / {load[1]:.1f}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), monai {monai.__version__}, numpy "
-          f"{np.__version__}, isal {importlib.metadata.version('isal') if isal_gzip else 'not installed'}, {os.cpu_count()} "
-          f"cores; output 256x256x192 at 1.25x1.25x2 mm, float16 npz uncompressed; min of {args.repeats} repeats, "
+          f"{np.__version__}, isal {isal_version}, {os.cpu_count()} cores; output 256x256x192 at 1.25x1.25x2 mm, float16 npz uncompressed; min of {args.repeats} repeats, "
           f"MONAI min of {args.monai_repeats})")
     lines = ["| volumes | decode zlib s | decode isal s | ours s | MONAI chain s | ours / zlib | ours / isal | "
              "MONAI / ours | max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
