@@ -32,7 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbsupport.ct_clip import data as ct_data
+from nbsupport.ct_clip import demo_data
 from nbsupport.ct_clip import preprocessing as ct_pre
+from nbsupport.demo import DEMO_MARKER
 
 try:
     from isal import igzip as isal_gzip
@@ -128,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = Path(args.demo_root) if args.demo_root else demo_data_root() / "ct_clip"
-        if not (root / ct_data.DEMO_MARKER).exists():
+        if not (root / DEMO_MARKER).exists():
             print(f"no demo data at {root}; writing {args.demo_volumes} demo volumes to a temporary folder")
-            root = ct_data.write_demo_dataset(tmp / "demo", n_train_patients=args.demo_volumes, n_valid_patients=0,
-                                              **{k: v for k, v in ct_data.DEMO_SIZES["demo"].items()
+            root = demo_data.write_demo_dataset(tmp / "demo", n_train_patients=args.demo_volumes, n_valid_patients=0,
+                                              **{k: v for k, v in demo_data.DEMO_SIZES["demo"].items()
                                                  if k == "scale"})
         volumes = ct_data.scan_dataset(root, splits=("train",)).head(args.demo_volumes)
         demo_rows = []

@@ -28,7 +28,7 @@ def measure(variant: str, image_size: int, batch_size: int, steps: int) -> dict:
     import torch
 
     from nbsupport.prs_med.model import ImageOnlySegmenter, PRSMedNet, PRSMedSpec, structure_loss
-    from nbsupport.prs_med.pipeline import TrainConfig
+    from nbsupport.prs_med.config import TrainConfig
 
     cfg = TrainConfig.from_params({"profile": "demo", "image_size": image_size})
     layers = int(variant.split("_")[1]) if variant.startswith(("vlm", "infer")) else 4

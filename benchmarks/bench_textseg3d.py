@@ -27,7 +27,8 @@ VOLUMES = ((32, 32, 64), (64, 64, 128), (96, 96, 192))
 
 def _spec(kind: str, feature_size: int, roi: tuple[int, int, int]):
     """The network the demo profile trains (text encoder, readout, prompts, positional encoding), at this size."""
-    from nbsupport.textseg3d.pipeline import TrainConfig, model_spec
+    from nbsupport.textseg3d.config import TrainConfig
+    from nbsupport.textseg3d.pipeline import model_spec
 
     cfg = TrainConfig.from_params({"profile": "demo", "feature_size": feature_size, "roi": roi})
     return model_spec(cfg, use_text=kind == "llmseg")
@@ -38,7 +39,8 @@ def measure_training(kind: str, feature_size: int, roi: tuple[int, int, int], ba
     import torch
     from monai.losses import DiceCELoss
 
-    from nbsupport.textseg3d.model import build_llmseg, count_parameters
+    from nbsupport.spec import count_parameters
+    from nbsupport.textseg3d.model import build_llmseg
 
     model = build_llmseg(_spec(kind, feature_size, roi)).train()
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
@@ -60,7 +62,7 @@ def measure_training(kind: str, feature_size: int, roi: tuple[int, int, int], ba
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
-    return {"model": kind, **{f"{k}_M": v / 1e6 for k, v in count_parameters(model).items()},
+    return {"model": kind, **{f"{k}_M": v / 1e6 for k, v in count_parameters(model).to_dict().items()},
             "step_s": elapsed / steps, "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_train_MiB": rss_before / 1024}
 
@@ -69,7 +71,7 @@ def measure_inference(feature_size: int, roi: tuple[int, int, int], repeats: int
     import torch
 
     from nbsupport.textseg3d.model import build_llmseg
-    from nbsupport.textseg3d.pipeline import predict_volume
+    from nbsupport.textseg3d.inference import predict_volume
 
     model = build_llmseg(_spec("llmseg", feature_size, roi)).eval()
     rows = []

@@ -176,3 +176,83 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise TypeError(f"expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     raise TypeError(f"unsupported field type {hint!r}")
+
+
+# ---------------------------------------------------------------------------------------------- documentation
+def type_name(hint: Any) -> str:
+    """A field type as one word papermill's ``# type:`` comment can hold (no spaces): ``int``, ``float|None``,
+    ``str`` for a Literal (its choices go into the help), ``list[float]`` for tuples."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return type(get_args(hint)[0]).__name__
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(type_name(a) for a in get_args(hint))
+    if origin is tuple:
+        args = [a for a in get_args(hint) if a is not Ellipsis]
+        return f"list[{type_name(args[0])}]" if args else "list"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint)).replace(" ", "")
+
+
+def parameter_docs(cls: type[StageConfig], profile: str | None = None) -> list[dict[str, Any]]:
+    """Per field of a stage config: name, type, help (choices included) and, for ``profile``, the value it gets."""
+    hints = typing.get_type_hints(cls)
+    try:  # the values a run gets, after the config's own completion (e.g. the default manifest)
+        resolved: Any = cls.from_params({"profile": profile} if profile else {})
+    except ConfigError:
+        resolved = None
+    chosen = dict(cls.PROFILES.get(profile, {})) if profile else {}
+    docs = []
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        if get_origin(hints[f.name]) is Literal:
+            help_text = f"one of {'|'.join(map(str, get_args(hints[f.name])))}; {help_text}"
+        value = getattr(resolved, f.name) if resolved is not None else chosen.get(f.name, f.default)
+        docs.append({"name": f.name, "type": type_name(hints[f.name]), "help": help_text, "value": value})
+    return docs
+
+
+def parameter_line(name: str, value_source: str, doc: Mapping[str, Any]) -> str:
+    """One line of a notebook's parameters cell, as ``papermill --help-notebook`` reads it:
+    ``name = value  # type: <type> <help>``."""
+    return f"{name} = {value_source}  # type: {doc['type']} {doc['help']}"
+
+
+STAGE_ALIASES = {"preprocess": "01", "train": "02", "infer": "03", "predict": "03", "attention": "04"}
+
+
+def stage_configs(system: str) -> dict[str, type[StageConfig]]:
+    """A system's stage configs by notebook stem (``01_preprocess`` ...), found in ``nbsupport.<system>``."""
+    import importlib
+
+    module = importlib.import_module(f"nbsupport.{system}")
+    found = {obj.STAGE: obj for obj in vars(module).values()
+             if isinstance(obj, type) and issubclass(obj, StageConfig) and obj.STAGE and obj.SYSTEM == system}
+    return dict(sorted(found.items()))
+
+
+def find_stage(system: str, stage: str) -> type[StageConfig]:
+    """The config of ``stage``: a notebook stem, its number (``02``) or its verb (``train``)."""
+    configs = stage_configs(system)
+    prefix = STAGE_ALIASES.get(stage, stage)
+    matches = [cls for stem, cls in configs.items() if stem == stage or stem.startswith(prefix + "_")]
+    if len(matches) != 1:
+        raise ConfigError(f"{system} has no stage {stage!r}; stages: {', '.join(configs)} "
+                          f"(or {', '.join(STAGE_ALIASES)})")
+    return matches[0]
+
+
+def parameters_cell(cls: type[StageConfig], source: str) -> str:
+    """A notebook's parameters cell rewritten from its config: one ``name = value  # type: <type> <help>`` line
+    per field, in field order, keeping the values the cell already has (``None`` = the profile's value for a field
+    it lacks). What ``papermill --help-notebook`` shows and what a reader of the notebook sees."""
+    values = {}
+    for line in source.splitlines():
+        name, sep, rest = line.partition("=")
+        if sep and name.strip().isidentifier():
+            values[name.strip()] = rest.split("  #", 1)[0].strip()
+    docs = parameter_docs(cls)
+    header = (f"# None = the profile's value (nbsupport params {cls.SYSTEM} {cls.STAGE} --profile PROFILE lists "
+              "them); papermill -p NAME VALUE or nbsupport run -p NAME=VALUE sets any of these")
+    return "\n".join([header] + [parameter_line(d["name"], values.get(d["name"], "None"), d) for d in docs])

@@ -1,7 +1,10 @@
 """Metrics shared by every system, computed with MONAI where MONAI has them.
 
-Text generation (cxr_report): corpus BLEU-1..4 (sacrebleu), ROUGE-L, CIDEr-D and clinical-efficacy precision /
-recall / F1 of finding labels; see the "text generation" section.
+Text generation (cxr_report): corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr-D exactly as pycocoevalcap computes them
+(``nbsupport.text_metrics``, re-exported here) and clinical-efficacy precision / recall / F1 of finding labels.
+
+Uncertainty: seeded 95 % bootstrap intervals over cases for any metric (:func:`bootstrap_ci95`, :func:`with_ci95`)
+and paired intervals of the difference between two systems on the same cases (:func:`paired_bootstrap_diff`).
 
 Segmentation: Dice, IoU and the 95th-percentile Hausdorff distance per sample and class, as a
 long-format table a notebook can group, plot or write to ``metrics.json`` via :func:`summarise`.
@@ -18,12 +21,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+# the text-generation metrics, re-exported so callers import every metric from this module
+from nbsupport.text_metrics import (  # noqa: F401
+    MeteorUnavailable, bleu_scores, cider_d, meteor, rouge_l, text_scores, tokenize_report,
+)
 
 SEGMENTATION_METRICS = ("dice", "iou", "hd95")
 
@@ -165,107 +173,8 @@ def summarise(df: pd.DataFrame, metrics: Sequence[str] = SEGMENTATION_METRICS) -
 
 
 # ---------------------------------------------------------------------------------------------- text generation
-# Report-generation metrics: BLEU-1..4 (sacrebleu), ROUGE-L, CIDEr-D and clinical-efficacy precision/recall/F1.
-# All text metrics see the same tokens: lower case, words and punctuation marks split (``tokenize_report``).
-_TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
-
-
-def tokenize_report(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens: ``"No effusion."`` -> ``["no", "effusion", "."]``."""
-    return _TOKEN.findall(str(text).lower())
-
-
-def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; expected one each")
-    if not len(predictions):
-        raise ValueError("no reports to score")
-
-
-def bleu_scores(predictions: Sequence[str], references: Sequence[str], max_order: int = 4) -> dict[str, float]:
-    """Corpus BLEU-1..``max_order`` in [0, 1] with sacrebleu (one reference per report), on ``tokenize_report``
-    tokens; BLEU-n is the brevity-penalised geometric mean of the 1..n-gram precisions (uniform weights), as in
-    the report-generation literature and nltk's ``corpus_bleu``."""
-    from sacrebleu.metrics import BLEU
-
-    _check_pairs(predictions, references)
-    hyps = [" ".join(tokenize_report(p)) for p in predictions]
-    refs = [[" ".join(tokenize_report(r)) for r in references]]
-    return {f"bleu{n}": BLEU(max_ngram_order=n, tokenize="none").corpus_score(hyps, refs).score / 100.0
-            for n in range(1, max_order + 1)}
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str], beta: float = 1.2) -> float:
-    """Mean sentence-level ROUGE-L F-measure in [0, 1]: LCS precision P and recall R combined as
-    ``(1 + beta^2) P R / (R + beta^2 P)``; ``beta = 1.2`` as in pycocoevalcap (the R2Gen-family numbers)."""
-    _check_pairs(predictions, references)
-    scores = []
-    for p, r in zip(predictions, references):
-        hyp, ref = tokenize_report(p), tokenize_report(r)
-        lcs = _lcs_length(hyp, ref)
-        if not lcs:
-            scores.append(0.0)
-            continue
-        precision, recall = lcs / len(hyp), lcs / len(ref)
-        scores.append((1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision))
-    return float(np.mean(scores))
-
-
-def _ngram_counts(tokens: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
-    counts: dict[tuple[str, ...], int] = {}
-    for i in range(len(tokens) - n + 1):
-        key = tuple(tokens[i:i + n])
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def cider_d(predictions: Sequence[str], references: Sequence[str], max_order: int = 4, sigma: float = 6.0) -> float:
-    """Corpus CIDEr-D (Vedantam et al. 2015, the pycocoevalcap ``Cider`` computation), one reference per report.
-
-    Per n-gram order n: TF-IDF vectors with ``idf = log(N) - log(df)`` (N reports, df = references containing the
-    n-gram), similarity ``sum_g min(h_g, r_g) r_g / (|h| |r|)`` times the length penalty
-    ``exp(-(len_h - len_r)^2 / (2 sigma^2))``; the score is 10 x the mean over orders and reports. An n-gram in
-    every reference carries no weight, so a single-report corpus scores 0.
-    """
-    _check_pairs(predictions, references)
-    hyps = [tokenize_report(p) for p in predictions]
-    refs = [tokenize_report(r) for r in references]
-    log_n = np.log(float(len(refs)))
-    doc_freq: list[dict[tuple[str, ...], int]] = []
-    for n in range(1, max_order + 1):
-        df: dict[tuple[str, ...], int] = {}
-        for ref in refs:
-            for gram in _ngram_counts(ref, n):
-                df[gram] = df.get(gram, 0) + 1
-        doc_freq.append(df)
-
-    def vector(tokens: Sequence[str], n: int) -> tuple[dict[tuple[str, ...], float], float]:
-        df = doc_freq[n - 1]
-        vec = {g: c * (log_n - np.log(max(1.0, float(df.get(g, 0.0))))) for g, c in _ngram_counts(tokens, n).items()}
-        return vec, float(np.sqrt(sum(v * v for v in vec.values())))
-
-    scores = []
-    for hyp, ref in zip(hyps, refs):
-        penalty = np.exp(-((len(hyp) - len(ref)) ** 2) / (2 * sigma ** 2))
-        per_order = []
-        for n in range(1, max_order + 1):
-            (vh, nh), (vr, nr) = vector(hyp, n), vector(ref, n)
-            dot = sum(min(v, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, v in vh.items())
-            per_order.append(dot / (nh * nr) * penalty if nh and nr else 0.0)
-        scores.append(float(np.mean(per_order)))
-    return 10.0 * float(np.mean(scores))
-
-
+# BLEU-1..4, METEOR, ROUGE-L and CIDEr-D as pycocoevalcap computes them live in text_metrics.py (imported above, so
+# their names stay importable from here). Clinical efficacy compares finding labels of generated vs reference reports.
 def clinical_efficacy(predicted: Any, reference: Any, label_names: Sequence[str]) -> dict[str, Any]:
     """Precision, recall and F1 of predicted vs reference binary findings (the CheXbert-F1 of report generation).
 
@@ -496,3 +405,192 @@ def most_frequent_position_baseline(train_positions: Sequence[str], test_positio
     best = max(POSITIONS, key=lambda p: counts[p])  # max keeps the first of equal counts
     result = position_accuracy([best] * len(test_positions), test_positions, parse=False)
     return {"position": best, "accuracy": result["accuracy"], "n": result["n"]}
+
+
+# ---------------------------------------------------------------------------------------------- uncertainty
+# 95 % percentile-bootstrap intervals. The unit drawn with replacement is the case (a report, image, volume or
+# query); a corpus metric (BLEU, CIDEr-D, METEOR, AUROC) is recomputed on each resampled set of cases, a per-case
+# metric (Dice, accuracy) is the NaN-mean of the resampled cases. Draws are seeded: the same seed and number of cases
+# give the same resamples, so intervals are reproducible and two systems scored on the same cases share them.
+N_RESAMPLES = 1000
+
+
+def _resamples(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    if n < 1:
+        raise ValueError("no cases to bootstrap")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield rng.integers(0, n, size=n)
+
+
+def _take(cases: Any, idx: np.ndarray) -> Any:
+    """The cases at ``idx`` (repeats allowed), keeping the container kind: tensor, array, pandas, or a list."""
+    if isinstance(cases, torch.Tensor):
+        return cases[torch.as_tensor(idx)]
+    if isinstance(cases, np.ndarray):
+        return cases[idx]
+    if isinstance(cases, (pd.DataFrame, pd.Series)):
+        return cases.iloc[idx].reset_index(drop=True)
+    return [cases[i] for i in idx]
+
+
+def _as_metric(value: Any) -> float | None:
+    """A metric's value as float (``None``: undefined -> NaN), or ``None`` for what is no metric value: counts
+    (int), flags, text, nested dicts."""
+    if value is None:
+        return float("nan")
+    return float(value) if isinstance(value, (float, np.floating)) else None
+
+
+_Statistic = Callable[[np.ndarray | None], dict[str, float]]
+
+
+def _statistic(values_or_metric: Any, cases: tuple) -> tuple[_Statistic, int]:
+    """The metric as a function of resample indices (``None``: all cases) -> ``{key: value}`` (key "" for a single
+    number), and the number of cases. Per-case values: the NaN-mean over all entries of the chosen cases, for a
+    (N,) or (N, k) array."""
+    if callable(values_or_metric):
+        if not cases:
+            raise ValueError("a metric function needs the cases it scores: bootstrap_ci95(metric_fn, predictions, "
+                             "references)")
+        if len({len(c) for c in cases}) != 1:
+            raise ValueError(f"the cases differ in length: {[len(c) for c in cases]}; expected one entry per case")
+
+        def metric(idx: np.ndarray | None) -> dict[str, float]:
+            value = values_or_metric(*(cases if idx is None else [_take(c, idx) for c in cases]))
+            if isinstance(value, Mapping):
+                return {k: v for k, v in ((k, _as_metric(v)) for k, v in value.items()) if v is not None}
+            return {"": float("nan") if value is None else float(value)}
+
+        return metric, len(cases[0])
+    if cases:
+        raise ValueError("per-case values take no further cases; pass (metric_fn, *cases) for a corpus metric")
+    arr = np.asarray(values_or_metric.detach().cpu() if isinstance(values_or_metric, torch.Tensor)
+                     else values_or_metric, dtype=np.float64)
+    if arr.ndim == 0 or not len(arr):
+        raise ValueError(f"per-case values must be a non-empty (N,) or (N, k) array, got shape {arr.shape}")
+    arr = arr.reshape(len(arr), -1)
+
+    def mean(idx: np.ndarray | None) -> dict[str, float]:
+        chosen = arr if idx is None else arr[idx]
+        defined = ~np.isnan(chosen)
+        return {"": float(chosen[defined].sum() / defined.sum()) if defined.any() else float("nan")}
+
+    return mean, len(arr)
+
+
+def _replicates(statistic: _Statistic, n: int, n_resamples: int, seed: int) -> dict[str, np.ndarray]:
+    rows = [statistic(idx) for idx in _resamples(n, n_resamples, seed)]
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {k: np.array([row.get(k, np.nan) for row in rows]) for k in keys}
+
+
+def _interval(replicates: np.ndarray) -> tuple[float, float]:
+    """2.5th and 97.5th percentiles of the replicates; resamples where the metric is undefined (NaN, e.g. AUROC of
+    a resample with one class) are left out. (NaN, NaN) when it is undefined on all of them."""
+    finite = replicates[~np.isnan(replicates)]
+    if not finite.size:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_ci95(values_or_metric: Any, *cases: Any, n_resamples: int = N_RESAMPLES, seed: int = 0
+                   ) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval ``(low, high)`` of a metric, resampling cases with replacement.
+
+    Two forms:
+
+    * ``bootstrap_ci95(per_case_values)``: the metric is the NaN-mean of per-case values, (N,) or (N, k) (e.g.
+      Dice per image and class: the mean over all scorable entries, as :func:`summarise` reports it).
+    * ``bootstrap_ci95(metric_fn, *cases)``: a corpus metric, ``metric_fn(*cases) -> float``, recomputed on each
+      resample of the aligned cases, e.g. ``bootstrap_ci95(cider_d, generated, references)``.
+
+    ``seed`` fixes the resamples (numpy's default generator); a metric undefined on a resample (NaN/None) leaves it
+    out. For a metric function returning a dict of metrics use :func:`with_ci95`.
+    """
+    replicates = _replicates(*_statistic(values_or_metric, cases), n_resamples, seed)
+    if set(replicates) != {""}:
+        raise ValueError(f"the metric returned several values {sorted(replicates)}; use with_ci95 for a dict of "
+                         "metrics, or a function returning one number")
+    return _interval(replicates[""])
+
+
+def with_ci95(metrics: Mapping[str, Any], values_or_metric: Any, *cases: Any, n_resamples: int = N_RESAMPLES,
+              seed: int = 0) -> dict[str, Any]:
+    """A copy of ``metrics`` with ``"<metric>_ci95": [low, high]`` right after each metric (``None`` where
+    undefined, so the dict stays valid JSON for metrics.json).
+
+    Two forms, as :func:`bootstrap_ci95`:
+
+    * ``with_ci95(metrics, {"dice": per_case_dice, "iou": per_case_iou})``: per-case values of named metrics
+      (each must be a key of ``metrics``);
+    * ``with_ci95(metrics, metric_fn, *cases)``: ``metric_fn(*cases) -> dict`` recomputed on each resample, e.g.
+      ``with_ci95(scores, text_scores, generated, references)``; every float it returns that ``metrics`` also holds
+      gets an interval (counts, text and nested dicts get none).
+    """
+    if isinstance(values_or_metric, Mapping):
+        unknown = [k for k in values_or_metric if k not in metrics]
+        if unknown:
+            raise ValueError(f"per-case values for {unknown}, but metrics has no such key (it has {list(metrics)})")
+        replicates = {key: _replicates(*_statistic(values, ()), n_resamples, seed)[""]
+                      for key, values in values_or_metric.items()}
+    elif callable(values_or_metric):
+        replicates = _replicates(*_statistic(values_or_metric, cases), n_resamples, seed)
+        if "" in replicates:
+            raise ValueError("with_ci95 needs a metric function returning a dict of metrics; for one number use "
+                             "bootstrap_ci95")
+    else:
+        raise TypeError("with_ci95 takes a {metric: per-case values} mapping or a metric function and its cases, "
+                        f"got {type(values_or_metric).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        out[key] = value
+        if key in replicates and _as_metric(value) is not None:
+            out[f"{key}_ci95"] = [None if np.isnan(v) else v for v in _interval(replicates[key])]
+    return out
+
+
+def paired_bootstrap_diff(a: Any, b: Any, metric: Callable[..., float] | None = None, *,
+                          n_resamples: int = N_RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """Difference ``metric(a) - metric(b)`` of two systems scored on the same cases, with its 95 % paired
+    bootstrap interval: ``(difference, low, high)``. Both systems are resampled with the same case indices, so
+    case-to-case variation common to both cancels; an interval excluding 0 is a difference beyond resampling noise.
+
+    Two forms:
+
+    * ``paired_bootstrap_diff(a_per_case, b_per_case)``: per-case values (N,) or (N, k) of the same cases; the metric
+      is each side's NaN-mean, as in :func:`bootstrap_ci95`.
+    * ``paired_bootstrap_diff((generated, references), (baseline, references), metric=cider_d)``: each side a tuple
+      of aligned case sequences for ``metric(*side) -> float``.
+    """
+    (stat_a, n_a), (stat_b, n_b) = (_statistic(metric, tuple(side)) if metric is not None else _statistic(side, ())
+                                    for side in (a, b))
+    if n_a != n_b:
+        raise ValueError(f"a paired comparison needs the same cases on both sides, got {n_a} and {n_b}")
+    points = [stat_a(None), stat_b(None)]
+    replicates = [_replicates(stat, n_a, n_resamples, seed) for stat in (stat_a, stat_b)]
+    if any(set(r) != {""} for r in replicates + points):
+        raise ValueError("the metric must return one number (wrap a dict-valued one, e.g. "
+                         "lambda p, r: text_scores(p, r)['bleu4'])")
+    low, high = _interval(replicates[0][""] - replicates[1][""])
+    return points[0][""] - points[1][""], low, high
+
+
+def format_ci(value: Any, ci: Sequence[Any] | None, digits: int = 2) -> str:
+    """``0.80 (0.74–0.85)`` for notebook tables; ``n/a`` for a missing value, the value alone without interval."""
+    if value is None or np.isnan(float(value)):
+        return "n/a"
+    number = float(value)
+    if ci is None or any(v is None or np.isnan(v) for v in ci):
+        return f"{number:.{digits}f}"
+    return f"{number:.{digits}f} ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})"
+
+
+def format_with_ci(metrics: Mapping[str, Any], digits: int = 2) -> dict[str, str]:
+    """Each float metric of a :func:`with_ci95` dict formatted by :func:`format_ci` with its ``_ci95`` interval,
+    e.g. ``pd.Series(format_with_ci(metrics))`` as a notebook table column."""
+    return {key: format_ci(value, metrics.get(f"{key}_ci95"), digits) for key, value in metrics.items()
+            if not key.endswith("_ci95") and _as_metric(value) is not None}

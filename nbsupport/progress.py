@@ -2,8 +2,12 @@
 
 In a notebook with a live frontend (or a terminal) this is an ordinary tqdm bar. Headless (papermill, CI,
 ``nbsupport run``), a bar redrawn with carriage returns turns every refresh into a new log line
-(papermill#765) and ``tqdm.auto`` may never advance (papermill#617), so there we use plain tqdm in ASCII that
-refreshes at most every ``NBSUPPORT_PROGRESS_INTERVAL`` seconds (default 15): a few readable lines per loop.
+(papermill#765) and ``tqdm.auto`` may never advance (papermill#617), so there each refresh is one plain line,
+at most every ``NBSUPPORT_PROGRESS_INTERVAL`` seconds (default 15), starting with :data:`LINE_PREFIX`::
+
+    progress: train 120/480 [25%] 0.52 s/it, ETA 03:07 (loss=0.41, lr=0.002)
+
+``nbsupport run`` picks these lines out of the kernel's output as they arrive and shows them on the console.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
+LINE_PREFIX = "progress: "
 
 
 def is_headless() -> bool:
@@ -27,10 +32,49 @@ def is_headless() -> bool:
     return not sys.stderr.isatty()
 
 
-def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, **kwargs: Any) -> "tqdm[T]":
+class LineProgress(tqdm):
+    """tqdm that writes each refresh as one whole line (no carriage returns, no bar), and the final count once."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if self.disable or msg == "":  # msg="": tqdm clearing its bar, which a line log has not drawn
+            return True
+        d = self.format_dict
+        n, total = d["n"], d["total"]
+        done = f"{n}/{total} [{100 * n / total:.0f}%]" if total else f"{n}"
+        rate = d["rate"] or (n / d["elapsed"] if d["elapsed"] else None)
+        speed = "" if not rate else (f" {rate:.2f} it/s" if rate >= 1 else f" {1 / rate:.2f} s/it")
+        eta = f", ETA {self.format_interval((total - n) / rate)}" if rate and total else ""
+        post = f" ({d['postfix']})" if d.get("postfix") else ""
+        desc = f"{self.desc} " if self.desc else ""
+        self.fp.write(f"{LINE_PREFIX}{desc}{done}{speed}{eta}{post}\n")
+        self.fp.flush()
+        self._shown_n = n
+        return True
+
+    def close(self) -> None:
+        if not self.disable and getattr(self, "_shown_n", None) != self.n:
+            self.display()
+        self.leave = False  # tqdm's own last display and newline are not wanted
+        super().close()
+
+
+class _WholeLines:
+    """A stream that passes on what tqdm writes except bare newlines and carriage returns."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text) if text.strip() else len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable: Iterable[T] | None, desc: str = "", total: int | None = None, **kwargs: Any) -> "tqdm[T]":
     """tqdm over ``iterable`` with settings that read well headless."""
     if is_headless():
         interval = float(os.environ.get("NBSUPPORT_PROGRESS_INTERVAL", "15"))
-        kwargs = {"ascii": True, "mininterval": interval, "maxinterval": interval * 4, "ncols": 100,
-                  "file": sys.stdout, **kwargs}
-    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=not is_headless(), **kwargs)
+        kwargs = {"mininterval": interval, "maxinterval": interval * 4, "file": _WholeLines(sys.stdout), **kwargs}
+        return LineProgress(iterable, desc=desc, total=total, **kwargs)
+    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, **kwargs)

@@ -31,6 +31,7 @@ from typing import Any
 
 from nbsupport.config import PROFILES
 from nbsupport.paths import project_root
+from nbsupport.progress import LINE_PREFIX
 from nbsupport.report import STATUS_FILE, export_notebook_html, write_index
 from nbsupport.runs import RunExistsError, RunFolder, atomic_write_json, git_state, new_run_id, runs_root
 
@@ -300,6 +301,43 @@ class CellReporter:
         return None if index is None else self.ordinal[index]
 
 
+class KernelLog:
+    """Where a notebook's output goes while it runs: all of it into ``<run folder>/<notebook>.log``, and the
+    progress lines (:data:`nbsupport.progress.LINE_PREFIX`) to the console as they arrive, so a long training cell
+    shows its step, loss and ETA in a terminal or a cluster's log file. ``verbose`` echoes everything."""
+
+    def __init__(self, path: Path, label: str, log: Log, verbose: bool = False):
+        self.file = open(path, "a", encoding="utf-8")
+        self.label, self.log, self.verbose = label, log, verbose
+        self.stdout, self.stderr = _KernelStream(self, sys.stdout), _KernelStream(self, sys.stderr)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _KernelStream:
+    def __init__(self, owner: KernelLog, console: Any):
+        self.owner, self.console, self._partial = owner, console, ""
+
+    def write(self, text: str) -> None:
+        owner = self.owner
+        if owner.file.closed:
+            return
+        owner.file.write(text)
+        owner.file.flush()
+        if owner.verbose:
+            self.console.write(text)
+            self.console.flush()
+            return
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            if line.startswith(LINE_PREFIX):
+                owner.log(f"{owner.label} {line[len(LINE_PREFIX):]}")
+
+    def flush(self) -> None:
+        pass
+
+
 def _curve_available() -> bool:
     try:
         import zmq
@@ -469,12 +507,13 @@ def _run_notebook(result: SystemResult, notebook: Path, nb_params: dict[str, Any
     started = time.monotonic()
     failure: CellFailure | None = None
     status = "ok"
+    kernel_log = KernelLog(result.run_dir / f"{name}.log", f"[{result.system} {name}]", log, verbose)
     try:
         papermill.execute_notebook(
             str(notebook), str(out_ipynb), parameters=nb_params, kernel_name=kernel, cwd=str(notebook.parent),
             engine_name=ENGINE_NAME, cell_reporter=reporter, log_output=False, progress_bar=False,
             start_timeout=start_timeout, execution_timeout=execution_timeout,
-            stdout_file=sys.stdout if verbose else None, stderr_file=sys.stderr if verbose else None,
+            stdout_file=kernel_log.stdout, stderr_file=kernel_log.stderr,
         )
     except PapermillExecutionError as err:
         status = "failed"
@@ -493,6 +532,7 @@ def _run_notebook(result: SystemResult, notebook: Path, nb_params: dict[str, Any
         failure = CellFailure(result.system, name, cell, reporter.total or None, source, type(err).__name__,
                               _first_line(str(err), 300))
     finally:
+        kernel_log.close()
         html = _export(out_ipynb, log)
         result.notebooks.append(NotebookResult(name, status, round(time.monotonic() - started, 1), out_ipynb, html))
     if failure is None:

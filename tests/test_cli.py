@@ -204,3 +204,17 @@ def test_each_subcommand_has_help(command, words, capsys):
 def test_no_command_prints_help_and_fails(capsys):
     assert cli.main([]) == 2
     assert "usage: nbsupport" in capsys.readouterr().out
+
+
+def test_params_lists_each_parameter_with_its_value_in_the_profile_and_its_help(capsys):
+    from nbsupport.config import find_stage
+
+    assert cli.main(["params", "ct_clip", "train", "--profile", "full"]) == 0
+    out = capsys.readouterr().out
+    cfg = find_stage("ct_clip", "train").from_params({"profile": "full"})
+    for name in ("epochs", "batch_size", "lr", "resume", "num_processes", "grad_accum"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"{name} "))
+        assert f"= {getattr(cfg, name)!r}" in line and len(line.split(")", 1)[1].strip()) > 5, line
+    assert "data_manifests/" in next(line for line in out.splitlines() if line.strip().startswith("manifest "))
+    assert cli.main(["params", "seg2d", "bogus"]) == 2
+    assert "01_preprocess" in capsys.readouterr().err

@@ -71,13 +71,20 @@ def test_series_runs_end_to_end_on_smoke(system: str, tmp_path: Path, monkeypatc
     monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "data"))
     write_demo_data([system], root=tmp_path / "data", size="smoke")
     manifest = tmp_path / "manifests" / f"{system}.csv"
+    console: list[str] = []
     summary = run_systems([system], "smoke", params={"manifest": str(manifest)}, run_id="nbtest",
-                          outputs_dir=tmp_path / "outputs")
+                          outputs_dir=tmp_path / "outputs", log=console.append)
     assert summary.ok, summary.failure
+    # Live progress: the training loop's lines (step, loss) reach the console before the training cell is done.
+    label = f"[{system} 02_train]"
+    progress = [i for i, line in enumerate(console) if line.startswith(f"{label} train ") and "loss=" in line]
+    train_cell = [i for i, line in enumerate(console) if line.startswith(f"{label} cell ") and ".train(" in line]
+    assert progress and train_cell and progress[0] < train_cell[0], "\n".join(console)
     run_dir = tmp_path / "outputs" / "runs" / "nbtest" / system
     notebooks = sorted(p.stem for p in NOTEBOOKS if p.parent.name == system)
     for stem in notebooks:
         assert (run_dir / f"{stem}.ipynb").exists() and (run_dir / f"{stem}.html").exists()
+    assert "progress: train " in (run_dir / "02_train.log").read_text()  # and the same lines in the run folder
     config = json.loads((run_dir / "config.json").read_text())
     assert sorted(config) == notebooks
     assert all(c["profile"] == "smoke" for c in config.values())

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nbsupport.ct_clip.pipeline import extract_features, load_trained_model
+from nbsupport.ct_clip.inference import extract_features
+from nbsupport.ct_clip.pipeline import load_trained_model
 from nbsupport.ct_clip.preprocessing import TARGET_SHAPE, TARGET_SPACING, PreprocessSpec
 from nbsupport.runs import atomic_path
 

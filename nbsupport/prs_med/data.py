@@ -1,4 +1,4 @@
-"""PRS-Med / MMRS (PosMed) data as released, and a synthetic dataset in the same layout.
+"""PRS-Med / MMRS (PosMed) data as released: the layout adapter, the manifest and the Dataset.
 
 Layout under a data root (the official ``data_v2`` tree)::
 
@@ -14,8 +14,8 @@ into a ``*_masks`` folder is mapped to its image, and ``position`` is parsed wit
 
 :func:`position_of` derives the label from a mask exactly as that generator does; :func:`build_manifest` reads
 every annotation file, checks every image and mask (all problems at once), reports rows whose CSV position
-disagrees with their mask, and returns the manifest (``PRSMED_SCHEMA``). :func:`write_demo_dataset` writes a
-synthetic dataset in the layout above.
+disagrees with their mask, and returns the manifest (``PRSMED_SCHEMA``); :class:`PositionQADataset` feeds it to
+the network. The synthetic dataset in the same layout is written by :mod:`nbsupport.prs_med.demo_data`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from nbsupport.manifest import SPLITS, Column, ManifestError, ManifestProblem, M
 from nbsupport.metrics import POSITIONS, parse_position
 from nbsupport.paths import resolve_path
 from nbsupport.progress import progress
-from nbsupport.runs import atomic_path, atomic_write_text
 
 # The seven task folders of the release; the official evaluation uses the six without dental_xray.
 TASKS = ("brain_tumors_ct_scan", "breast_tumors_ct_scan", "dental_xray", "lung_CT", "lung_Xray", "polyp_endoscopy",
@@ -43,7 +42,6 @@ TASKS = ("brain_tumors_ct_scan", "breast_tumors_ct_scan", "dental_xray", "lung_C
 MODALITY_CLASS = {"brain_tumors_ct_scan": 0, "breast_tumors_ct_scan": 1, "lung_CT": 2, "lung_Xray": 3,
                   "dental_xray": 3, "skin_rgbimage": 4, "polyp_endoscopy": 5}
 N_MODALITY_CLASSES = 6
-DEMO_TASKS = ("brain_tumors_ct_scan", "breast_tumors_ct_scan", "lung_Xray", "polyp_endoscopy", "skin_rgbimage")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LAYOUT = "<root>/<task>/{split}_images/*.png, <task>/{split}_masks/*.png, <root>/annotations/<task>.csv"
 
@@ -228,8 +226,20 @@ def build_manifest(root: str | os.PathLike, tasks: Sequence[str] | None = None,
             unreadable, of another size than their image, not binary, or empty.
     """
     root = resolve_path(root)
+    reader = _AnnotationReader(root, check_masks)
+    rows = [row for csv_path in _annotation_files(root, tasks) for row in reader.read(csv_path)]
+    if reader.problems:
+        raise ManifestError(reader.problems, str(root), hint=f"Expected the PRS-Med layout: {LAYOUT}")
+    manifest = pd.DataFrame(rows, columns=PRSMED_SCHEMA.names)
+    for name in ("image", "mask"):
+        manifest[name] = [str(Path(p).resolve().relative_to(root.resolve()).as_posix()) for p in manifest[name]]
+    return manifest, pd.DataFrame(reader.disagreements, columns=["id", "file", "line", "csv_position",
+                                                                 "mask_position", "mask"])
+
+
+def _annotation_files(root: Path, tasks: Sequence[str] | None) -> list[Path]:
+    """``annotations/<task>.csv`` of ``tasks`` (default: of every known task there is one for)."""
     ann_dir = root / "annotations"
-    problems: list[ManifestProblem] = []
     if not ann_dir.is_dir():
         raise ManifestError([ManifestProblem(None, None, f"no annotations folder {ann_dir}")], str(root),
                             hint=f"Expected the PRS-Med layout: {LAYOUT}")
@@ -243,84 +253,99 @@ def build_manifest(root: str | os.PathLike, tasks: Sequence[str] | None = None,
     if not files:
         raise ManifestError([ManifestProblem(None, None, f"no <task>.csv for any of {list(TASKS)} in {ann_dir}")],
                             str(root), hint=f"Expected the PRS-Med layout: {LAYOUT}")
-    rows: list[dict[str, Any]] = []
-    disagreements: list[dict[str, Any]] = []
-    shapes: dict[Path, tuple[int, int]] = {}
-    mask_cache: dict[Path, MaskPosition] = {}
-    for csv_path in files:
+    return files
+
+
+class _AnnotationReader:
+    """Reads annotation files into manifest rows for :func:`build_manifest`, collecting every problem (file, line,
+    column) and every CSV position that disagrees with its mask; each image and mask is opened once."""
+
+    def __init__(self, root: Path, check_masks: bool):
+        self.root, self.check_masks = root, check_masks
+        self.problems: list[ManifestProblem] = []
+        self.disagreements: list[dict[str, Any]] = []
+        self._shapes: dict[Path, tuple[int, int]] = {}
+        self._positions: dict[Path, MaskPosition] = {}
+
+    def read(self, csv_path: Path) -> list[dict[str, Any]]:
+        """The manifest rows of one annotation file (its problems are added to :attr:`problems`)."""
+        root = self.root
         where = str(csv_path.relative_to(root)) if csv_path.is_relative_to(root) else str(csv_path)
         if not csv_path.is_file():
-            problems.append(ManifestProblem(None, None, "annotation file is missing", where))
-            continue
+            self.problems.append(ManifestProblem(None, None, "annotation file is missing", where))
+            return []
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
         missing = [c for c in ("question", "answer", "split") if c not in df.columns]
         has_path = "image_path" in df.columns
         if not has_path and "image_name" not in df.columns:
             missing.append("image_path or image_name")
         if missing:
-            problems.append(ManifestProblem(1, None, f"missing columns {missing}; has {list(df.columns)}", where))
-            continue
+            self.problems.append(ManifestProblem(1, None, f"missing columns {missing}; has {list(df.columns)}",
+                                                 where))
+            return []
+        rows = []
         for i, row in progress(df.iterrows(), desc=f"check {csv_path.stem}", total=len(df)):
-            line = int(i) + 2
             task = str(row.get("task", "") or csv_path.stem).strip()
-            if task not in TASKS:
-                problems.append(ManifestProblem(line, "task", f"expected one of {list(TASKS)}, got {task!r}", where))
-                continue
-            split = str(row["split"]).strip()
-            if split not in SPLITS:
-                problems.append(ManifestProblem(line, "split", f"expected one of {list(SPLITS)}, got {split!r}",
-                                                where))
-                continue
-            image = _resolve_image(row, task, split, root, has_path)
-            mask = _resolve_mask(row, image, task, split, root)
-            column = "image_path" if has_path else "image_name"
-            if not image.is_file():
-                problems.append(ManifestProblem(line, column, f"image {image} does not exist", where))
-                continue
-            if not mask.is_file():
-                problems.append(ManifestProblem(line, "mask_path", f"mask is missing: expected {mask} (same file "
-                                                "name as the image, in <task>/<split>_masks/)", where))
-                continue
-            empty = [c for c in ("question", "answer") if not str(row[c]).strip()]
-            for c in empty:
-                problems.append(ManifestProblem(line, c, f"empty; expected the {c} text of this image", where))
-            if empty:
-                continue
-            width = height = 0
-            found: MaskPosition | None = None
-            if check_masks:
-                try:
-                    if image not in shapes:
-                        shapes[image] = read_image(image).shape[:2]
-                except ValueError as err:
-                    problems.append(ManifestProblem(line, column, f"{err} (expected a PNG or JPEG image)", where))
-                    continue
-                try:
-                    height, width = shapes[image]
-                    if mask not in mask_cache:
-                        mask_cache[mask] = position_of(read_mask(mask, shapes[image]))
-                    found = mask_cache[mask]
-                except (ValueError, FileNotFoundError) as err:
-                    problems.append(ManifestProblem(line, "mask_path", str(err), where))
-                    continue
-            csv_position = parse_position(row.get("position", "")) if "position" in df.columns else None
-            position = found.position if found else (csv_position or "")
-            if found and csv_position and csv_position != found.position:
-                disagreements.append({"id": f"{task}:{line}", "file": where, "line": line,
-                                      "csv_position": csv_position, "mask_position": found.position,
-                                      "mask": str(mask.relative_to(root))})
-            rows.append({"id": f"{task}:{line}", "task": task, "split": split, "image": str(image), "mask": str(mask),
-                         "question": str(row["question"]).strip(), "answer": str(row["answer"]).strip(),
-                         "position": position, "csv_position": csv_position or "",
-                         "near_center": bool(found.near_center) if found else False,
-                         "width": int(width), "height": int(height), "modality_class": MODALITY_CLASS[task]})
-    if problems:
-        raise ManifestError(problems, str(root), hint=f"Expected the PRS-Med layout: {LAYOUT}")
-    manifest = pd.DataFrame(rows, columns=PRSMED_SCHEMA.names)
-    for name in ("image", "mask"):
-        manifest[name] = [str(Path(p).resolve().relative_to(root.resolve()).as_posix()) for p in manifest[name]]
-    return manifest, pd.DataFrame(disagreements, columns=["id", "file", "line", "csv_position", "mask_position",
-                                                          "mask"])
+            found = self._row(row, int(i) + 2, task, where, has_path, "position" in df.columns)
+            if found is not None:
+                rows.append(found)
+        return rows
+
+    def _row(self, row: pd.Series, line: int, task: str, where: str, has_path: bool,
+             has_position: bool) -> dict[str, Any] | None:
+        """One manifest row, or None after recording what is wrong with the annotation row at ``line``."""
+        def problem(column: str, message: str) -> None:
+            self.problems.append(ManifestProblem(line, column, message, where))
+
+        if task not in TASKS:
+            return problem("task", f"expected one of {list(TASKS)}, got {task!r}")
+        split = str(row["split"]).strip()
+        if split not in SPLITS:
+            return problem("split", f"expected one of {list(SPLITS)}, got {split!r}")
+        image = _resolve_image(row, task, split, self.root, has_path)
+        mask = _resolve_mask(row, image, task, split, self.root)
+        column = "image_path" if has_path else "image_name"
+        if not image.is_file():
+            return problem(column, f"image {image} does not exist")
+        if not mask.is_file():
+            return problem("mask_path", f"mask is missing: expected {mask} (same file name as the image, in "
+                                        "<task>/<split>_masks/)")
+        empty = [c for c in ("question", "answer") if not str(row[c]).strip()]
+        for c in empty:
+            problem(c, f"empty; expected the {c} text of this image")
+        if empty:
+            return None
+        (height, width), found = (0, 0), None
+        if self.check_masks:
+            try:
+                if image not in self._shapes:
+                    self._shapes[image] = read_image(image).shape[:2]
+            except ValueError as err:
+                return problem(column, f"{err} (expected a PNG or JPEG image)")
+            try:
+                height, width = self._shapes[image]
+                if mask not in self._positions:
+                    self._positions[mask] = position_of(read_mask(mask, self._shapes[image]))
+                found = self._positions[mask]
+            except (ValueError, FileNotFoundError) as err:
+                return problem("mask_path", str(err))
+        csv_position = parse_position(row.get("position", "")) if has_position else None
+        if found and csv_position and csv_position != found.position:
+            self.disagreements.append({"id": f"{task}:{line}", "file": where, "line": line,
+                                       "csv_position": csv_position, "mask_position": found.position,
+                                       "mask": str(mask.relative_to(self.root))})
+        return {"id": f"{task}:{line}", "task": task, "split": split, "image": str(image), "mask": str(mask),
+                "question": str(row["question"]).strip(), "answer": str(row["answer"]).strip(),
+                "position": found.position if found else (csv_position or ""), "csv_position": csv_position or "",
+                "near_center": bool(found.near_center) if found else False,
+                "width": int(width), "height": int(height), "modality_class": MODALITY_CLASS[task]}
+
+
+def summarise_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per task: rows per split and per position."""
+    splits = pd.crosstab(manifest["task"], manifest["split"]).reindex(columns=["train", "val", "test"], fill_value=0)
+    positions = pd.crosstab(manifest["task"], manifest["position"]).reindex(columns=list(POSITIONS), fill_value=0)
+    return pd.concat([splits, positions], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -373,164 +398,3 @@ def collate_qa(items: list[dict[str, Any]]) -> dict[str, Any]:
             "modality": torch.tensor([i["modality"] for i in items]), "index": torch.tensor([i["index"] for i in items]),
             "question": [i["question"] for i in items], "answer": [i["answer"] for i in items],
             "position": [i["position"] for i in items]}
-
-
-# ---------------------------------------------------------------------------------------------- demo data
-# Per task: what the finding is called, how the modality is named in questions.
-_DEMO_WORDING = {
-    "brain_tumors_ct_scan": ("tumour", "brain CT scan"),
-    "breast_tumors_ct_scan": ("tumour", "breast ultrasound"),
-    "dental_xray": ("lesion", "dental X-ray"),
-    "lung_CT": ("nodule", "lung CT slice"),
-    "lung_Xray": ("opacity", "chest X-ray"),
-    "polyp_endoscopy": ("polyp", "endoscopy image"),
-    "skin_rgbimage": ("lesion", "dermoscopy image"),
-}
-QUESTION_TEMPLATES = (
-    "Where is the {finding} located in this {modality}?",
-    "Can you identify the location of the {finding} in this {modality}?",
-    "Which part of the image contains the {finding}?",
-    "Describe the position of the {finding} in the {modality}.",
-)
-ANSWER_TEMPLATES = (
-    "The {finding} is in the {position} of the image.",
-    "It is located in the {position} region.",
-    "The {finding} appears at the {position} of the {modality}.",
-)
-POSITION_WORDS = {"center": "center", "top left": "top left", "top right": "top right",
-                  "bottom left": "bottom left", "bottom right": "bottom right"}
-DEMO_SIZES = {
-    "smoke": {"n_train": 4, "n_val": 2, "n_test": 2, "image_size": 64, "tasks": DEMO_TASKS},
-    "demo": {"n_train": 100, "n_val": 10, "n_test": 20, "image_size": 128, "tasks": DEMO_TASKS},
-}
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
-    """Low-frequency noise in [0, 1]: random values on a coarse grid, upsampled bicubically."""
-    coarse = rng.random((max(2, size // scale), max(2, size // scale))).astype(np.float32)
-    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-
-
-def _lesion_mask(rng: np.random.Generator, size: int, position: str) -> np.ndarray:
-    """An irregular blob whose ``position_of`` is ``position`` (resampled until it is)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    for _ in range(100):
-        r = size * rng.uniform(0.09, 0.16)
-        if position == "center":
-            cy, cx = size / 2 + rng.uniform(-0.06, 0.06, 2) * size
-        else:
-            vertical, horizontal = position.split()
-            off = rng.uniform(0.2, 0.3, 2) * size
-            cy = size / 2 + (-off[0] if vertical == "top" else off[0])
-            cx = size / 2 + (-off[1] if horizontal == "left" else off[1])
-        angle = np.arctan2(yy - cy, xx - cx)
-        wobble = 1 + sum(rng.uniform(0, 0.15) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
-        aspect = rng.uniform(0.7, 1.3)
-        dist = np.sqrt(((yy - cy) * aspect) ** 2 + ((xx - cx) / aspect) ** 2)
-        mask = dist < r * wobble
-        if mask.any() and position_of(mask).position == position:
-            return mask
-    raise RuntimeError(f"could not place a lesion at {position!r} in a {size} px image")
-
-
-def _render(task: str, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A synthetic image of ``task``'s modality with the finding at ``mask``: uint8 (H, W) grey or (H, W, 3) RGB."""
-    size = mask.shape[0]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(0.6, size / 128))
-    noise = rng.normal(0, 1, (size, size)).astype(np.float32)
-    tex = _smooth_noise(rng, size, 8)
-    if task in ("brain_tumors_ct_scan", "lung_CT"):  # CT-like grey: a bright skull/rib ring around soft tissue
-        r = np.sqrt((yy - 0.5) ** 2 + (xx - 0.5) ** 2)
-        body = (r < 0.46).astype(np.float32)
-        ring = ((r > 0.42) & (r < 0.46)).astype(np.float32)
-        base = 0.05 + body * (0.38 + 0.08 * tex) + ring * 0.45
-        if task == "lung_CT":
-            lungs = ((((xx - 0.32) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
-                     | (((xx - 0.68) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)).astype(np.float32)
-            base = base - 0.28 * lungs
-        img = base + 0.32 * soft + 0.03 * noise
-    elif task in ("lung_Xray", "dental_xray"):  # X-ray-like: dark lung fields in a bright body, soft opacity
-        lungs = ((((xx - 0.3) / 0.17) ** 2 + ((yy - 0.5) / 0.36) ** 2 < 1)
-                 | (((xx - 0.7) / 0.17) ** 2 + ((yy - 0.5) / 0.36) ** 2 < 1)).astype(np.float32)
-        lungs = cv2.GaussianBlur(lungs, (0, 0), size / 40)
-        ribs = 0.06 * (np.sin(yy * 40 + xx * 6) > 0.6)
-        img = 0.75 - 0.5 * lungs + ribs + 0.06 * tex + 0.35 * soft + 0.02 * noise
-    elif task == "breast_tumors_ct_scan":  # ultrasound: speckle in a fan, dark (hypoechoic) lesion with a rim
-        speckle = rng.rayleigh(0.25, (size, size)).astype(np.float32)
-        speckle = cv2.GaussianBlur(speckle, (0, 0), 0.7)
-        fan = (np.abs(xx - 0.5) < 0.15 + 0.4 * yy).astype(np.float32)
-        depth = 1.0 - 0.5 * yy
-        rim = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), size / 40) - soft
-        img = fan * depth * (0.25 + speckle * (1 - 0.8 * soft)) + 0.25 * rim.clip(0, 1)
-    else:  # RGB photographs: endoscopy (pink mucosa, vignetting) and skin (skin tone, brown lesion)
-        vignette = 1 - 0.7 * ((yy - 0.5) ** 2 + (xx - 0.5) ** 2) * 2
-        if task == "polyp_endoscopy":
-            tissue = np.stack([0.85 + 0.1 * tex, 0.45 + 0.1 * tex, 0.4 + 0.05 * tex], -1)
-            lesion = np.array([0.95, 0.75, 0.55], dtype=np.float32)
-            shade = 0.15 * (1 - cv2.GaussianBlur(mask.astype(np.float32), (0, 0), size / 20))
-        else:
-            tissue = np.stack([0.88 + 0.06 * tex, 0.7 + 0.06 * tex, 0.58 + 0.05 * tex], -1)
-            lesion = np.array([0.4, 0.25, 0.15], dtype=np.float32) * (0.8 + 0.4 * tex[..., None])
-            shade = 0.0
-        rgb = tissue * (1 - soft[..., None]) + lesion * soft[..., None]
-        rgb = rgb * (vignette[..., None] - shade if np.ndim(shade) == 0 else vignette[..., None] - shade[..., None])
-        rgb = rgb + 0.02 * rng.normal(0, 1, rgb.shape).astype(np.float32)
-        return (rgb.clip(0, 1) * 255).astype(np.uint8)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def write_demo_dataset(root: str | os.PathLike, n_train: int = 100, n_val: int = 10, n_test: int = 20,
-                       image_size: int = 128, tasks: Sequence[str] = DEMO_TASKS, seed: int = 0) -> Path:
-    """Write a synthetic PRS-Med dataset in the released layout (images, masks, ``annotations/<task>.csv``).
-
-    Each image has one finding placed so that :func:`position_of` gives a chosen position; positions cycle
-    through all five in every split, questions and answers are drawn from several templates per task. The CSV
-    uses the re-implementation's columns (``image_name, question, answer, position, split, task``).
-
-    Args:
-        root: folder to write (created; existing files of the same names are overwritten).
-        n_train, n_val, n_test: images per task and split.
-        image_size: square image side in pixels.
-        tasks: task names (default: five with distinct looks: CT, ultrasound, X-ray, endoscopy, skin).
-
-    Returns:
-        ``root``.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
-    for task in tasks:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-        finding, modality = _DEMO_WORDING[task]
-        records = []
-        for split, n in counts.items():
-            for folder in ("images", "masks"):
-                (root / task / f"{split}_{folder}").mkdir(parents=True, exist_ok=True)
-            order = rng.permutation([POSITIONS[i % len(POSITIONS)] for i in range(n)])
-            for k, position in enumerate(progress(order, desc=f"demo {task} {split}")):
-                name = f"{task}_{split}_{k:04d}.png"
-                mask = _lesion_mask(rng, image_size, str(position))
-                image = _render(task, mask, rng)
-                _write_png(root / task / f"{split}_images" / name,
-                           image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-                _write_png(root / task / f"{split}_masks" / name, mask.astype(np.uint8) * 255)
-                words = {"finding": finding, "modality": modality, "position": POSITION_WORDS[str(position)]}
-                records.append({
-                    "image_name": name,
-                    "question": QUESTION_TEMPLATES[rng.integers(len(QUESTION_TEMPLATES))].format(**words),
-                    "answer": ANSWER_TEMPLATES[rng.integers(len(ANSWER_TEMPLATES))].format(**words),
-                    "position": str(position), "split": split, "task": task,
-                })
-        atomic_write_text(root / "annotations" / f"{task}.csv", pd.DataFrame(records).to_csv(index=False))
-    return root
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        ok, buf = cv2.imencode(".png", array)
-        if not ok:
-            raise ValueError(f"could not encode {path}")
-        Path(tmp).write_bytes(buf.tobytes())

@@ -18,8 +18,6 @@ The parts follow the official ``LLMSeg`` (huyquoctrinh/PRS-Med) as summarised in
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import nn
 
 from nbsupport.metrics import POSITIONS
 from nbsupport.prs_med.data import IMAGENET_MEAN, IMAGENET_STD, N_MODALITY_CLASSES
+from nbsupport.spec import ModelSpec
 
 IMAGE_TOKEN = "<image>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,8 +42,12 @@ def prompt_text(question: str) -> str:
 
 # ============================================================================================== spec
 @dataclasses.dataclass(frozen=True)
-class PRSMedSpec:
-    """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json``."""
+class PRSMedSpec(ModelSpec):
+    """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json``.
+
+    JSON and fingerprint as :class:`nbsupport.spec.ModelSpec`'s defaults (indent 2, sorted keys, every field), which
+    is what the checkpoints written so far record.
+    """
 
     image_size: int = 1024  # model input (pixels); SAM's 1024 in full
     sam_path: str = ""  # local transformers SAM folder (SamModel or SamVisionModel); '' = random init below
@@ -71,17 +74,6 @@ class PRSMedSpec:
     decoder_hidden: int = 128
     modality_classes: int = N_MODALITY_CLASSES
     seed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PRSMedSpec:
-        return cls(**json.loads(text))
-
-    def fingerprint(self) -> str:
-        """Checkpoints record this; loading one into another architecture is refused."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 # ============================================================================================== losses
@@ -577,12 +569,10 @@ def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[s
     return counts
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameters of each part of a built :class:`PRSMedNet` (total and trainable)."""
-    parts = {"sam_image_encoder": model.image_encoder, "vlm": model.vlm, "mask_decoder": model.mask_decoder,
-             "modality_classifier": model.modality_classifier}
-    out = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
-    out["lora_adapters"] = sum(p.numel() for n, p in model.vlm.named_parameters() if "lora_" in n)
-    out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out["total"] = sum(p.numel() for p in model.parameters())
-    return out
+def network_parts(model: PRSMedNet) -> dict[str, nn.Module]:
+    """The parts of a built :class:`PRSMedNet` counted separately (``nbsupport.spec.count_parameters``): SAM image
+    encoder, the whole VLM (LoRA included), mask decoder, modality classifier, and the LoRA adapters alone (the
+    ``lora_*`` containers peft puts into the language model's q/k/v/o projections)."""
+    lora = nn.ModuleList(m for name, m in model.vlm.named_modules() if name.rsplit(".", 1)[-1].startswith("lora_"))
+    return {"sam_image_encoder": model.image_encoder, "vlm": model.vlm, "mask_decoder": model.mask_decoder,
+            "modality_classifier": model.modality_classifier, "lora_adapters": lora}

@@ -19,8 +19,6 @@ Architecture, as the public code builds it:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -30,14 +28,25 @@ from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets.vista3d import Attention, PositionEmbeddingRandom, TwoWayTransformer
 from torch import nn
 
+from nbsupport.spec import ModelSpec
+
 SEG_TOKEN = "<SEG>"
 TextEncoderKind = Literal["sentence", "causal", "tiny_sentence", "tiny_causal"]
 
 
 # ============================================================================================ spec
 @dataclasses.dataclass(frozen=True)
-class LLMSegSpec:
-    """Everything needed to rebuild a trained network (written as ``model_spec.json`` next to its checkpoints)."""
+class LLMSegSpec(ModelSpec):
+    """Everything needed to rebuild a trained network (written as ``model_spec.json`` next to its checkpoints).
+
+    The JSON and fingerprint are those of the specs the first release wrote (one line, sorted keys): the ``roi``
+    only sets the inference window, so it is not fingerprinted; ``text_readout`` came later and is left out while it
+    holds its default ``"mean"`` (pinned by ``tests/test_spec_fingerprints.py``).
+    """
+
+    JSON_INDENT = None
+    NOT_FINGERPRINTED = ("roi",)
+    LATER_FIELDS = {"text_readout": "mean"}
 
     feature_size: int = 48
     n_prompts: int = 2
@@ -63,22 +72,6 @@ class LLMSegSpec:
     # "tokens" (our addition): no readout at all; the fusion's text tokens are the encoder's per-token hidden states of
     # the report (each prompt: report tokens + [SEP], as seen through that prompt's context), padding masked out of the
     # two-way attention, so the side word is a token of its own (92 % of its variance over reports is the side).
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> LLMSegSpec:
-        values = json.loads(text)
-        values["roi"] = tuple(values["roi"])
-        return cls(**values)
-
-    def fingerprint(self) -> str:
-        """Hash of the architecture (not of the roi, which only affects inference)."""
-        arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("roi",)}
-        if arch["text_readout"] == "mean":
-            del arch["text_readout"]  # specs written before the field existed keep their fingerprint
-        return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ============================================================================================ text encoders
@@ -408,13 +401,6 @@ def build_llmseg(spec: LLMSegSpec, seed: int = 0) -> LLMSeg:
     encoder = build_report_encoder(spec, seed) if spec.use_text else None
     torch.manual_seed(seed)
     return LLMSeg(spec, encoder)
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable and frozen parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "frozen": frozen}
 
 
 def voxels_per_scale(shape: Sequence[int]) -> list[int]:

@@ -1,142 +1,34 @@
-"""ct_clip configs, the cluster command line, and the distributed launch choice (DDP vs DeepSpeed ZeRO-1)."""
+"""The ct_clip verbs called from Python (no notebook): 02 trains and records its parameter count, 03 and 04 write
+the viewer pages the run folder promises and return their cases, and the trained model loads onto a device."""
 from __future__ import annotations
 
-import pandas as pd
-import pytest
+import json
+
 import torch
-import yaml
 
 from nbsupport import ct_clip
-from nbsupport.config import PROFILES, ConfigError
-from nbsupport.ct_clip import data as ct_data
-from nbsupport.ct_clip import preprocessing as ct_pre
-from nbsupport.ct_clip.pipeline import ACCELERATE_ZERO1, distributed_config
-from nbsupport.checkpoints import WEIGHTS_FILE, save_weights, write_checkpoint
-from nbsupport.launch import launch_command
+from nbsupport.runs import RunFolder
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-def test_every_stage_config_builds_for_every_profile(profile):
-    for cls in (ct_clip.PreprocessConfig, ct_clip.TrainConfig, ct_clip.InferConfig, ct_clip.AttentionConfig):
-        cfg = cls.from_params({"profile": profile})
-        assert cfg.profile == profile
-    full = ct_clip.PreprocessConfig.from_params({"profile": "full"})
-    assert full.spacing == (1.25, 1.25, 2.0) and full.shape == (256, 256, 192)  # CT-Data's
-    assert ct_clip.TrainConfig.from_params({"profile": "full"}).loss == "siglip"  # the seed's loss
-
-
-def test_bad_parameters_are_named():
-    with pytest.raises(ConfigError, match="loss"):
-        ct_clip.TrainConfig.from_params({"loss": "triplet"})
-    with pytest.raises(ConfigError, match="label must be one of"):
-        ct_clip.AttentionConfig.from_params({"label": "Pneumothorax"})
-    with pytest.raises(ConfigError, match="hu_max"):
-        ct_clip.PreprocessConfig.from_params({"hu_min": 100.0, "hu_max": 0.0})
-
-
-def test_deepspeed_zero1_on_cuda_ddp_otherwise():
-    assert distributed_config(2, cuda=True) == ACCELERATE_ZERO1
-    assert distributed_config(2, cuda=False) is None and distributed_config(1, cuda=True) is None
-    settings = yaml.safe_load(ACCELERATE_ZERO1.read_text())
-    assert settings["distributed_type"] == "DEEPSPEED" and settings["deepspeed_config"]["zero_stage"] == 1
-    command = launch_command(2, ["--out", "x"], accelerate_config=ACCELERATE_ZERO1)
-    assert command[command.index("--config_file") + 1] == str(ACCELERATE_ZERO1) and "--multi_gpu" not in command
-    assert "--multi_gpu" in launch_command(2, ["--out", "x"])  # the default launch is unchanged
-
-
-def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_path, capsys):
-    root = ct_data.write_demo_dataset(tmp_path / "data", n_train_patients=4, n_valid_patients=2, scale=0.2)
-    manifest = tmp_path / "ct.csv"
-    argv = ["--data-root", str(root), "--manifest", str(manifest), "--workers", "1", "--spacing", "5", "5", "8",
-            "--shape", "64", "64", "48", "--val-fraction", "0.25", "--status-csv", str(tmp_path / "status.csv")]
-    assert ct_pre.main(argv) == 0
-    frame = pd.read_csv(manifest)
-    assert len(frame) == 6 and set(frame.split) == {"train", "val", "test"}
-    assert list(frame.columns[:3]) == ["volume", "patient", "image"]
-    assert frame.spacing_x.between(4.8, 5.2).all() and frame.spacing_z.between(7.6, 8.4).all()
-    assert (pd.read_csv(tmp_path / "status.csv").status == "done").all()
-    assert ct_pre.main(argv) == 0
-    assert (pd.read_csv(tmp_path / "status.csv").status == "skipped").all()
-    image = ct_data.read_preprocessed(root / frame.image[0])
-    assert image.shape == (1, 64, 64, 48)
-
-
-@pytest.fixture(scope="module")
-def tiny_manifest(tmp_path_factory):
-    """(data root, manifest) of 3 + 1 demo patients preprocessed to 16^3 voxels."""
-    tmp_path = tmp_path_factory.mktemp("ct_clip_tiny")
-    root = ct_data.write_demo_dataset(tmp_path / "data", n_train_patients=3, n_valid_patients=1, scale=0.2)
-    manifest = tmp_path / "ct.csv"
-    assert ct_pre.main(["--data-root", str(root), "--manifest", str(manifest), "--workers", "1", "--spacing", "8",
-                        "8", "8", "--shape", "16", "16", "16", "--val-fraction", "0.34"]) == 0
-    return root, manifest
-
-
-def test_sentence_sampling_trains_on_report_subsets_and_evaluates_whole_reports(tiny_manifest):
+def test_verbs_write_the_viewer_pages_themselves(tiny_manifest, tmp_path):
     root, manifest = tiny_manifest
-    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "sentence_keep": 0.4,
-                                          "text_tuning": "frozen"})
-    task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
-    model = task.build_model()
-    train = task.manifest[task.manifest.split == "train"].reset_index(drop=True)
-    sentences = ct_clip.pipeline.split_sentences(train.report[0])
-    assert len(sentences) >= 8 and len(task._sentence_cache[0]) == len(sentences)
-    whole = task._text_cache["train"][0]
-    assert torch.allclose(task._sentence_cache[0].mean(0), whole, atol=1e-5)  # sentence_mean of all = the report
-    index = torch.tensor([0])
-    model.eval()
-    assert torch.equal(task._text(model, "train", index)[0], whole)  # evaluation reads whole reports
-    model.train()
-    sampled = torch.stack([task._text(model, "train", index)[0] for _ in range(20)])
-    assert not torch.allclose(sampled, whole.expand_as(sampled), atol=1e-4)  # training reads subsets
-    with pytest.raises(ConfigError, match="sentence_keep"):
-        ct_clip.TrainConfig.from_params({"sentence_keep": 0.0})
+    common = {"profile": "smoke", "manifest": str(manifest), "run_dir": str(tmp_path / "runs" / "py" / "ct_clip")}
+    train_cfg = ct_clip.TrainConfig.from_params({**common, "max_steps": 1, "epochs": 1, "batch_size": 2})
+    outcome = ct_clip.train(train_cfg, RunFolder.for_stage(train_cfg))
+    metrics = json.loads((tmp_path / "runs" / "py" / "ct_clip" / "metrics.json").read_text())["02_train"]
+    assert metrics["n_params"] == outcome.parameters.total > metrics["n_trainable"] == outcome.parameters.trainable > 0
 
+    infer_cfg = ct_clip.InferConfig.from_params({**common, "split": "train", "linear_probe": False})  # labels vary
+    infer_run = RunFolder.for_stage(infer_cfg)
+    result = ct_clip.predict(infer_cfg, infer_run)
+    assert result.viewer_path == infer_run.path / "03_case_viewer.html" and result.viewer_path.is_file()
+    assert result.viewer_cases and result.viewer_cases[0]["modality"] == "CT"
+    assert result.viewer_cases[0]["title"] in result.viewer_path.read_text()
 
-def test_lora_text_tower_trains_and_its_checkpoint_reloads(tiny_manifest, tmp_path):
-    """The demo's trained text tower: the loss reaches the LoRA weights, a step changes the prompt embeddings, and
-    the trainable-only checkpoint rebuilds the same text tower (CT-CLIP trains its text encoder)."""
-    root, manifest = tiny_manifest
-    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest)})
-    assert cfg.text_tuning == "lora" and ct_clip.TrainConfig.from_params({"profile": "demo"}).text_tuning == "lora"
-    spec = cfg.model_spec()
-    task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), spec.to_json())
-    model = task.build_model().train()
-    assert not task._text_cache  # nothing the LoRA weights change is cached
-    prompts = ["Pleural effusion is present.", "Pleural effusion is not present."]
-    with torch.no_grad():
-        before = model.eval().encode_text(prompts)
-    dataset = task.train_dataset()
-    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
-    optimizer = torch.optim.AdamW(task.trainable_parameters(model), lr=1e-2)
-    model.train()
-    task.training_step(model, batch).backward()
-    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert lora and any(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
-    optimizer.step()
-    with torch.no_grad():
-        after = model.eval().encode_text(prompts)
-    assert not torch.allclose(before, after, atol=1e-4)
-    checkpoint = tmp_path / "run" / "checkpoints" / "best"  # as the trainer writes it (trainable tensors only)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model_spec.json").write_text(spec.to_json())
-    meta = {"config_hash": spec.fingerprint(), "step": 1}
-    write_checkpoint(checkpoint, meta, lambda folder: save_weights(model, folder / WEIGHTS_FILE, meta, True))
-    reloaded = ct_clip.pipeline.load_trained_model(checkpoint)
-    with torch.no_grad():
-        assert torch.allclose(reloaded.encode_text(prompts), after, atol=1e-5)
+    attention_cfg = ct_clip.AttentionConfig.from_params(common)
+    attention = ct_clip.attention_maps(attention_cfg, RunFolder.for_stage(attention_cfg))
+    assert attention.viewer_path is not None and attention.viewer_path.name == "04_attention_viewer.html"
+    assert attention.viewer_path.is_file() and attention.viewer_cases[0]["attention"].ndim == 3
 
-
-def test_best_checkpoint_is_picked_by_a_metric_the_validation_pass_reports(tiny_manifest):
-    root, manifest = tiny_manifest
-    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest)})
-    assert cfg.select_checkpoint_by == "mean_rank"  # R@5 of a small validation split saturates at 1.0 early
-    task = ct_clip.pipeline.CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
-    model = task.build_model().eval()
-    loader = torch.utils.data.DataLoader(task.val_dataset(), batch_size=2)
-    metrics = task.evaluate(model, loader, torch.device("cpu"))
-    for choice in ("r5", "mean_rank"):
-        assert ct_clip.pipeline._monitor(choice).removeprefix("val_") in metrics
-    assert metrics["mean_rank_report_to_volume"] >= 1
-    with pytest.raises(ConfigError, match="select_checkpoint_by"):
-        ct_clip.TrainConfig.from_params({"select_checkpoint_by": "r10"})
+    model = ct_clip.load_trained_model(outcome.checkpoint, device="meta")
+    assert {p.device for p in model.parameters()} | {b.device for b in model.buffers()} == {torch.device("meta")}

@@ -1,5 +1,6 @@
 """Preprocessing on volumes with known content and anisotropic spacing: shape, spacing, HU window, orientation,
-agreement with the seed's MONAI chain (CT-Data preprocess.py), and the many-volume runner (skip, redo, failures)."""
+agreement with the seed's MONAI chain (CT-Data preprocess.py), the many-volume runner (skip, redo, failures)
+and its command line."""
 from __future__ import annotations
 
 import gzip
@@ -7,8 +8,11 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
+from nbsupport.ct_clip import data as ct_data
+from nbsupport.ct_clip import demo_data
 from nbsupport.ct_clip import preprocessing as ct_pre
 
 SPEC = ct_pre.PreprocessSpec(spacing=(2.0, 2.0, 4.0), shape=(40, 36, 32))
@@ -198,7 +202,7 @@ def test_runner_skips_done_volumes_redoes_on_request_and_reports_failures(tmp_pa
 
 
 def test_real_ct_slice_from_pydicom_keeps_hounsfield_units():
-    from nbsupport.ct_clip.pipeline import dicom_to_ct, packaged_real_ct
+    from nbsupport.ct_clip.data import dicom_to_ct, packaged_real_ct
 
     ct = dicom_to_ct(packaged_real_ct())
     hu = ct.stored.astype(np.float32) * ct.slope + ct.intercept
@@ -207,3 +211,20 @@ def test_real_ct_slice_from_pydicom_keeps_hounsfield_units():
     image, spacing = ct_pre.preprocess_volume(ct, ct_pre.PreprocessSpec(spacing=(1.25, 1.25, 2.0), shape=(96, 96, 8)))
     assert image.shape == (1, 96, 96, 8) and 0.0 <= image.min() and image.max() <= 1.0
     assert image.max() > 0.8  # bone above ~1000 HU survives the -1000..1500 window
+
+
+def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_path, capsys):
+    root = demo_data.write_demo_dataset(tmp_path / "data", n_train_patients=4, n_valid_patients=2, scale=0.2)
+    manifest = tmp_path / "ct.csv"
+    argv = ["--data-root", str(root), "--manifest", str(manifest), "--workers", "1", "--spacing", "5", "5", "8",
+            "--shape", "64", "64", "48", "--val-fraction", "0.25", "--status-csv", str(tmp_path / "status.csv")]
+    assert ct_pre.main(argv) == 0
+    frame = pd.read_csv(manifest)
+    assert len(frame) == 6 and set(frame.split) == {"train", "val", "test"}
+    assert list(frame.columns[:3]) == ["volume", "patient", "image"]
+    assert frame.spacing_x.between(4.8, 5.2).all() and frame.spacing_z.between(7.6, 8.4).all()
+    assert (pd.read_csv(tmp_path / "status.csv").status == "done").all()
+    assert ct_pre.main(argv) == 0
+    assert (pd.read_csv(tmp_path / "status.csv").status == "skipped").all()
+    image = ct_data.read_preprocessed(root / frame.image[0])
+    assert image.shape == (1, 64, 64, 48)

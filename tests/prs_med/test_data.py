@@ -1,4 +1,4 @@
-"""The PRS-Med layout adapter: position_of as the official generator, mask checks, manifest, demo data."""
+"""The PRS-Med layout adapter: position_of as the official generator, mask checks, manifest, Dataset."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from nbsupport.manifest import ManifestError
-from nbsupport.metrics import POSITIONS
 from nbsupport.prs_med import data
 
 
@@ -66,61 +65,6 @@ def test_read_mask_errors_name_the_file_and_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="grey.png: not a binary mask"):
         data.read_mask(tmp_path / "grey.png")
     assert data.read_mask(tmp_path / "small.png", (32, 40)).sum() == 25
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return data.write_demo_dataset(tmp_path_factory.mktemp("prs") / "demo", n_train=5, n_val=1, n_test=5,
-                                   image_size=48, seed=3)
-
-
-def test_demo_data_follows_the_layout_and_covers_tasks_and_positions(demo_root: Path) -> None:
-    manifest, disagreements = data.build_manifest(demo_root)
-    assert len(disagreements) == 0
-    assert sorted(manifest["task"].unique()) == sorted(data.DEMO_TASKS)
-    assert len(manifest) == 5 * 11
-    test = manifest[manifest.split == "test"]
-    for task, part in test.groupby("task"):
-        assert sorted(part["position"]) == sorted(POSITIONS), task  # all five positions in every task's test split
-    assert manifest["question"].nunique() >= 8 and manifest["answer"].nunique() >= 10
-    for row in manifest.itertuples():
-        assert (demo_root / row.image).is_file() and (demo_root / row.mask).is_file()
-        assert row.image.split("/")[1] == f"{row.split}_images" and row.mask.split("/")[1] == f"{row.split}_masks"
-        assert data.position_of(data.read_mask(demo_root / row.mask)).position == row.position
-
-
-def test_demo_tasks_look_different(demo_root: Path) -> None:
-    manifest, _ = data.build_manifest(demo_root)
-    looks = {}
-    for task, part in manifest.groupby("task"):
-        image = data.read_image(demo_root / part.iloc[0]["image"]).astype(float)
-        colour = float(np.abs(image[..., 0] - image[..., 2]).mean())
-        looks[task] = (colour, image.mean(), image.std())
-    grey = ("brain_tumors_ct_scan", "breast_tumors_ct_scan", "lung_Xray")
-    assert all(looks[t][0] < 1 for t in grey)
-    assert all(looks[t][0] > 20 for t in ("polyp_endoscopy", "skin_rgbimage"))
-    assert len({round(v[1] / 10) for v in looks.values()}) >= 4  # mean brightness differs between modalities
-
-
-def test_demo_finding_is_drawn_where_its_mask_is_not_flipped(demo_root: Path) -> None:
-    # The image read back (BGR file -> RGB) shows the finding inside its mask: the colour contrast between the mask
-    # and a 3 px ring around it is clearly larger than with the mask flipped top/bottom or left/right. Checked on
-    # the tasks whose background near a lesion is plain (CT, endoscopy, skin); the ultrasound fan and the X-ray's
-    # lung fields give a flipped mask its own contrast.
-    manifest, _ = data.build_manifest(demo_root)
-    plain = manifest[manifest.task.isin(["brain_tumors_ct_scan", "polyp_endoscopy", "skin_rgbimage"])
-                     & (manifest.position != "center")]  # a centred blob flipped still mostly overlaps itself
-    assert len(plain) == 3 * (11 - 3)  # 3 of each task's 11 images are centred (train 1, val 1, test 1)
-    for row in plain.itertuples():
-        image = data.read_image(demo_root / row.image).astype(float)
-        mask = data.read_mask(demo_root / row.mask)
-
-        def contrast(m: np.ndarray) -> float:
-            ring = cv2.dilate(m.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~m
-            return float(np.abs(image[m].mean(axis=0) - image[ring].mean(axis=0)).sum())
-
-        true, flipped = contrast(mask), max(contrast(mask[::-1]), contrast(mask[:, ::-1]))
-        assert true > 1.5 * flipped, (row.image, row.position, true, flipped)
 
 
 def test_build_manifest_reports_every_bad_mask_at_once(demo_root: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from nbsupport.prs_med.model import (
     PRSMedNet,
     PRSMedSpec,
     full_parameter_counts,
+    network_parts,
     prompt_text,
     structure_loss,
 )
@@ -82,10 +83,24 @@ def test_only_lora_vision_projector_and_heads_train(tiny_model: PRSMedNet) -> No
     assert tiny_model.vlm.peft_config["default"].r == 16
 
 
+def test_parameter_count_of_the_parts(tiny_model: PRSMedNet) -> None:
+    """metrics.json's keys: each part, the LoRA adapters alone (every ``lora_*`` tensor of the VLM, counted once),
+    total and trainable; the LoRA tensors are inside the VLM's count."""
+    from nbsupport.spec import count_parameters
+
+    counts = count_parameters(tiny_model, network_parts(tiny_model)).to_dict()
+    lora = sum(p.numel() for n, p in tiny_model.vlm.named_parameters() if "lora_" in n)
+    assert counts["lora_adapters"] == lora > 0
+    assert counts["vlm"] == sum(p.numel() for p in tiny_model.vlm.parameters()) > lora
+    parts = ("sam_image_encoder", "vlm", "mask_decoder", "modality_classifier")
+    assert counts["total"] == sum(counts[k] for k in parts)  # the parts cover the network, without overlap
+    assert counts["trainable"] + counts["frozen"] == counts["total"] and counts["frozen"] > 0
+
+
 def test_position_weight_scores_the_position_words(tiny_model: PRSMedNet) -> None:
     """The weighted answer loss: every position word of the demo answers is one weighted token, and a huge weight
     leaves the mean cross-entropy of those tokens alone (checked against the LLaVA model's own logits)."""
-    from nbsupport.prs_med.data import ANSWER_TEMPLATES, POSITION_WORDS
+    from nbsupport.prs_med.demo_data import ANSWER_TEMPLATES, POSITION_WORDS
 
     tok = tiny_model.tokenizer
     answers = [ANSWER_TEMPLATES[i % len(ANSWER_TEMPLATES)].format(finding="polyp", modality="endoscopy image",
@@ -168,7 +183,8 @@ def test_the_network_learns_masks_and_answers_of_a_small_set() -> None:
     tower and the projector, so its loss falls slowly: 10.87 -> 10.28 nats measured; the structure loss 1.57 -> 1.17."""
     import numpy as np
 
-    from nbsupport.prs_med.data import _lesion_mask, _render, image_to_tensor, mask_to_tensor
+    from nbsupport.prs_med.data import image_to_tensor, mask_to_tensor
+    from nbsupport.prs_med.demo_data import _lesion_mask, _render
 
     rng = np.random.default_rng(0)
     positions = ["top left", "bottom right", "center", "top right", "bottom left", "center"]

@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 
 from nbsupport.ct_clip import data as ct_data
-from nbsupport.ct_clip import pipeline
+from nbsupport.ct_clip import demo_data, pipeline
+from nbsupport.ct_clip.config import PreprocessConfig, TrainConfig
 from nbsupport.manifest import meta_path
 from nbsupport.runs import RunFolder
 
@@ -142,11 +143,11 @@ DATASET_CASES = [
 
 @pytest.fixture(scope="module")
 def valid_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ct_data.write_demo_dataset(tmp_path_factory.mktemp("ct_clip") / "data", **DEMO)
+    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("ct_clip") / "data", **DEMO)
 
 
-def _preprocess_config(root: Path, manifest: Path, run_dir: Path) -> pipeline.PreprocessConfig:
-    return pipeline.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root), "manifest": str(manifest),
+def _preprocess_config(root: Path, manifest: Path, run_dir: Path) -> PreprocessConfig:
+    return PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root), "manifest": str(manifest),
                                                   "run_dir": str(run_dir), "n_examples": 1, "real_ct": "none",
                                                   "shape": [16, 16, 8], "spacing": [20.0, 20.0, 40.0]})
 
@@ -254,8 +255,8 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, val
 
 
 # ---------------------------------------------------------------------------------------------- parameter cases
-PARAMETER_CASES = (parameter_cases("ct_clip", pipeline.TrainConfig, "lr", "learning_rate")
-                   + parameter_cases("ct_clip_01", pipeline.PreprocessConfig, "hu_min", "hu_minimum"))
+PARAMETER_CASES = (parameter_cases("ct_clip", TrainConfig, "lr", "learning_rate")
+                   + parameter_cases("ct_clip_01", PreprocessConfig, "hu_min", "hu_minimum"))
 
 
 @pytest.mark.parametrize("case", PARAMETER_CASES, ids=lambda c: c.id)

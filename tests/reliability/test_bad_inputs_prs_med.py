@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from nbsupport.manifest import meta_path
+from nbsupport.prs_med import config, demo_data, pipeline
 from nbsupport.prs_med import data as prs_data
-from nbsupport.prs_med import pipeline
 from nbsupport.runs import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -141,12 +141,12 @@ DATASET_CASES = [
 
 @pytest.fixture(scope="module")
 def valid_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prs_data.write_demo_dataset(tmp_path_factory.mktemp("prs_med") / "data", **SIZES)
+    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("prs_med") / "data", **SIZES)
 
 
-def _preprocess_config(root: Path, manifest: Path, run_dir: Path) -> pipeline.PreprocessConfig:
-    return pipeline.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root), "manifest": str(manifest),
-                                                  "run_dir": str(run_dir), "n_examples": 1})
+def _preprocess_config(root: Path, manifest: Path, run_dir: Path) -> config.PreprocessConfig:
+    return config.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root), "manifest": str(manifest),
+                                                "run_dir": str(run_dir), "n_examples": 1})
 
 
 def test_the_undamaged_dataset_passes_and_a_16bit_binary_mask_is_read_as_binary(valid_dataset: Path,
@@ -208,7 +208,7 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, val
 
 
 # ---------------------------------------------------------------------------------------------- parameter cases
-PARAMETER_CASES = parameter_cases("prs_med", pipeline.TrainConfig, "lr", "learning_rate")
+PARAMETER_CASES = parameter_cases("prs_med", config.TrainConfig, "lr", "learning_rate")
 
 
 @pytest.mark.parametrize("case", PARAMETER_CASES, ids=lambda c: c.id)

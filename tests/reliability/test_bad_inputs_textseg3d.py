@@ -18,8 +18,9 @@ import pytest
 
 from nbsupport.manifest import meta_path
 from nbsupport.runs import RunFolder
+from nbsupport import textseg3d
 from nbsupport.textseg3d import data as ts_data
-from nbsupport.textseg3d import pipeline
+from nbsupport.textseg3d.demo_data import write_demo_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from catalogue import (
@@ -229,11 +230,11 @@ NPZ_CASES = [
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("textseg3d")
-    return {layout: ts_data.write_demo_dataset(folder / layout, layout=layout, **SIZES) for layout in ("npz", "nifti")}
+    return {layout: write_demo_dataset(folder / layout, layout=layout, **SIZES) for layout in ("npz", "nifti")}
 
 
-def _preprocess_config(root: Path, manifest: Path, run_dir: Path) -> pipeline.PreprocessConfig:
-    return pipeline.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root), "manifest": str(manifest),
+def _preprocess_config(root: Path, manifest: Path, run_dir: Path) -> textseg3d.PreprocessConfig:
+    return textseg3d.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root), "manifest": str(manifest),
                                                   "run_dir": str(run_dir), "n_examples": 1})
 
 
@@ -241,7 +242,7 @@ def test_the_undamaged_datasets_pass(datasets: dict[str, Path], tmp_path: Path) 
     """The control: every failure below is the damage's doing (both layouts)."""
     for layout, root in datasets.items():
         cfg = _preprocess_config(root, tmp_path / layout / "m.csv", tmp_path / layout / "run" / "textseg3d")
-        result = pipeline.preprocess(cfg, RunFolder.for_stage(cfg))
+        result = textseg3d.preprocess(cfg, RunFolder.for_stage(cfg))
         assert len(result.manifest) == 4 and set(result.manifest.layout) == {layout}
 
 
@@ -253,7 +254,7 @@ def test_bad_dataset_is_refused_by_01_preprocess(case: BadInput, datasets: dict[
     manifest, run_dir = tmp_path / "manifests" / "textseg3d.csv", tmp_path / "runs" / "r" / "textseg3d"
     cfg = _preprocess_config(root, manifest, run_dir)
     run = RunFolder.for_stage(cfg)
-    assert_refused(lambda: pipeline.preprocess(cfg, run), expect, (run_dir, manifest.parent))
+    assert_refused(lambda: textseg3d.preprocess(cfg, run), expect, (run_dir, manifest.parent))
     assert not manifest.exists() and not meta_path(manifest).exists()
 
 
@@ -281,13 +282,13 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, dat
                                                              valid_manifest: pd.DataFrame, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(datasets["npz"], root)
-    run_dir = assert_02_train_refuses(case, pipeline, valid_manifest, ts_data.TEXTSEG3D_SCHEMA, root, tmp_path)
+    run_dir = assert_02_train_refuses(case, textseg3d, valid_manifest, ts_data.TEXTSEG3D_SCHEMA, root, tmp_path)
     assert not (run_dir / "checkpoints").exists()
 
 
 # ---------------------------------------------------------------------------------------------- parameter cases
-PARAMETER_CASES = (parameter_cases("textseg3d", pipeline.TrainConfig, "lr", "learning_rate")
-                   + parameter_cases("textseg3d_01", pipeline.PreprocessConfig, "val_fraction", "val_fractoin"))
+PARAMETER_CASES = (parameter_cases("textseg3d", textseg3d.TrainConfig, "lr", "learning_rate")
+                   + parameter_cases("textseg3d_01", textseg3d.PreprocessConfig, "val_fraction", "val_fractoin"))
 
 
 @pytest.mark.parametrize("case", PARAMETER_CASES, ids=lambda c: c.id)

@@ -1,4 +1,4 @@
-"""textseg3d adapter: report -> prompt, report tables (.xlsx / .csv), npz and NIfTI layouts, manifest, demo data."""
+"""textseg3d adapter: report -> prompt, report tables (.xlsx / .csv), npz and NIfTI layouts, manifest, data lists."""
 from __future__ import annotations
 
 import shutil
@@ -11,23 +11,22 @@ import pytest
 
 from nbsupport.manifest import ManifestError, read_manifest, write_manifest
 from nbsupport.textseg3d.data import (
-    DEMO_SIZES,
     REPORT_COLUMNS,
     TEXTSEG3D_SCHEMA,
     ReportError,
     build_manifest,
+    case_items,
     canonical_spacing,
-    demo_cases,
     flip_side,
     from_canonical,
     laterality,
     load_case,
     read_report_table,
-    render_demo_case,
     report_to_prompt,
+    report_variant,
     to_canonical,
-    write_demo_dataset,
 )
+from nbsupport.textseg3d.demo_data import DEMO_SIZES, write_demo_dataset
 
 SMOKE = DEMO_SIZES["smoke"]
 
@@ -64,6 +63,15 @@ def test_flip_side_swaps_only_the_side() -> None:
     assert flip_side("N0, cT2, breast conserving surgery, left side") == \
         "N0, cT2, breast conserving surgery, right side"
     assert flip_side("N1, cT3, total mastectomy surgery, right side").endswith("left side")
+
+
+def test_report_variants() -> None:
+    p = "N0, cT2, breast conserving surgery, left side"
+    assert report_variant(p, "true") == p
+    assert report_variant(p, "flipped").endswith("right side")
+    assert report_variant(p, "empty") == ""
+    with pytest.raises(ValueError):
+        report_variant(p, "shuffled")
 
 
 def test_xlsx_and_csv_report_tables_read_the_same(tmp_path: Path) -> None:
@@ -124,20 +132,6 @@ def test_npz_and_nifti_layouts_load_to_the_same_canonical_arrays(tmp_path: Path)
     np.testing.assert_allclose(np.diag(stored.affine)[:3], list(reversed(SMOKE["spacing"])))
 
 
-def test_demo_target_is_on_the_reported_side_and_the_image_shows_both_breasts() -> None:
-    shape, spacing = SMOKE["shape"], SMOKE["spacing"]
-    for case in demo_cases(8)[:4]:
-        image, target = render_demo_case(case, shape, spacing)
-        assert target.any()
-        centre_w = np.argwhere(target)[:, 2].mean()
-        # IPL: the patient's left is the high end of axis 2
-        assert (centre_w > shape[2] / 2) == (case.side == "left"), case
-        # soft tissue anterior to the chest on both sides: the breasts are mirror images up to jitter
-        soft = (image > -500)[:, : shape[1] // 3]
-        left, right = soft[..., shape[2] // 2:].sum(), soft[..., : shape[2] // 2].sum()
-        assert 0.7 < left / right < 1.4
-
-
 # ---------------------------------------------------------------------------------------------- manifest
 def test_manifest_splits_per_side_and_lists_the_bilateral_case(tmp_path: Path) -> None:
     root = write_demo_dataset(tmp_path / "d", **SMOKE)
@@ -162,3 +156,12 @@ def test_shape_mismatch_and_missing_report_rows_are_reported_together(tmp_path: 
     text = str(err.value)
     assert "'BC001'" in text and "label shape (4, 4, 4)" in text
     assert "'XYZ9'" in text and "report row" in text
+
+
+def test_case_items_carry_the_prompt_of_each_report_variant(tmp_path: Path) -> None:
+    root = write_demo_dataset(tmp_path / "d", **SMOKE)
+    manifest = build_manifest(root).manifest.head(2)
+    true, flipped = case_items(manifest, root), case_items(manifest, root, "flipped")
+    assert [i["case"] for i in true] == list(manifest["case"]) and true[0]["image"] == str(root / manifest.iloc[0].image)
+    assert [i["prompt"] for i in flipped] == [flip_side(p) for p in manifest["prompt"]]
+

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbsupport.textseg3d.model import SEG_TOKEN, LLMSegSpec, build_llmseg, count_parameters, voxels_per_scale
+from nbsupport.spec import count_parameters
+from nbsupport.textseg3d.model import SEG_TOKEN, LLMSegSpec, build_llmseg, voxels_per_scale
 
 REPORTS = ["N0, cT2, breast conserving surgery, left side",
            "N1, cT3, total mastectomy surgery, right side, with a much longer remark about the axilla"]
@@ -45,7 +46,7 @@ def test_causal_encoder_reads_the_seg_token_added_to_the_vocabulary() -> None:
 def test_only_contexts_and_the_unet_train_and_gradients_reach_the_contexts() -> None:
     model = build_llmseg(_spec())
     counts = count_parameters(model)
-    assert counts["frozen"] == sum(p.numel() for p in model.text_encoder.backbone.parameters())
+    assert counts.frozen == sum(p.numel() for p in model.text_encoder.backbone.parameters())
     image = torch.randn(2, 1, 32, 32, 64)
     logits = model(image, REPORTS)
     assert logits.shape == (2, 2, 32, 32, 64)
@@ -63,7 +64,7 @@ def test_the_report_changes_the_segmentation_and_the_image_only_model_has_no_tex
     assert (left - right).abs().max() > 1e-4
     image_only = build_llmseg(_spec(use_text=False))
     assert image_only.text_encoder is None and not hasattr(image_only, "fusion")
-    assert count_parameters(image_only)["frozen"] == 0
+    assert count_parameters(image_only).frozen == 0
     assert image_only(image).shape == (1, 2, 32, 32, 64)
     assert _spec().fingerprint() != _spec(use_text=False).fingerprint()
 

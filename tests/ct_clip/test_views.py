@@ -6,7 +6,8 @@ import pandas as pd
 
 from nbsupport import ct_clip
 from nbsupport.ct_clip import preprocessing as ct_pre
-from nbsupport.ct_clip.pipeline import AttentionResult, viewer_attention, viewer_volume
+from nbsupport.ct_clip.pipeline import AttentionResult
+from nbsupport.ct_clip.views import viewer_attention, viewer_volume
 
 
 def test_a_right_anterior_superior_voxel_is_drawn_top_left_of_the_last_axial_slice():

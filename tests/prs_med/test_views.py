@@ -1,4 +1,4 @@
-"""prs_med's cases for the slice viewer: decoder cross-attention per prompt token, masks and the answers."""
+"""prs_med views: the viewer cases of 04 (decoder cross-attention per prompt token, masks and the answers)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,0 +1,131 @@
+"""The prs_med stage configs: what each of the four notebooks can be asked, with its profiles.
+
+The shared fields (manifest, data root, the optimisation fields, checkpoint and split) come from
+:mod:`nbsupport.stages`; a field is redefined here only to give the seed's (PRS-Med's) default or prs_med's help.
+The splits come with the dataset (the CSV's ``split`` column), so no stage has split fractions to check.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from nbsupport.config import param
+from nbsupport.manifest import ManifestSchema
+from nbsupport.prs_med.data import PRSMED_SCHEMA
+from nbsupport.prs_med.model import PRSMedSpec
+from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage
+
+SYSTEM = "prs_med"
+SCHEMA = PRSMED_SCHEMA
+DEFAULT_MANIFEST = "data_manifests/prs_med_demo.csv"
+
+
+class PRSMedStage:
+    """What every prs_med stage shares: the system, the MMRS/PosMed manifest schema and the demo manifest."""
+
+    SYSTEM: ClassVar[str] = SYSTEM
+    SCHEMA: ClassVar[ManifestSchema] = SCHEMA
+    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig(PRSMedStage, PreprocessStage):
+    """01_preprocess: read the released layout (or the demo data), check it, write the manifest."""
+
+    data_root: str = param("", "dataset root holding <task>/{split}_images and annotations/<task>.csv; '' = demo")
+    tasks: tuple[str, ...] = param((), "task folders to read; () = every annotations/<task>.csv of a known task")
+    n_examples: int = param(2, "examples shown per task")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(PRSMedStage, TrainStage):
+    """02_train: SAM-style encoder + LLaVA-style VLM (LoRA) + prompted mask decoder, the official loss."""
+
+    PROFILES = {
+        "smoke": {"vlm": "tiny", "image_size": 64, "sam_hidden": 32, "sam_out_channels": 32, "vision_size": 64,
+                  "vision_patch": 16, "vision_hidden": 32, "decoder_hidden": 32, "epochs": 2, "batch_size": 10,
+                  "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
+        # 737 s of CPU time for all four notebooks (train, image-only baseline, test evaluation) on the 650-image demo
+        # set; image tokens before the answer + the position loss on them (our additions, benchmarks/RESULTS.md)
+        "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
+                 "projector": "spatial", "epochs": 6, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 0.75,
+                 "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2, "image_tokens_at": "before_answer",
+                 "lambda_position": 1.0, "answer_loss_to_vision": False},
+        "full": {"sam_path": "weights/sam-vit-base", "vlm": "weights/llava-med-v1.5-mistral-7b-hf", "image_size": 1024,
+                 "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
+                 "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
+    }
+
+    sam_path: str = param("", "local transformers SAM folder (SamModel/SamVisionModel); '' = random-init SAM ViT")
+    vlm: str = param("smollm2-135m", "'tiny' (random, smoke), 'smollm2-135m' (packaged) or a local HF LLaVA folder")
+    vlm_num_layers: int = param(0, "keep the first N decoder layers of the assembled VLM's LM (0 = all)")
+    image_size: int = param(1024, "square model input in pixels (SAM: 1024)")
+    sam_hidden: int = param(64, "random-init SAM ViT width")
+    sam_layers: int = param(2, "random-init SAM ViT depth")
+    sam_patch: int = param(8, "random-init SAM ViT patch size (grid = image_size / sam_patch)")
+    sam_out_channels: int = param(64, "random-init SAM neck channels (256 in SAM)")
+    vision_size: int = param(128, "assembled VLM: vision tower input size (pixels)")
+    vision_patch: int = param(32, "assembled VLM: patch size; (vision_size / vision_patch)^2 image tokens")
+    vision_hidden: int = param(64, "assembled VLM: vision tower width")
+    vision_layers: int = param(2, "assembled VLM: vision tower depth")
+    vision_stem: str = param("patch", "assembled VLM: 'patch' (CLIP's linear patch conv) or 'conv' (small conv stem)")
+    projector: str = param("mlp", "assembled VLM: 'mlp' (LLaVA's per-token MLP) or 'spatial' (+ a whole-grid branch)")
+    image_tokens_at: str = param("start", "where the image tokens sit: 'start' (after BOS, as LLaVA/official) or "
+                                 "'before_answer' (after the prompt; our addition)")
+    lora_r: int = param(16, "LoRA rank on q/k/v/o of the language model")
+    lora_alpha: int = param(16, "LoRA alpha")
+    lora_dropout: float = param(0.05, "LoRA dropout")
+    decoder_hidden: int = param(128, "prompt-MLP width of the mask decoder (official 512)")
+    epochs: int = param(20, "training epochs")
+    lr: float = param(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
+    weight_decay: float = param(0.01, "weight decay")
+    lambda_txt: float = param(0.5, "weight of the VLM's answer loss next to the structure loss")
+    position_weight: float = param(1.0, "weight of the answer's position-word tokens in the answer loss")
+    vision_lr_scale: float = param(1.0, "lr of the assembled VLM's random vision tower + projector, times lr")
+    lambda_cls: float = param(0.5, "weight of the modality cross-entropy")
+    lambda_position: float = param(0.0, "weight of the image tokens' 5-way position loss (label from the mask; "
+                                   "our addition, 0 = off as in the official code)")
+    answer_loss_to_vision: bool = param(True, "the answer loss trains the assembled VLM's vision tower + projector "
+                                        "too (official); False: only the position loss does (our addition)")
+    cls_epochs: int = param(5, "epochs during which the modality loss is on (official: 5)")
+    threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
+    max_new_tokens: int = param(24, "longest generated answer (tokens)")
+    eval_batch_size: int = param(16, "images per forward pass in evaluation")
+    train_baseline: bool = param(True, "also train the image-only baseline (same decoder, no question)")
+
+    def spec(self) -> PRSMedSpec:
+        """The network these settings describe."""
+        return PRSMedSpec(image_size=self.image_size, sam_path=self.sam_path, sam_hidden=self.sam_hidden,
+                          sam_layers=self.sam_layers, sam_patch=self.sam_patch, sam_out_channels=self.sam_out_channels,
+                          vlm=self.vlm, vlm_num_layers=self.vlm_num_layers, vision_size=self.vision_size,
+                          vision_patch=self.vision_patch, vision_hidden=self.vision_hidden,
+                          vision_layers=self.vision_layers, vision_stem=self.vision_stem,
+                          projector=self.projector, image_tokens_at=self.image_tokens_at,
+                          position_head=self.lambda_position > 0, answer_loss_to_vision=self.answer_loss_to_vision,
+                          lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                          lora_dropout=self.lora_dropout, decoder_hidden=self.decoder_hidden, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig(PRSMedStage, TrainedModelStage):
+    """03_infer: answer + segment every image of a split, or one image + question."""
+
+    STAGE = "03_infer"
+
+    image_path: str = param("", "one image to answer about (with `question`); '' = only the split")
+    question: str = param("Where is the lesion located in this image?", "question asked about `image_path`")
+    threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
+    max_new_tokens: int = param(24, "longest generated answer (tokens)")
+    batch_size: int = param(16, "images per forward pass")
+    n_examples: int = param(6, "examples in the overlay figure")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(PRSMedStage, TrainedModelStage):
+    """04_attention: decoder cross-attention and VLM attention over the image for one question."""
+
+    STAGE = "04_attention"
+
+    sample_id: str = param("", "manifest id (e.g. 'polyp_endoscopy:7'); '' = the split's first sample")
+    question: str = param("", "ask this instead of the sample's own question; '' = the manifest's")
+    max_new_tokens: int = param(24, "longest generated answer (tokens)")

@@ -1,0 +1,94 @@
+"""ct_clip training task: the distributed launch choice (DDP vs DeepSpeed ZeRO-1), sentence sampling, the LoRA text
+tower and its checkpoint, and the validation metric that picks the best checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from nbsupport import ct_clip
+from nbsupport.checkpoints import WEIGHTS_FILE, save_weights, write_checkpoint
+from nbsupport.config import ConfigError
+from nbsupport.ct_clip.model import split_sentences
+from nbsupport.ct_clip.task import ACCELERATE_ZERO1, CTClipTrainingTask, checkpoint_monitor, distributed_config
+from nbsupport.launch import launch_command
+
+
+def test_deepspeed_zero1_on_cuda_ddp_otherwise():
+    assert distributed_config(2, cuda=True) == ACCELERATE_ZERO1
+    assert distributed_config(2, cuda=False) is None and distributed_config(1, cuda=True) is None
+    settings = yaml.safe_load(ACCELERATE_ZERO1.read_text())
+    assert settings["distributed_type"] == "DEEPSPEED" and settings["deepspeed_config"]["zero_stage"] == 1
+    command = launch_command(2, ["--out", "x"], accelerate_config=ACCELERATE_ZERO1)
+    assert command[command.index("--config_file") + 1] == str(ACCELERATE_ZERO1) and "--multi_gpu" not in command
+    assert "--multi_gpu" in launch_command(2, ["--out", "x"])  # the default launch is unchanged
+
+
+def test_sentence_sampling_trains_on_report_subsets_and_evaluates_whole_reports(tiny_manifest):
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "sentence_keep": 0.4,
+                                          "text_tuning": "frozen"})
+    task = CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
+    model = task.build_model()
+    train = task.manifest[task.manifest.split == "train"].reset_index(drop=True)
+    sentences = split_sentences(train.report[0])
+    assert len(sentences) >= 8 and len(task._sentence_cache[0]) == len(sentences)
+    whole = task._text_cache["train"][0]
+    assert torch.allclose(task._sentence_cache[0].mean(0), whole, atol=1e-5)  # sentence_mean of all = the report
+    index = torch.tensor([0])
+    model.eval()
+    assert torch.equal(task._text(model, "train", index)[0], whole)  # evaluation reads whole reports
+    model.train()
+    sampled = torch.stack([task._text(model, "train", index)[0] for _ in range(20)])
+    assert not torch.allclose(sampled, whole.expand_as(sampled), atol=1e-4)  # training reads subsets
+    with pytest.raises(ConfigError, match="sentence_keep"):
+        ct_clip.TrainConfig.from_params({"sentence_keep": 0.0})
+
+
+def test_lora_text_tower_trains_and_its_checkpoint_reloads(tiny_manifest, tmp_path):
+    """The demo's trained text tower: the loss reaches the LoRA weights, a step changes the prompt embeddings, and
+    the trainable-only checkpoint rebuilds the same text tower (CT-CLIP trains its text encoder)."""
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest)})
+    assert cfg.text_tuning == "lora" and ct_clip.TrainConfig.from_params({"profile": "demo"}).text_tuning == "lora"
+    spec = cfg.model_spec()
+    task = CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), spec.to_json())
+    model = task.build_model().train()
+    assert not task._text_cache  # nothing the LoRA weights change is cached
+    prompts = ["Pleural effusion is present.", "Pleural effusion is not present."]
+    with torch.no_grad():
+        before = model.eval().encode_text(prompts)
+    dataset = task.train_dataset()
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    optimizer = torch.optim.AdamW(task.trainable_parameters(model), lr=1e-2)
+    model.train()
+    task.training_step(model, batch).backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and any(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    optimizer.step()
+    with torch.no_grad():
+        after = model.eval().encode_text(prompts)
+    assert not torch.allclose(before, after, atol=1e-4)
+    checkpoint = tmp_path / "run" / "checkpoints" / "best"  # as the trainer writes it (trainable tensors only)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model_spec.json").write_text(spec.to_json())
+    meta = {"config_hash": spec.fingerprint(), "step": 1}
+    write_checkpoint(checkpoint, meta, lambda folder: save_weights(model, folder / WEIGHTS_FILE, meta, True))
+    reloaded = ct_clip.load_trained_model(checkpoint)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.encode_text(prompts), after, atol=1e-5)
+
+
+def test_best_checkpoint_is_picked_by_a_metric_the_validation_pass_reports(tiny_manifest):
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest)})
+    assert cfg.select_checkpoint_by == "mean_rank"  # R@5 of a small validation split saturates at 1.0 early
+    task = CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
+    model = task.build_model().eval()
+    loader = torch.utils.data.DataLoader(task.val_dataset(), batch_size=2)
+    metrics = task.evaluate(model, loader, torch.device("cpu"))
+    for choice in ("r5", "mean_rank"):
+        assert checkpoint_monitor(choice).removeprefix("val_") in metrics
+    assert metrics["mean_rank_report_to_volume"] >= 1
+    with pytest.raises(ConfigError, match="select_checkpoint_by"):
+        ct_clip.TrainConfig.from_params({"select_checkpoint_by": "r10"})

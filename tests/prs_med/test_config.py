@@ -1,0 +1,30 @@
+"""prs_med stage configs: every profile builds, the spec follows the config, unknown names are refused."""
+from __future__ import annotations
+
+import pytest
+
+from nbsupport.config import ConfigError
+from nbsupport.prs_med import config
+
+
+def test_profiles_build_valid_configs() -> None:
+    smoke = config.TrainConfig.from_params({"profile": "smoke"})
+    demo = config.TrainConfig.from_params({"profile": "demo"})
+    full = config.TrainConfig.from_params({"profile": "full"})
+    assert smoke.spec().vlm == "tiny" and demo.spec().vlm == "smollm2-135m"
+    assert demo.spec().position_head and not smoke.spec().position_head  # lambda_position > 0 adds the head
+    assert (full.image_size, full.lora_r, full.decoder_hidden, full.epochs) == (1024, 16, 512, 20)
+    assert full.sam_path and full.vlm.startswith("weights/")  # local paths, never a download
+    with pytest.raises(ConfigError, match="unknown parameter 'lora_rank'"):
+        config.TrainConfig.from_params({"profile": "smoke", "lora_rank": 8})
+
+
+def test_every_stage_reads_the_demo_manifest_by_default_and_takes_the_unified_names() -> None:
+    for stage in (config.PreprocessConfig, config.TrainConfig, config.InferConfig, config.AttentionConfig):
+        cfg = stage.from_params({"profile": "smoke", "manifest": ""})
+        assert cfg.manifest == "data_manifests/prs_med_demo.csv" and cfg.SYSTEM == "prs_med", stage
+    cfg = config.TrainConfig.from_params({"profile": "smoke", "grad_accum": 2, "resume": True, "num_processes": 2})
+    settings = cfg.train_settings()
+    assert (settings.grad_accum, settings.resume, settings.num_processes, settings.epochs) == (2, True, 2, 2)
+    with pytest.raises(ConfigError, match="did you mean 'grad_accum'"):
+        config.TrainConfig.from_params({"grad_acum": 2})
