@@ -70,6 +70,7 @@ from nbsupport.runs import atomic_path
 TARGET_SPACING = (1.25, 1.25, 2.0)  # mm, RAS axes (CT-Data)
 TARGET_SHAPE = (256, 256, 192)
 HU_WINDOW = (-1000.0, 1500.0)
+PREPROCESS_VERSION = 2  # bump when the voxels preprocess_volume makes change (2: MONAI Spacing's grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,14 @@ class PreprocessSpec:
             raise ValueError(f"shape must be 3 positive voxel counts, got {self.shape!r}")
         if not self.hu_max > self.hu_min:
             raise ValueError(f"hu_max must exceed hu_min, got {self.hu_min}..{self.hu_max}")
+
+    def folder_name(self) -> str:
+        """``<fingerprint>`` of what decides the voxels (the settings and the code's version, not the file format):
+        volumes made with other settings never share a folder, so one is never reused for the other."""
+        from nbsupport.cache import fingerprint
+
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "compress"}
+        return fingerprint({"version": PREPROCESS_VERSION, **settings})
 
 
 @dataclasses.dataclass
@@ -422,7 +431,8 @@ def preprocess_dataset(data_root: str | os.PathLike, manifest_path: str | os.Pat
     Args:
         data_root: the CT-RATE ``dataset`` folder (see ``nbsupport.ct_clip.data``).
         manifest_path: CSV to write (its ``.meta.json`` sidecar records the data root).
-        output_dir: folder for the npz files, relative to ``data_root``; '' = ``preprocessed``.
+        output_dir: folder for the npz files, relative to ``data_root``; '' = ``preprocessed/<spec.folder_name()>``
+            (an existing npz is reused only if made with the same settings).
         limit: only the first ``limit`` volumes of each source split (a quick look at a huge dataset).
 
     Returns:
@@ -436,7 +446,7 @@ def preprocess_dataset(data_root: str | os.PathLike, manifest_path: str | os.Pat
     volumes = ct_data.scan_dataset(root)
     if limit is not None:
         volumes = volumes.groupby("source_split", group_keys=False).head(limit).reset_index(drop=True)
-    out_folder = output_dir or ct_data.PREPROCESSED_FOLDER
+    out_folder = output_dir or f"{ct_data.PREPROCESSED_FOLDER}/{spec.folder_name()}"
     relative_out = [f"{out_folder}/{v}.npz" for v in volumes.volume]
     jobs = [VolumeJob(volume=r.volume, nifti=str(root / r.nifti), output=str(root / rel),
                       slope=r.rescale_slope, intercept=r.rescale_intercept,

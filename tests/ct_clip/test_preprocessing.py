@@ -228,3 +228,10 @@ def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_pat
     assert (pd.read_csv(tmp_path / "status.csv").status == "skipped").all()
     image = ct_data.read_preprocessed(root / frame.image[0])
     assert image.shape == (1, 64, 64, 48)
+    # other settings: another folder, every volume made again (never a 64x64x48 volume passed off as 32x32x24)
+    other = argv[:argv.index("--shape")] + ["--shape", "32", "32", "24"] + argv[argv.index("--shape") + 4:]
+    assert ct_pre.main(other) == 0
+    assert (pd.read_csv(tmp_path / "status.csv").status == "done").all()
+    second = pd.read_csv(manifest)
+    assert second.image[0] != frame.image[0]
+    assert ct_data.read_preprocessed(root / second.image[0]).shape == (1, 32, 32, 24)
