@@ -26,9 +26,11 @@ from nbsupport.prs_med.task import ImageOnlyTrainingTask, PRSMedTrainingTask
 from nbsupport.prs_med.views import (
     attention_figures,
     attention_viewer_cases,
+    comparisons_table,
     examples_figure,
     prediction_vs_truth_figure,
     predictions_figure,
+    scores_table,
     single_image_figure,
     viewer_cases,
     write_attention_viewer,
@@ -86,6 +88,8 @@ class TrainOutcome:
     predictions: pd.DataFrame
     curves: Any
     examples: Any
+    table: pd.DataFrame | None = None  # test metrics per task as "0.80 (0.74–0.85)" (views.scores_table)
+    comparisons: pd.DataFrame | None = None  # model minus baselines, paired (views.comparisons_table)
 
 
 def loop_settings(cfg: TrainConfig, manifest: pd.DataFrame) -> TrainSettings:
@@ -118,16 +122,39 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
                                 cfg.threshold, cfg.max_new_tokens, baseline=baseline)
     atomic_write_text(run.file("test_predictions.csv"), evaluation.predictions.to_csv(index=False))
     atomic_write_text(run.file("test_per_task.csv"), evaluation.per_task.to_csv())
-    metrics = {f"{test_split}_{k}": v for k, v in evaluation.overall.items()}
-    metrics.update({"steps": result.steps, "best_val_dice": result.best_metric, "parameters": parameters.to_dict(),
-                    "per_task": json.loads(evaluation.per_task.to_json(orient="index"))})
+    metrics = split_metrics(evaluation, test_split)
+    metrics.update({"steps": result.steps, "best_val_dice": result.best_metric, "parameters": parameters.to_dict()})
     run.write_metrics(cfg.STAGE, metrics)
+    write_headline(run, cfg.STAGE, evaluation, test_split)
     curves = plot_training_curves(result.history)
     run.save_figure(curves, "02_training_curves")
     examples = predictions_figure(evaluation, root, n=6)
     run.save_figure(examples, "02_test_predictions")
     return TrainOutcome(result.history, checkpoint, test_split, parameters, evaluation.per_task,
-                        evaluation.predictions, curves, examples)
+                        evaluation.predictions, curves, examples, scores_table(evaluation),
+                        comparisons_table(evaluation))
+
+
+def split_metrics(evaluation: SplitEvaluation, split: str) -> dict[str, Any]:
+    """What metrics.json holds of a scored split: ``<split>_<metric>`` and ``<split>_<metric>_ci95`` overall, the
+    paired differences to the baselines (``<split>_dice_minus_image_only_dice: {"diff", "ci95"}``, ...) and the
+    per-task scores with their intervals."""
+    return ({f"{split}_{k}": v for k, v in evaluation.overall.items()}
+            | {f"{split}_{k}": v for k, v in evaluation.comparisons.items()}
+            | {"per_task": evaluation.scores})
+
+
+def write_headline(run: RunFolder, stage: str, evaluation: SplitEvaluation, split: str) -> None:
+    """The run's headline: the split's Dice (with its interval) next to the image-only decoder's on the same
+    images; without a trained baseline, position accuracy next to always answering the most frequent position."""
+    o = evaluation.overall
+    if "baseline_image_only_dice" in o:
+        run.write_headline(stage, f"{split} Dice", o["dice"], "image-only decoder Dice", o["baseline_image_only_dice"],
+                           ci95=o["dice_ci95"])
+    else:
+        run.write_headline(stage, f"{split} position accuracy", o["position_accuracy"],
+                           f"always '{o['most_frequent_position']}'", o["baseline_most_frequent_position_accuracy"],
+                           ci95=o["position_accuracy_ci95"])
 
 
 def train_image_only(cfg: TrainConfig, run: RunFolder, root: Path, model: PRSMedNet,
@@ -179,6 +206,8 @@ class InferResult:
     root: Path
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # what 03_case_viewer.html shows
     viewer_path: Path | None = None  # 03_case_viewer.html
+    table: pd.DataFrame | None = None  # metrics per task as "0.80 (0.74–0.85)" (views.scores_table)
+    comparisons: pd.DataFrame | None = None  # model minus baselines, paired (views.comparisons_table)
 
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
@@ -192,8 +221,8 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     path = run.file("predictions.csv")
     atomic_write_text(path, evaluation.predictions.to_csv(index=False))
     atomic_write_text(run.file("per_task.csv"), evaluation.per_task.to_csv())
-    run.write_metrics(cfg.STAGE, {f"{cfg.split}_{k}": v for k, v in evaluation.overall.items()}
-                      | {"per_task": json.loads(evaluation.per_task.to_json(orient="index"))})
+    run.write_metrics(cfg.STAGE, split_metrics(evaluation, cfg.split))
+    write_headline(run, cfg.STAGE, evaluation, cfg.split)
     fig = predictions_figure(evaluation, root, n=cfg.n_examples)
     run.save_figure(fig, "03_predictions")
     single, single_fig = None, None
@@ -202,7 +231,8 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
         single = answer_image(model, image, cfg.question, cfg.threshold, cfg.max_new_tokens)
         single_fig = single_image_figure(image, single["mask"], cfg.question, single["answer"])
         run.save_figure(single_fig, "03_single_image")
-    result = InferResult(evaluation.predictions, path, evaluation.per_task, fig, single, single_fig, evaluation, root)
+    result = InferResult(evaluation.predictions, path, evaluation.per_task, fig, single, single_fig, evaluation, root,
+                         table=scores_table(evaluation), comparisons=comparisons_table(evaluation))
     result.viewer_cases = viewer_cases(result)
     result.viewer_path = write_case_viewer(result.viewer_cases, run, cfg.split)
     return result
