@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,10 @@ from nbsupport.prs_med.views import (
     write_attention_viewer,
     write_case_viewer,
 )
-from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, read_json
+from nbsupport.predict import (
+    PredictError, PredictSummary, check_outputs_free, expand_inputs, for_each_input, run_config, training_run,
+)
+from nbsupport.runs import RunFolder, atomic_path, atomic_write_json, atomic_write_text, read_json
 from nbsupport.spec import ParameterCount, count_parameters
 from nbsupport.train import TrainSettings
 
@@ -238,6 +242,72 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     return result
 
 
+# ============================================================================================ your own files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ANSWERS_TABLE = "answers.csv"  # one row per input image: image, question, answer, positions, mask file
+
+
+def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
+                  device: str = "auto", overwrite: bool = False, question: str | None = None) -> PredictSummary:
+    """Answer ``question`` about each image among ``inputs`` (files, or folders searched for PNG, JPEG, BMP, TIFF)
+    and segment the finding, with the trained run's own preprocessing: the model input size from the run's
+    ``model_spec.json``, ImageNet normalisation as in training, and the mask threshold and answer length the run's
+    02_train recorded in ``config.json``. No manifest is needed.
+
+    Writes under ``out_dir``, per image ``<stem>_mask.png`` (0/255 at the image's own size) and
+    ``<stem>_answer.json`` (question, answer, the position it names, the position of the mask), plus
+    ``answers.csv`` over all images. Refuses to overwrite any of them unless ``overwrite``; an image that cannot be
+    read is reported in the summary and the others go on.
+
+    Example: ``predict_files("outputs/runs/R/prs_med", ["scans/"], "answers/", question="Where is the tumour?")``.
+    """
+    if not question or not question.strip():
+        raise PredictError("prs_med answers a question about each image: pass --question \"Where is the lesion?\"")
+    run_dir, best = training_run(checkpoint)
+    trained = run_config(run_dir)
+    files = expand_inputs(inputs, IMAGE_SUFFIXES)
+    out = Path(out_dir)
+    stems = [f.name.rsplit(".", 1)[0] for f in files]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise PredictError(f"several inputs are named {repeated[0]!r} (e.g. "
+                           f"{', '.join(str(f) for f, s in zip(files, stems) if s == repeated[0])}); their outputs "
+                           "would collide: predict them into separate -o folders")
+    targets = {f: (out / f"{s}_mask.png", out / f"{s}_answer.json") for f, s in zip(files, stems)}
+    check_outputs_free([p for pair in targets.values() for p in pair] + [out / ANSWERS_TABLE], overwrite)
+    model = load_trained_model(best, resolve_device(device))
+    rows: list[dict[str, Any]] = []
+
+    def answer_one(path: Path) -> list[Path]:
+        image = read_image(path)
+        said = answer_image(model, image, question, float(trained["threshold"]), int(trained["max_new_tokens"]))
+        mask_path, answer_path = targets[path]
+        row = {"image": str(path), "question": question, "answer": said["answer"], "position": said["position"],
+               "mask_position": said["mask_position"], "mask": mask_path.name}
+        write_mask_png(mask_path, said["mask"])
+        atomic_write_json(answer_path, row)
+        rows.append(row)
+        return [mask_path, answer_path]
+
+    summary = for_each_input(files, answer_one, out, desc="answer + segment")
+    if rows:
+        table = out / ANSWERS_TABLE
+        atomic_write_text(table, pd.DataFrame(rows).to_csv(index=False))
+        summary.written.append(table)
+    return summary
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A bool (H, W) mask as an 8-bit PNG, 255 inside the finding and 0 elsewhere."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise ValueError(f"{path}: the mask could not be encoded as PNG")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(encoded.tobytes())
+
+
 # ============================================================================================ 04 attention
 @dataclasses.dataclass
 class AttentionResult:
@@ -296,4 +366,4 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
 
 __all__ = ["AttentionConfig", "AttentionResult", "InferConfig", "InferResult", "PreprocessConfig",
            "PreprocessResult", "TrainConfig", "TrainOutcome", "attention_maps", "load_trained_model", "predict",
-           "preprocess", "train"]
+           "predict_files", "preprocess", "train"]

@@ -40,8 +40,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
               config.TrainConfig.from_params({**common, **small}),
               config.InferConfig.from_params({**common, "max_new_tokens": 3, "n_examples": 1}),
               config.AttentionConfig.from_params({**common, "max_new_tokens": 3})]
-    run = RunFolder.for_stage(stages[0])
-    pipeline.preprocess(stages[0], run)
-    outcome = pipeline.train(stages[1], run)
+    pipeline.preprocess(stages[0], RunFolder.for_stage(stages[0]))  # each stage records its config, as a notebook
+    outcome = pipeline.train(stages[1], RunFolder.for_stage(stages[1]))
+    run = RunFolder.for_stage(stages[2])
     inferred = pipeline.predict(stages[2], run)
     return SmokeRun(run, stages, outcome, inferred, root)

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from nbsupport.prs_med import pipeline
+from nbsupport.runs import RunFolder
 
 
 @pytest.mark.slow
 def test_the_verbs_write_what_the_run_folder_promises(smoke_run: Any) -> None:
     run, outcome, inferred = smoke_run.run, smoke_run.outcome, smoke_run.inferred
-    attention = pipeline.attention_maps(smoke_run.stages[3], run)
+    attention = pipeline.attention_maps(smoke_run.stages[3], RunFolder.for_stage(smoke_run.stages[3]))
 
     assert inferred.viewer_path == run.path / "03_case_viewer.html" and inferred.viewer_path.is_file()
     assert len(inferred.viewer_cases) == 2 and "model answer:" in inferred.viewer_cases[0]["text"]
