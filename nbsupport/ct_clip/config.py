@@ -59,7 +59,8 @@ class PreprocessConfig(CTRateStage, PreprocessStage):
     }
 
     data_root: str = param("", "CT-RATE 'dataset' folder (train_fixed/, radiology_text_reports/, ...); '' = demo")
-    output_dir: str = param("", "npz folder relative to data_root; '' = 'preprocessed'")
+    output_dir: str = param("", "npz folder relative to data_root; '' = 'preprocessed/<fingerprint of the settings>' "
+                                "(volumes made with other settings are never reused)")
     spacing: tuple[float, float, float] = param(ct_pre.TARGET_SPACING, "output voxel size (R, A, S) in mm")
     shape: tuple[int, int, int] = param(ct_pre.TARGET_SHAPE, "output size (R, A, S) after pad / centre crop")
     hu_min: float = param(ct_pre.HU_WINDOW[0], "HU mapped to 0")
