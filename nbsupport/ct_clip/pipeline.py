@@ -252,11 +252,12 @@ def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike]
     Args:
         checkpoint: the training run folder (``outputs/runs/<id>/ct_clip``; its best checkpoint) or a checkpoint
             folder.
-        inputs: CT ``.nii(.gz)`` files (HU from the header's scaling), DICOM series folders, or folders holding them.
+        inputs: CT ``.nii(.gz)`` files (HU from the header's scaling), DICOM series folders or single DICOM files,
+            or folders holding them.
         out_dir: receives per input ``<id>.npy`` (the unit-length image embedding, float32 (embed_dim,)) and
             ``<id>_zero_shot.json`` (the probability of each label), and for all inputs together ``features.csv``
             (one row per input: its embedding) and ``zero_shot.csv`` (one row per input: the 18 probabilities).
-            ``<id>`` is the file name without ``.nii(.gz)`` or the series folder's name.
+            ``<id>`` is the file name without ``.nii(.gz)`` / ``.dcm`` or the series folder's name.
 
     The run's own preprocessing is applied: the geometry and HU window its 01_preprocess recorded, the resize to the
     model input, and the zero-shot prompts of its 03_infer (else CT-CLIP's "X is present." / "X is not present.").
@@ -302,8 +303,9 @@ def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike]
 
 
 def _input_id(path: Path) -> str:
+    """The output name of an input: its file name without ``.nii(.gz)`` / ``.dcm``, or a series folder's name."""
     name = path.name
-    for suffix in CT_SUFFIXES:
+    for suffix in (*CT_SUFFIXES, ".dcm"):
         if name.lower().endswith(suffix):
             return name[:-len(suffix)]
     return name
