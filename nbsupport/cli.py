@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  nbsupport predict seg2d --run outputs/runs/R/seg2d -i scans/ -o masks/\n"
                "  nbsupport predict textseg3d --run outputs/runs/R/textseg3d -i ct.nii.gz --report \"N0, left side\"\n"
-               "  nbsupport predict prs_med --run outputs/runs/R/prs_med -i img.png --question \"Where is the tumour?\"",
+               "  nbsupport predict prs_med --run outputs/runs/R/prs_med -i img.png --question \"Where is the tumour?\"\n"
+               "  nbsupport predict ct_clip --run outputs/runs/R/ct_clip -i scans/ -o embeddings/",
     )
     predict.add_argument("system", help=f"system name ({_systems_hint()})")
     predict.add_argument("--run", required=True, help="trained run folder (outputs/runs/<id>/<system>) or checkpoint folder")
