@@ -1,11 +1,16 @@
-"""A small synthetic PRS-Med dataset shared by the prs_med tests (five tasks, 11 images each, 48 px)."""
+"""Shared by the prs_med tests: a small synthetic PRS-Med dataset (five tasks, 11 images each, 48 px), and this
+folder on ``sys.path`` so that they import ``prs_med_layouts`` (pytest's importlib mode does not put it there)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from nbsupport.prs_med import demo_data
+
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
