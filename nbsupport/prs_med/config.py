@@ -50,12 +50,12 @@ class TrainConfig(PRSMedStage, TrainStage):
         # set; image tokens before the answer + the position loss on them (our additions, benchmarks/RESULTS.md)
         "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
                  "projector": "spatial", "mask_decoder": "simple", "epochs": 6, "batch_size": 8, "lr": 2e-3,
-                 "vision_lr_scale": 0.75, "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2, "image_tokens_at": "before_answer",
-                 "lambda_position": 1.0, "answer_loss_to_vision": False},
+                 "vision_lr_scale": 0.75, "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2,
+                 "image_tokens_at": "before_answer", "lambda_position": 1.0, "answer_loss_to_vision": False},
         # TinySAM's vit_t image encoder and the official mask decoder, as PRS-Med (model_v7.py:77-82)
         "full": {"sam_ckpt": "weights/tinysam_42.3.pth", "vlm": "weights/llava-med-v1.5-mistral-7b-hf",
-                 "image_size": 1024, "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
-                 "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
+                 "image_size": 1024, "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8,
+                 "lr": 1e-4, "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
     }
 
     # PRS-Med's flag name (seanhuvaya/prs_med_mmrs calls it --vision_encoder_checkpoint, same default file)

@@ -106,8 +106,8 @@ SAM_TINY = dict(dim=32, depth=4, heads=2, grid=8, patch=16, window=4, global_blo
 
 def write_tinysam_checkpoint(path: Path, config: TinyViTConfig = TINY_VIT, seed: int = 0) -> int:
     """A whole-SAM state dict as ``tinysam_42.3.pth`` holds one (``image_encoder.*`` in the TinyViT layout + SAM's
-    prompt encoder / mask decoder tensors), random values, saved with ``torch.save``; returns the number of image-encoder
-    tensors (what the load line must count)."""
+    prompt encoder / mask decoder tensors), random values, saved with ``torch.save``; returns the number of
+    image-encoder tensors (what the load line must count)."""
     layout = tinysam_layout(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(random_tensors(layout, "image_encoder.", seed) | random_tensors(SAM_OTHER_PARTS, seed=seed + 1), path)

@@ -39,3 +39,35 @@ def test_the_verbs_write_what_the_run_folder_promises(tmp_path: Path) -> None:
     model = pipeline.load_trained_model(outcome.checkpoint, device="cpu")
     assert not model.training and {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
     assert int(model.trained_batches) == 1
+
+
+@pytest.mark.slow
+def test_02_train_on_a_tinysam_checkpoint_with_the_official_decoder(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The smoke profile with ``sam_ckpt`` = a tinysam_42.3.pth-layout file and ``mask_decoder='official'`` trains,
+    evaluates and trains the image-only baseline; every load of the file prints the one line, nothing missing or
+    unexpected."""
+    from prs_med_layouts import TINY_VIT, write_tinysam_checkpoint
+
+    from nbsupport.prs_med.tinysam import TinyViT
+
+    root = demo_data.write_demo_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, image_size=32,
+                                        tasks=("polyp_endoscopy",))
+    ckpt = tmp_path / "weights" / "tinysam_42.3.pth"
+    n = write_tinysam_checkpoint(ckpt)
+    common = {"profile": "smoke", "manifest": str(tmp_path / "m.csv"), "run_dir": str(tmp_path / "run" / "prs_med")}
+    preprocess = config.PreprocessConfig.from_params({**common, "data_root": str(root), "n_examples": 1})
+    run = RunFolder.for_stage(preprocess)
+    pipeline.preprocess(preprocess, run)
+    train = config.TrainConfig.from_params({**common, "image_size": 32, "vision_size": 32, "max_steps": 2,
+                                            "batch_size": 2, "max_new_tokens": 3, "sam_ckpt": str(ckpt),
+                                            "mask_decoder": "official"})
+    capsys.readouterr()
+    pipeline.train(train, run)
+    loads = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{ckpt}:")]
+    assert loads and set(loads) == {f"{ckpt}: loaded {n} of {n} tensors (0 missing, 0 unexpected)"}
+    spec = json.loads((run.path / "model_spec.json").read_text())
+    assert (spec["sam_path"], spec["mask_decoder"]) == (str(ckpt), "official")
+    metrics = json.loads((run.path / "metrics.json").read_text())["02_train"]
+    assert metrics["parameters"]["sam_image_encoder"] == sum(p.numel() for p in TinyViT(TINY_VIT).parameters())
+    assert metrics["steps"] == 2 and "test_baseline_image_only_dice" in metrics
