@@ -75,7 +75,7 @@ def measure_data(data_root: Path, image_size: int, batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nbsupport.seg2d.pipeline import TrainConfig
+    from nbsupport.seg2d.config import TrainConfig
 
     demo = TrainConfig.PROFILES["demo"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nbsupport.paths import resolve_path
-    from nbsupport.seg2d import data as seg_data
+    from nbsupport.seg2d.demo_data import write_demo_dataset
 
     models = []
     for arch in ARCHS:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"measured {arch}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        root = resolve_path(args.data_root) if args.data_root else seg_data.write_demo_dataset(
+        root = resolve_path(args.data_root) if args.data_root else write_demo_dataset(
             Path(tmp) / "seg2d", n_cases=8)
         data = measure_data(Path(root), args.image_size, args.batch_size)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -110,14 +111,8 @@ def demo_data_systems() -> list[str]:
     import nbsupport
 
     found = {p.name for base in nbsupport.__path__ for p in Path(base).iterdir()
-             if p.is_dir() and not p.name.startswith(("_", ".")) and _demo_module_file(p).is_file()}
+             if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "demo_data.py").is_file()}
     return sorted(found)
-
-
-def _demo_module_file(system_dir: Path) -> Path:
-    # TRANSITION (issue 17): systems not yet split keep their generator in data.py.
-    own = system_dir / "demo_data.py"
-    return own if own.is_file() or not (system_dir / "data.py").is_file() else system_dir / "data.py"
 
 
 def demo_data_module(system: str) -> Any:
@@ -128,11 +123,7 @@ def demo_data_module(system: str) -> Any:
     """
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", system):
         raise DemoDataError(f"{system!r} is not a system name")
-    import nbsupport
-
-    stem = next((_demo_module_file(Path(base) / system).stem for base in nbsupport.__path__
-                 if _demo_module_file(Path(base) / system).is_file()), "demo_data")
-    name = f"nbsupport.{system}.{stem}"
+    name = f"nbsupport.{system}.demo_data"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -195,8 +186,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else EXIT_FAILED
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from nbsupport.predict import PredictError, training_run
+
+    try:
+        module = importlib.import_module(f"nbsupport.{args.system}.pipeline")
+    except ModuleNotFoundError as err:
+        raise RunnerError(f"unknown system {args.system!r}; systems: {_systems_hint()}") from err
+    if not hasattr(module, "predict_files"):
+        raise RunnerError(f"{args.system} has no predict_files yet")
+    extras = {k: v for k, v in (("report", args.report), ("question", args.question)) if v is not None}
+    accepted = inspect.signature(module.predict_files).parameters
+    unused = [f"--{k}" for k in extras if k not in accepted]
+    if unused:
+        raise RunnerError(f"{args.system} takes no {', '.join(unused)}")
+    try:
+        run_dir, _ = training_run(args.run)
+        out = args.output or run_dir / "predictions"
+        summary = module.predict_files(args.run, args.input, out, device=args.device, overwrite=args.overwrite,
+                                       **extras)
+    except PredictError as err:
+        print(f"nbsupport predict: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in summary.lines():
+        print(line)
+    return 0 if summary.ok else EXIT_FAILED
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from nbsupport.config import find_stage, parameter_docs, stage_configs
+
+    if args.write_notebooks:
+        for path in write_parameter_cells(args.system, args.stage):
+            print(f"rewrote the parameters cell of {path}")
+        return 0
 
     configs = [find_stage(args.system, args.stage)] if args.stage else list(stage_configs(args.system).values())
     for cls in configs:
@@ -208,6 +231,27 @@ def _cmd_params(args: argparse.Namespace) -> int:
             print(f"  {d['name']:<{width}} = {d['value']!r}  ({d['type']}) {d['help']}")
         print()
     return 0
+
+
+def write_parameter_cells(system: str, stage: str | None = None) -> list[Path]:
+    """Rewrite the parameters cell of ``notebooks/<system>/<stage>.ipynb`` (all four by default) from the stage
+    configs: every field with its type and help, values kept (``tests/test_notebooks.py`` checks they agree)."""
+    import nbformat
+
+    from nbsupport.config import find_stage, parameters_cell, stage_configs
+
+    configs = [find_stage(system, stage)] if stage else list(stage_configs(system).values())
+    written = []
+    for cls in configs:
+        path = project_root() / "notebooks" / system / f"{cls.STAGE}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        new = parameters_cell(cls, cell.source)
+        if new != cell.source:
+            cell.source = new
+            nbformat.write(nb, path)
+            written.append(path)
+    return written
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -300,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--execution-timeout", type=int, metavar="S", help="seconds one cell may run (default: no limit)")
     run.set_defaults(func=_cmd_run)
 
+    predict = sub.add_parser(
+        "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="score your own files with a trained run (no manifest needed)",
+        description="Apply a trained run to new files with exactly the run's own preprocessing. A file that fails "
+                    "is named with its reason and the others go on; existing outputs are never overwritten "
+                    "unless --overwrite.",
+        epilog="examples:\n"
+               "  nbsupport predict seg2d --run outputs/runs/R/seg2d -i scans/ -o masks/\n"
+               "  nbsupport predict textseg3d --run outputs/runs/R/textseg3d -i ct.nii.gz --report \"N0, left side\"\n"
+               "  nbsupport predict prs_med --run outputs/runs/R/prs_med -i img.png --question \"Where is the tumour?\"",
+    )
+    predict.add_argument("system", help=f"system name ({_systems_hint()})")
+    predict.add_argument("--run", required=True, help="trained run folder (outputs/runs/<id>/<system>) or checkpoint folder")
+    predict.add_argument("-i", "--input", nargs="+", required=True, help="files or folders (DICOM series folders too)")
+    predict.add_argument("-o", "--output", type=Path, help="output folder (default: <run folder>/predictions)")
+    predict.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.add_argument("--report", help="textseg3d: the clinical report text that guides the segmentation")
+    predict.add_argument("--question", help="prs_med: the question about the image")
+    predict.set_defaults(func=_cmd_predict)
+
     params = sub.add_parser(
         "params", help="list a system's notebook parameters: value in a profile, type, help",
         description="Print every parameter of a system's stages (or one stage) with the value it takes in the "
@@ -308,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("system", help=f"system name ({_systems_hint()})")
     params.add_argument("stage", nargs="?", help="preprocess | train | infer | attention, or 01..04 (default: all)")
     params.add_argument("--profile", choices=PROFILES, default="demo", help="default: %(default)s")
+    params.add_argument("--write-notebooks", action="store_true",
+                        help="(maintainers) rewrite the notebooks' parameters cells from the configs, values kept")
     params.set_defaults(func=_cmd_params)
 
     demo = sub.add_parser(

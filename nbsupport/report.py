@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from nbsupport.runs import atomic_path, atomic_write_text, read_json
+from nbsupport.runs import HEADLINE_FILE, atomic_path, atomic_write_text, read_json
 
 STATUS_FILE = "run_status.json"
 INDEX_NAME = "index.html"
@@ -88,6 +88,7 @@ class SystemEntry:
     figures: list[Path] = field(default_factory=list)
     views: list[Path] = field(default_factory=list)  # other HTML pages: case viewers, offline attention views
     metrics_file: Path | None = None
+    headline: Mapping[str, Any] | None = None  # headline.json: the result next to its baseline
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
@@ -159,6 +160,7 @@ def _read_system(path: Path) -> SystemEntry:
         figures=sorted((path / "figures").glob("*.png")),
         views=views,
         metrics_file=path / "metrics.json" if (path / "metrics.json").is_file() else None,
+        headline=read_json(path / HEADLINE_FILE, None),
     )
 
 
@@ -180,6 +182,7 @@ tr.run-first td { border-top: 2px solid #999; }
 .failure { color: #b71c1c; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 img.thumb { height: 72px; border: 1px solid #ccc; margin: 0 4px 4px 0; background: #fff; }
 code { font-size: 12px; }
+.headline { margin-bottom: .3em; white-space: nowrap; }
 details summary { cursor: pointer; color: #555; }
 """
 
@@ -251,7 +254,7 @@ def _render_rows(entries: list[SystemEntry], outputs_dir: Path) -> Iterator[str]
         commit = "&ndash;"
         if e.commit:
             commit = f"<code>{_e(e.commit[:10])}</code>" + (" <small>+dirty</small>" if e.dirty else "")
-        metrics = _render_metrics(e.metrics)
+        metrics = _render_headline(e.headline) + _render_metrics(e.metrics)
         if e.metrics_file is not None:
             metrics += f'<br><a href="{_href(e.metrics_file, outputs_dir)}">metrics.json</a>'
         pages = "<br>".join(f'<a href="{_href(p, outputs_dir)}">{_e(p.name)}</a>' for p in e.pages) or "&ndash;"
@@ -266,6 +269,19 @@ def _render_rows(entries: list[SystemEntry], outputs_dir: Path) -> Iterator[str]
         yield (f'<tr class="{"run-first" if first else ""}"><td>{run_cell}</td><td><b>{_e(e.system)}</b></td>'
                f"<td>{status}</td><td>{_e(e.profile or '')}</td><td>{commit}</td><td>{metrics}</td>"
                f"<td>{pages}</td><td>{views or '&ndash;'}</td><td>{figures or '&ndash;'}</td></tr>")
+
+
+def _render_headline(headline: Mapping[str, Any] | None) -> str:
+    """``test Dice 0.78 (0.74–0.82) vs image-only UNet 0.27``, bold, above the other metrics."""
+    if not headline:
+        return ""
+    try:
+        ci = headline.get("ci95")
+        interval = f" ({ci[0]:.3g}\u2013{ci[1]:.3g})" if ci else ""
+        return (f'<div class="headline"><b>{_e(str(headline["metric"]))} {float(headline["value"]):.3g}{interval}'
+                f'</b> vs {_e(str(headline["baseline"]))} {float(headline["baseline_value"]):.3g}</div>')
+    except (KeyError, TypeError, ValueError, IndexError):  # a hand-edited file must not break the index
+        return ""
 
 
 def _render_metrics(metrics: list[tuple[str, float]]) -> str:

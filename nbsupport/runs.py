@@ -37,6 +37,7 @@ TRACKED_PACKAGES = (
 
 
 LOCK_FILE = ".records.lock"
+HEADLINE_FILE = "headline.json"  # the headline result the index shows first (RunFolder.write_headline)
 
 
 class RunExistsError(FileExistsError):
@@ -187,12 +188,16 @@ class RunFolder:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def record_stage(self, cfg: Any) -> None:
-        """Add the stage's resolved config to ``config.json`` and its provenance to ``provenance.json``."""
+        """Add the stage's resolved config to ``config.json`` and its provenance to ``provenance.json``.
+
+        A stage is recorded once per folder; a stage config with ``resume=True`` (02_train continuing an
+        interrupted run in its ``run_dir``) replaces its earlier record instead.
+        """
         stage = cfg.STAGE
         info = provenance(seed=cfg.seed, device=cfg.device)  # outside the lock: it runs git
         with self._records_locked():
             configs = read_json(self.path / "config.json", {})
-            if stage in configs:
+            if stage in configs and not getattr(cfg, "resume", False):
                 raise RunExistsError(
                     f"stage {stage} already ran in {self.path}; a run folder is never overwritten (use a new run_dir)"
                 )
@@ -211,6 +216,14 @@ class RunFolder:
 
     def metrics(self) -> dict[str, Any]:
         return read_json(self.path / "metrics.json", {})
+
+    def write_headline(self, stage: str, metric: str, value: float, baseline: str, baseline_value: float,
+                       ci95: Any = None) -> Path:
+        """Record the run's headline result next to its baseline (``headline.json``), which the run index shows
+        first; a later stage's headline replaces an earlier one (03_infer's over 02_train's)."""
+        return atomic_write_json(self.path / HEADLINE_FILE, {
+            "stage": stage, "metric": metric, "value": float(value), "ci95": list(ci95) if ci95 else None,
+            "baseline": baseline, "baseline_value": float(baseline_value)})
 
     def save_figure(self, fig: Any, name: str, dpi: int = 110) -> Path:
         """Save a matplotlib figure as ``figures/<name>.png`` atomically."""

@@ -157,3 +157,18 @@ def test_index_lists_case_viewers_and_attention_pages_as_views_and_links_metrics
     assert 'href="runs/r1/seg2d/03_case_viewer.html"' in views_cell
     assert 'href="runs/r1/seg2d/04_attention_head_view.html"' in views_cell
     assert 'href="runs/r1/seg2d/metrics.json"' in page
+
+
+def test_index_leads_with_the_headline_result_next_to_its_baseline(tmp_path):
+    from nbsupport.runs import RunFolder
+
+    many = {f"m{i}": i / 10 for i in range(12)}
+    folder = tmp_path / "runs" / "r1" / "cxr_report"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"01_preprocess": many}))
+    run = RunFolder(folder)
+    run.write_headline("02_train", "test CE micro-F1", 0.81, "nearest-neighbour report", 0.62, ci95=(0.74, 0.86))
+    row = next(r for r in write_index(tmp_path).read_text(encoding="utf-8").split("<tr")[1:] if "r1" in r)
+    visible = row.split("<details>")[0]
+    assert "test CE micro-F1 0.81 (0.74\u20130.86)" in visible and "nearest-neighbour report 0.62" in visible
+    assert visible.index("micro-F1") < visible.index("01_preprocess.m0")

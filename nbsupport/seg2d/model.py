@@ -15,7 +15,6 @@ channels (then normalised with the checkpoint's mean/std) when a 3-channel pretr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from nbsupport.models import resolve_pretrained
+from nbsupport.spec import ModelSpec
 
 Architecture = Literal["segformer", "dpt", "beit", "upernet"]
 ARCHITECTURES: tuple[str, ...] = ("segformer", "dpt", "beit", "upernet")
@@ -36,8 +36,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Seg2DModelSpec:
-    """Everything needed to rebuild the network: stored next to its checkpoints as ``model_spec.json``."""
+class Seg2DModelSpec(ModelSpec):
+    """Everything needed to rebuild the network: stored next to its checkpoints as ``model_spec.json``.
+
+    The JSON (and so the fingerprint of architecture + label set + input size stored with checkpoints) is the
+    :class:`nbsupport.spec.ModelSpec` default: indented by 2, keys sorted, every field.
+    """
 
     arch: str
     num_labels: int
@@ -47,19 +51,6 @@ class Seg2DModelSpec:
     std: tuple[float, ...]
     hf_config: dict[str, Any]  # the HF config as a dict (PretrainedConfig.to_dict())
     source: str  # hub id / local path, or "config:<arch>-<width>"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Seg2DModelSpec":
-        d = json.loads(text)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
-
-    def fingerprint(self) -> str:
-        """Short hash identifying architecture + label set + input size, stored with checkpoints."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 def _hf_classes(arch: str) -> tuple[type, type]:

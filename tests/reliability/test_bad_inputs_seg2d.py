@@ -18,10 +18,13 @@ import pandas as pd
 import pytest
 
 from nbsupport.config import ConfigError
-from nbsupport.manifest import ManifestError, meta_path
+from nbsupport.demo import DEMO_MARKER
+from nbsupport.manifest import ManifestError, meta_path, read_manifest, write_manifest
 from nbsupport.runs import RunFolder
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d import pipeline
+from nbsupport.seg2d.config import AttentionConfig, PreprocessConfig, TrainConfig
+from nbsupport.seg2d.demo_data import write_demo_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from catalogue import BadInput, Expect, assert_reports, snapshot
@@ -145,9 +148,9 @@ def rename_header(root: Path) -> tuple[Expect, ...]:
 
 
 def interrupt_demo(root: Path) -> tuple[Expect, ...]:
-    marker = root / seg_data.DEMO_MARKER
+    marker = root / DEMO_MARKER
     marker.write_text(marker.read_text().replace('"complete": true', '"complete": false'))
-    return (Expect(seg_data.DEMO_MARKER, None, "not written to the end"),)
+    return (Expect(DEMO_MARKER, None, "not written to the end"),)
 
 
 def several(*damages: Callable[[Path], tuple[Expect, ...]]) -> Callable[[Path], tuple[Expect, ...]]:
@@ -206,11 +209,11 @@ DATASET_CASES = [
 
 @pytest.fixture(scope="module")
 def valid_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return seg_data.write_demo_dataset(tmp_path_factory.mktemp("seg2d") / "data", **SIZES)
+    return write_demo_dataset(tmp_path_factory.mktemp("seg2d") / "data", **SIZES)
 
 
 def _preprocess(data_root: Path, manifest: Path, run_dir: Path) -> None:
-    cfg = pipeline.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(data_root),
+    cfg = PreprocessConfig.from_params({"profile": "smoke", "data_root": str(data_root),
                                                  "manifest": str(manifest), "run_dir": str(run_dir), "n_examples": 2})
     pipeline.preprocess(cfg, RunFolder.for_stage(cfg))
 
@@ -227,7 +230,7 @@ def test_bad_dataset_is_refused_by_01_preprocess(case: BadInput, valid_dataset: 
     shutil.copytree(valid_dataset, root)
     expect = case.damage(root)
     manifest, run_dir = tmp_path / "manifests" / "uwmgi.csv", tmp_path / "runs" / "r" / "seg2d"
-    cfg = pipeline.PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root),
+    cfg = PreprocessConfig.from_params({"profile": "smoke", "data_root": str(root),
                                                  "manifest": str(manifest), "run_dir": str(run_dir)})
     run = RunFolder.for_stage(cfg)  # as cell 2 of the notebook does, before the verb
     before = snapshot(run_dir, manifest.parent)
@@ -329,11 +332,11 @@ def test_bad_manifest_is_refused_by_02_train_before_training(case: BadInput, val
     shutil.copytree(valid_dataset, root)
     manifest = tmp_path / "manifests" / "uwmgi.csv"
     manifest.parent.mkdir()
-    pipeline.write_manifest(pipeline.read_manifest(valid_manifest, seg_data.SEG2D_SCHEMA)[0], manifest,
-                            seg_data.SEG2D_SCHEMA, root)  # a valid manifest for this copy of the data
+    write_manifest(read_manifest(valid_manifest, seg_data.SEG2D_SCHEMA)[0], manifest,
+                   seg_data.SEG2D_SCHEMA, root)  # a valid manifest for this copy of the data
     expect = case.damage(manifest)
     run_dir = tmp_path / "runs" / "r" / "seg2d"
-    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
+    cfg = TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "run_dir": str(run_dir)})
     run = RunFolder.for_stage(cfg)
     before = snapshot(run_dir, manifest.parent)
 
@@ -349,9 +352,9 @@ def test_a_moved_data_root_is_accepted_once_named(valid_dataset: Path, valid_man
     """The control of the moved-manifest case: the message's advice works."""
     moved = tmp_path / "moved"
     shutil.copytree(valid_dataset, moved)
-    cfg = pipeline.TrainConfig.from_params({"profile": "smoke", "manifest": str(valid_manifest),
+    cfg = TrainConfig.from_params({"profile": "smoke", "manifest": str(valid_manifest),
                                             "data_root": str(moved)})
-    frame, root = pipeline.load_manifest(cfg)
+    frame, root = cfg.load_manifest()
     assert root == moved.resolve() and len(frame) == 12
 
 
@@ -361,26 +364,26 @@ def params(stage: type, values: dict, *expect: Expect) -> Callable[[], tuple[typ
 
 
 PARAMETER_CASES = [
-    BadInput("param_misspelt_name", params(pipeline.TrainConfig, {"learning_rate": 1e-3},
+    BadInput("param_misspelt_name", params(TrainConfig, {"learning_rate": 1e-3},
                                            Expect(None, "learning_rate", "unknown parameter 'learning_rate'"))),
-    BadInput("param_close_misspelling", params(pipeline.PreprocessConfig, {"val_fractoin": 0.1},
+    BadInput("param_close_misspelling", params(PreprocessConfig, {"val_fractoin": 0.1},
                                                Expect(None, None, "did you mean 'val_fraction'"))),
-    BadInput("param_string_for_float", params(pipeline.TrainConfig, {"lr": "1e-3"},
+    BadInput("param_string_for_float", params(TrainConfig, {"lr": "1e-3"},
                                               Expect(None, "lr", "expected a number, got str '1e-3'"))),
-    BadInput("param_float_for_int", params(pipeline.TrainConfig, {"image_size": 128.0},
+    BadInput("param_float_for_int", params(TrainConfig, {"image_size": 128.0},
                                            Expect(None, "image_size", "expected an integer, got float"))),
-    BadInput("param_bool_for_int", params(pipeline.TrainConfig, {"epochs": True},
+    BadInput("param_bool_for_int", params(TrainConfig, {"epochs": True},
                                           Expect(None, "epochs", "expected an integer, got bool"))),
-    BadInput("param_unknown_choice", params(pipeline.TrainConfig, {"arch": "unet"},
+    BadInput("param_unknown_choice", params(TrainConfig, {"arch": "unet"},
                                             Expect(None, "arch", r"expected one of \['segformer'"))),
-    BadInput("param_unknown_profile", params(pipeline.TrainConfig, {"profile": "fast"},
+    BadInput("param_unknown_profile", params(TrainConfig, {"profile": "fast"},
                                              Expect(None, "profile", r"must be one of \['smoke'"))),
-    BadInput("param_wrong_tuple_length", params(pipeline.AttentionConfig, {"query_point": [0.5]},
+    BadInput("param_wrong_tuple_length", params(AttentionConfig, {"query_point": [0.5]},
                                                 Expect(None, "query_point", "expected 2 values, got 1"))),
-    BadInput("param_fractions_sum_to_one", params(pipeline.PreprocessConfig, {"val_fraction": 0.5,
+    BadInput("param_fractions_sum_to_one", params(PreprocessConfig, {"val_fraction": 0.5,
                                                                                "test_fraction": 0.5},
                                                   Expect(None, None, "sum to less than 1"))),
-    BadInput("param_many_at_once", params(pipeline.TrainConfig, {"lr": "fast", "epochs": "3", "batchsize": 4},
+    BadInput("param_many_at_once", params(TrainConfig, {"lr": "fast", "epochs": "3", "batchsize": 4},
                                           Expect(None, "lr", "expected a number"),
                                           Expect(None, "epochs", "expected an integer"),
                                           Expect(None, "batchsize", "unknown parameter"))),

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from nbsupport.seg2d.model import (ARCHITECTURES, BCEDiceLoss, Seg2DModelSpec, build_seg2d_model, model_from_spec)
-from nbsupport.seg2d.pipeline import query_attention
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -56,16 +55,3 @@ def test_loss_is_multilabel_and_lower_for_the_truth() -> None:
     perfect = loss(target * 20 - 10, target)
     wrong = loss(torch.zeros_like(target), target)
     assert perfect < 0.05 < wrong
-
-
-@pytest.mark.parametrize("arch", ["segformer", "beit", "dpt"])
-def test_query_attention_maps_cover_the_key_grid(arch: str) -> None:
-    model = build_seg2d_model(arch, 3, 64, width="tiny").eval()
-    with torch.no_grad():
-        _, attentions = model(torch.rand(1, 1, 64, 64), output_attentions=True)
-    layers, heads = query_attention(attentions, model.spec, (10, 50), 64)
-    assert len(layers) == len(attentions) and len(heads) == attentions[-1].shape[1]
-    for _, m in layers:
-        # A softmax row: the query's attention over the keys sums to 1 (the [CLS] key is dropped for ViTs).
-        assert m.ndim == 2 and m.shape[0] == m.shape[1]
-        assert 0.5 < m.sum() <= 1.0 + 1e-5

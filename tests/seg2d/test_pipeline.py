@@ -10,13 +10,14 @@ import pytest
 from nbsupport import seg2d
 from nbsupport.runs import RunFolder
 from nbsupport.seg2d import data as seg_data
-from nbsupport.seg2d.pipeline import POSTPROCESS_FILE, TUNED_THRESHOLDS
+from nbsupport.seg2d.demo_data import DEMO_SIZES, write_demo_dataset
+from nbsupport.seg2d.inference import POSTPROCESS_FILE, TUNED_THRESHOLDS
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("seg2d")
-    root = seg_data.write_demo_dataset(tmp / "data", **seg_data.DEMO_SIZES["smoke"])
+    root = write_demo_dataset(tmp / "data", **DEMO_SIZES["smoke"])
     manifest = str(tmp / "uwmgi.csv")
     run_dir = str(tmp / "runs" / "r1" / "seg2d")
     params = {"profile": "smoke", "manifest": manifest, "run_dir": run_dir}
@@ -56,6 +57,21 @@ def test_run_folder_holds_what_the_stages_promise(smoke_run: dict) -> None:
         assert (run_dir / "figures" / f"{name}.png").stat().st_size > 10_000
 
 
+def test_predict_writes_the_case_viewer_itself(smoke_run: dict) -> None:
+    """Called from Python (no notebook), 03 still writes the page the run index links, with the cases it returns."""
+    inferred = smoke_run["inferred"]
+    assert inferred.viewer_path == smoke_run["run_dir"] / "03_case_viewer.html"
+    page = inferred.viewer_path.read_text()
+    assert len(inferred.viewer_cases) == min(24, len(inferred.evaluation.manifest))
+    assert inferred.viewer_cases[0]["title"] in page and "seg2d test predictions" in page
+
+
+def test_load_trained_model_puts_every_tensor_on_the_device(smoke_run: dict) -> None:
+    model = seg2d.load_trained_model(smoke_run["run_dir"] / "checkpoints" / "best", device="meta")
+    assert not model.training
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
 def test_infer_applies_the_post_processing_chosen_on_val_in_training(smoke_run: dict) -> None:
     metrics = RunFolder(smoke_run["run_dir"]).metrics()
     post = seg2d.PostProcess.from_file(smoke_run["run_dir"] / POSTPROCESS_FILE)
@@ -64,36 +80,6 @@ def test_infer_applies_the_post_processing_chosen_on_val_in_training(smoke_run: 
     # same checkpoint, same per-class thresholds and areas: 03_infer reproduces 02_train's test scores exactly
     for key in ("test_dice", "test_score"):
         assert metrics["03_infer"][key] == pytest.approx(metrics["02_train"][key], abs=1e-9), key
-
-
-def test_choose_postprocess_per_class_threshold_and_min_area(tmp_path: Path) -> None:
-    """Class 0: a 30-pixel false speck on a slice without it (only min_area >= 32 removes it); class 1: an organ
-    the model sees at probability 0.45 (only a threshold below it finds it); class 2: clean. The mean Dice it reports
-    is the competition's Dice of the masks those settings make."""
-    from nbsupport.seg2d.pipeline import choose_postprocess, remove_small_regions
-    from nbsupport.seg2d.scoring import competition_score
-
-    shape = (3, 40, 50)
-    probs, truth = [np.zeros(shape, np.float32) for _ in range(3)], [np.zeros(shape, bool) for _ in range(3)]
-    truth[0][0, 5:25, 5:25] = True
-    probs[0][0, 5:25, 5:25] = 0.9
-    probs[1][0, 30:35, 40:46] = 0.9  # 30 pixels, slice 1 has no class 0
-    truth[0][1, 10:30, 10:30] = True
-    probs[0][1, 10:30, 10:30] = 0.45
-    truth[2][2, 0:20, 0:40] = True
-    probs[2][2, 0:20, 0:40] = 0.8
-    post = choose_postprocess(iter(probs), truth, thresholds=(0.4, 0.5), min_areas=(0, 32, 64))
-    assert post.min_areas[0] == 32 and post.thresholds[1] == 0.4, post
-    assert post.val_dice == pytest.approx(1.0)
-    pred = [np.stack([remove_small_regions(p[c] > post.thresholds[c], post.min_areas[c]) for c in range(3)])
-            for p in probs]
-    ids = [f"case1_day1_slice_{i + 1:04d}" for i in range(3)]
-    assert competition_score(ids, pred, truth)["dice"] == pytest.approx(post.val_dice)
-    # fixed 0.5 / 0 misses the class-1 organ and keeps the speck: 2 of the 4 scored pairs are right
-    fixed = [np.stack([p[c] > 0.5 for c in range(3)]) for p in probs]
-    assert competition_score(ids, fixed, truth)["dice"] == pytest.approx(0.5)
-    (tmp_path / "postprocess.json").write_text(post.to_json())
-    assert seg2d.PostProcess.from_file(tmp_path / "postprocess.json") == post
 
 
 def test_submission_is_kaggle_format_and_decodes_to_the_predictions(smoke_run: dict) -> None:
@@ -139,3 +125,7 @@ def test_attention_maps_for_a_query_pixel(smoke_run: dict) -> None:
     assert sorted(cases[0]["masks"]) == sorted([f"pred {c}" for c in seg_data.CLASSES]
                                                + [f"true {c}" for c in seg_data.CLASSES])
     assert min(att.spacing) > 0 and str(att.query_point[0]) in cases[0]["text"]
+    # the verb wrote the same cases into 04_attention_viewer.html
+    assert att.viewer_path == smoke_run["run_dir"] / "04_attention_viewer.html"
+    assert [c["title"] for c in att.viewer_cases] == [c["title"] for c in cases]
+    assert f"seg2d attention: {att.slice_id}" in att.viewer_path.read_text()
