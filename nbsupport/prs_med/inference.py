@@ -220,9 +220,8 @@ def attention_over_image(model: PRSMedNet, out: Any, input_ids: torch.Tensor, la
     attention to the image-token positions, reshaped to the vision tower's patch grid.
     """
     tok = model.tokenizer
-    grid = model.spec.image_size // model.spec.sam_patch if not model.spec.sam_path else None
     cross = out.cross_attention[0]  # (g*g, T)
-    side = grid or round(cross.shape[0] ** 0.5)
+    side = round(cross.shape[0] ** 0.5)  # the encoder's square grid
     is_image = input_ids == model.image_token_id
     is_answer = labels != -100
     words = [tok.decode([int(t)]).strip() for t in input_ids]

@@ -1,8 +1,10 @@
-"""What the prs_med tests share: a small synthetic PRS-Med dataset (five tasks, 11 images each, 48 px) and one
-smoke-profile run folder the verbs 01-03 have written (trained once per session)."""
+"""What the prs_med tests share: a small synthetic PRS-Med dataset (five tasks, 11 images each, 48 px), one
+smoke-profile run folder the verbs 01-03 have written (trained once per session), and this folder on ``sys.path`` so
+that they import ``prs_med_layouts`` (pytest's importlib mode does not put it there)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,9 @@ import pytest
 
 from nbsupport.prs_med import config, demo_data, pipeline
 from nbsupport.runs import RunFolder
+
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

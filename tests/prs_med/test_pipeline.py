@@ -4,11 +4,12 @@ loaded back with the one signature every system has."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nbsupport.prs_med import pipeline
+from nbsupport.prs_med import config, demo_data, pipeline
 from nbsupport.runs import RunFolder
 
 
@@ -52,3 +53,35 @@ def test_every_test_metric_has_its_interval_and_the_run_its_headline(smoke_run: 
     table = smoke_run.inferred.table
     assert list(table.index) == ["polyp_endoscopy", "all"] and " (" in table.loc["all", "position_accuracy"]
     assert list(smoke_run.inferred.comparisons.index)[0] == "dice_minus_image_only_dice"
+
+
+@pytest.mark.slow
+def test_02_train_on_a_tinysam_checkpoint_with_the_official_decoder(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The smoke profile with ``sam_ckpt`` = a tinysam_42.3.pth-layout file and ``mask_decoder='official'`` trains,
+    evaluates and trains the image-only baseline; every load of the file prints the one line, nothing missing or
+    unexpected."""
+    from prs_med_layouts import TINY_VIT, write_tinysam_checkpoint
+
+    from nbsupport.prs_med.tinysam import TinyViT
+
+    root = demo_data.write_demo_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, image_size=32,
+                                        tasks=("polyp_endoscopy",))
+    ckpt = tmp_path / "weights" / "tinysam_42.3.pth"
+    n = write_tinysam_checkpoint(ckpt)
+    common = {"profile": "smoke", "manifest": str(tmp_path / "m.csv"), "run_dir": str(tmp_path / "run" / "prs_med")}
+    preprocess = config.PreprocessConfig.from_params({**common, "data_root": str(root), "n_examples": 1})
+    run = RunFolder.for_stage(preprocess)
+    pipeline.preprocess(preprocess, run)
+    train = config.TrainConfig.from_params({**common, "image_size": 32, "vision_size": 32, "max_steps": 2,
+                                            "batch_size": 2, "max_new_tokens": 3, "sam_ckpt": str(ckpt),
+                                            "mask_decoder": "official"})
+    capsys.readouterr()
+    pipeline.train(train, run)
+    loads = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{ckpt}:")]
+    assert loads and set(loads) == {f"{ckpt}: loaded {n} of {n} tensors (0 missing, 0 unexpected)"}
+    spec = json.loads((run.path / "model_spec.json").read_text())
+    assert (spec["sam_path"], spec["mask_decoder"]) == (str(ckpt), "official")
+    metrics = json.loads((run.path / "metrics.json").read_text())["02_train"]
+    assert metrics["parameters"]["sam_image_encoder"] == sum(p.numel() for p in TinyViT(TINY_VIT).parameters())
+    assert metrics["steps"] == 2 and "test_baseline_image_only_dice" in metrics
