@@ -188,12 +188,16 @@ class RunFolder:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def record_stage(self, cfg: Any) -> None:
-        """Add the stage's resolved config to ``config.json`` and its provenance to ``provenance.json``."""
+        """Add the stage's resolved config to ``config.json`` and its provenance to ``provenance.json``.
+
+        A stage is recorded once per folder; a stage config with ``resume=True`` (02_train continuing an
+        interrupted run in its ``run_dir``) replaces its earlier record instead.
+        """
         stage = cfg.STAGE
         info = provenance(seed=cfg.seed, device=cfg.device)  # outside the lock: it runs git
         with self._records_locked():
             configs = read_json(self.path / "config.json", {})
-            if stage in configs:
+            if stage in configs and not getattr(cfg, "resume", False):
                 raise RunExistsError(
                     f"stage {stage} already ran in {self.path}; a run folder is never overwritten (use a new run_dir)"
                 )

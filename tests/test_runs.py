@@ -53,6 +53,22 @@ def test_stage_records_config_and_provenance_once(tmp_path: Path) -> None:
     assert run.metrics() == {"01_preprocess": {"slices": 3, "cases": 1}}
 
 
+@dataclasses.dataclass(frozen=True)
+class ToyTrain(StageConfig):
+    SYSTEM = "toy"
+    STAGE = "02_train"
+    resume: bool = param(False, "continue the run in run_dir")
+
+
+def test_a_resumed_stage_is_recorded_again_in_its_run_folder(tmp_path: Path) -> None:
+    params = {"run_dir": str(tmp_path / "r" / "toy")}
+    RunFolder.for_stage(ToyTrain.from_params(params))
+    with pytest.raises(RunExistsError, match="already ran"):
+        RunFolder.for_stage(ToyTrain.from_params(params))
+    run = RunFolder.for_stage(ToyTrain.from_params({**params, "resume": True}))
+    assert json.loads((run.path / "config.json").read_text())["02_train"]["resume"] is True
+
+
 def test_new_run_when_run_dir_is_empty(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NBSUPPORT_OUTPUTS", str(tmp_path))
     run = RunFolder.for_stage(ToyStage.from_params({}))

@@ -1,23 +1,15 @@
 """cxr_report: chest X-ray report generation (MedGen_AI): DenseNet-121 disease attention tokens prefixed to a
 QLoRA-tuned causal LM, on CheXpert Plus.
 
-Notebooks use the configs and verbs re-exported here; ``data`` (CheXpert Plus / seed CSV / DICOM adapter, demo
-generator), ``labeler`` (negation-aware rule labeler of reports), ``model`` (vision model, report generator) and
-``pipeline`` hold the parts.
+Notebooks use the configs and verbs re-exported here. Modules: ``config`` (stage configs), ``data`` (CheXpert Plus
+/ seed CSV / DICOM adapter, manifest, Datasets), ``demo_data`` (synthetic demo dataset), ``labeler`` (negation-aware
+rule labeler of reports), ``model`` (vision model, report generator, spec), ``task`` (the two training tasks),
+``inference`` (tokens, beam search, scores, baselines), ``views`` (figures, viewer cases, HTML views) and
+``pipeline`` (the four verbs and ``load_trained_model``).
 """
-from nbsupport.cxr_report.pipeline import (
-                                           AttentionConfig,
-                                           InferConfig,
-                                           PreprocessConfig,
-                                           TrainConfig,
-                                           attention_maps,
-                                           attention_viewer_cases,
-                                           load_manifest,
-                                           predict,
-                                           preprocess,
-                                           train,
-                                           viewer_cases,
-)
+from nbsupport.cxr_report.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
+from nbsupport.cxr_report.pipeline import attention_maps, load_trained_model, predict, preprocess, train
+from nbsupport.cxr_report.views import attention_viewer_cases, viewer_cases
 
 __all__ = ["AttentionConfig", "InferConfig", "PreprocessConfig", "TrainConfig", "attention_maps",
-           "attention_viewer_cases", "load_manifest", "predict", "preprocess", "train", "viewer_cases"]
+           "attention_viewer_cases", "load_trained_model", "predict", "preprocess", "train", "viewer_cases"]

@@ -17,8 +17,6 @@ state_dict of the same encoder can be given as ``encoder_weights``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from nbsupport.cxr_report.labeler import LABELS
+from nbsupport.spec import ModelSpec, ParameterCount, count_parameters
 
 NUM_DISEASES = len(LABELS)
 ENCODERS = {
@@ -38,8 +37,16 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclasses.dataclass(frozen=True)
-class CxrModelSpec:
-    """Everything needed to rebuild the trained model; stored as ``model_spec.json`` in the run folder."""
+class CxrModelSpec(ModelSpec):
+    """Everything needed to rebuild the trained model; stored as ``model_spec.json`` in the run folder.
+
+    Its two checkpoints carry ``fingerprint("vision")`` and ``fingerprint("report")``. The JSON keeps the field
+    order (not sorted) and leaves out the fields added later while they hold their defaults, as the first runs
+    wrote it, so that their checkpoints keep loading.
+    """
+
+    JSON_SORT_KEYS = False
+    LATER_FIELDS = {"findings_prompt": False, "findings_threshold": 0.5}
 
     encoder: Literal["densenet121", "densenet_small", "densenet_tiny"] = "densenet121"
     image_size: int = 224
@@ -61,27 +68,6 @@ class CxrModelSpec:
     @property
     def num_patches(self) -> int:
         return (self.image_size // 32) ** 2
-
-    def to_json(self) -> str:
-        values = dataclasses.asdict(self)
-        for name, default in _LATER_FIELDS.items():  # written only when set: earlier runs keep their fingerprint
-            if values[name] == default:
-                del values[name]
-        return json.dumps(values, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> CxrModelSpec:
-        values = json.loads(text)
-        values["lora_targets"] = tuple(values.get("lora_targets", LORA_TARGETS))
-        return cls(**values)
-
-    def fingerprint(self, part: str = "") -> str:
-        """Stored in checkpoints so weights are never loaded into another model (``part``: vision / report)."""
-        return hashlib.sha256((part + self.to_json()).encode()).hexdigest()[:16]
-
-
-# fields added after the first runs, with their defaults
-_LATER_FIELDS = {"findings_prompt": False, "findings_threshold": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -151,14 +137,24 @@ def lora_config(spec: CxrModelSpec) -> Any:
                       task_type="CAUSAL_LM", target_modules=list(spec.lora_targets))
 
 
-def load_language_model(spec: CxrModelSpec) -> tuple[Any, Any]:
-    """The causal LM of ``spec`` (NF4 unless ``quantization == "none"``) wrapped with LoRA, and its tokenizer."""
+def load_language_model(spec: CxrModelSpec, device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """The causal LM of ``spec`` (NF4 unless ``quantization == "none"``) wrapped with LoRA, and its tokenizer.
+
+    ``device``: where a 4-bit LM is loaded (None: where bitsandbytes puts it, GPU 0 on a CUDA machine; 4-bit
+    weights cannot be moved afterwards). An unquantized LM is loaded on the CPU and moves with its module.
+    """
     from peft import get_peft_model
 
     from nbsupport.models import load_causal_lm
 
     quantization = None if spec.quantization == "none" else spec.quantization
-    lm, tokenizer = load_causal_lm(spec.language_model, quantization=quantization, torch_dtype=torch.float32)
+    device_map = None
+    if quantization is not None and device is not None:
+        place = torch.device(device)
+        device_map = {"": "cpu" if place.type == "cpu" else
+                      (place.index if place.index is not None else torch.cuda.current_device())}
+    lm, tokenizer = load_causal_lm(spec.language_model, quantization=quantization, torch_dtype=torch.float32,
+                                   device_map=device_map)
     return get_peft_model(lm, lora_config(spec)), tokenizer
 
 
@@ -194,9 +190,10 @@ class ReportGenerator(nn.Module):
         self.projection = nn.Linear(spec.feature_dim, hidden)
 
     def visual_embeddings(self, disease_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 14, C) -> (B, 14, hidden) in the LM's embedding dtype."""
-        dtype = self.lm.get_input_embeddings().weight.dtype
-        return self.projection(disease_tokens.to(self.projection.weight.dtype)).to(dtype)
+        """(B, 14, C) -> (B, 14, hidden) in the LM's embedding dtype, on its device (a 4-bit LM may sit on another
+        device than the projection)."""
+        embedding = self.lm.get_input_embeddings().weight
+        return self.projection(disease_tokens.to(self.projection.weight)).to(embedding)
 
     def forward(self, disease_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Any:
@@ -277,7 +274,7 @@ def classifier_findings_prompt(prompt: str, probabilities: Sequence[float], thre
 
     A diagnosis-driven prompt in the manner of PromptMRG (Jin et al., AAAI 2024): the LM is told in words what the
     image classifier found, so a report states each finding the classifier sees, in any combination. At inference
-    it is built from the image alone; in training from the report's own labels (``pipeline.prompt_findings``).
+    it is built from the image alone; in training from the report's own labels (``task.prompt_findings``).
     """
     if len(probabilities) != NUM_DISEASES:
         raise ValueError(f"expected {NUM_DISEASES} label probabilities (in LABELS order), got {len(probabilities)}")
@@ -331,20 +328,19 @@ LLAMA2_7B_CONFIG = {  # meta-llama/Llama-2-7b-hf config.json; vocab + the seed's
 }
 
 
-def count_trainable_parameters(lm_config: dict[str, Any], spec: CxrModelSpec) -> dict[str, int]:
-    """Trainable parameters of the report generator (LoRA + projection) for a Llama config, on the meta device.
+def report_generator_parameters(lm_config: dict[str, Any], spec: CxrModelSpec) -> ParameterCount:
+    """Parameters of the report generator (LoRA-wrapped Llama + projection) for a Llama config, on the meta device.
 
     Nothing is allocated or downloaded: the LM is built from its config values on ``torch.device("meta")``.
-    Returns ``{"lora": .., "projection": .., "trainable": .., "lm_total": ..}``.
+    ``trainable`` = LoRA + projection (the seed prints 12,587,008 for Llama-2-7b), ``frozen`` = the LM's own
+    weights; parts ``lora`` and ``projection``.
     """
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
-        lm = LlamaForCausalLM(LlamaConfig(**lm_config))
-        peft_lm = get_peft_model(lm, lora_config(spec))
+        lm = get_peft_model(LlamaForCausalLM(LlamaConfig(**lm_config)), lora_config(spec))
         projection = nn.Linear(spec.feature_dim, lm_config["hidden_size"])
-    lora = sum(p.numel() for p in peft_lm.parameters() if p.requires_grad)
-    proj = sum(p.numel() for p in projection.parameters())
-    total = sum(p.numel() for n, p in peft_lm.named_parameters() if "lora_" not in n)
-    return {"lora": lora, "projection": proj, "trainable": lora + proj, "lm_total": total}
+    adapters = nn.ModuleList(m for name, m in lm.named_modules() if name.endswith((".lora_A", ".lora_B")))
+    return count_parameters(nn.ModuleDict({"lm": lm, "projection": projection}),
+                            {"lora": adapters, "projection": projection})

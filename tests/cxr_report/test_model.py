@@ -1,4 +1,4 @@
-"""Disease attention, the vision model, the QLoRA report generator and the meta-device parameter count."""
+"""Disease attention, the vision model, the QLoRA report generator, the spec and the meta-device parameter count."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,13 +14,13 @@ from nbsupport.cxr_report.model import (
     ReportGenerator,
     VisionModel,
     classifier_findings_prompt,
-    count_trainable_parameters,
     encode_example,
     keep_4bit_weights_trainable,
     lm_prompts,
     load_language_model,
     pad_examples,
     prompt_token_ids,
+    report_generator_parameters,
 )
 
 
@@ -65,33 +65,36 @@ def test_patch_evidence_adds_up_to_the_logits() -> None:
 
 
 def test_trainable_parameters_of_the_full_configuration_match_the_seed() -> None:
-    counts = count_trainable_parameters(LLAMA2_7B_CONFIG, CxrModelSpec(encoder="densenet121"))
+    counts = report_generator_parameters(LLAMA2_7B_CONFIG, CxrModelSpec(encoder="densenet121"))
     # The seed notebook prints 12,587,008 trainable parameters (LoRA on q/k/v/o of 32 layers + the projection).
-    assert counts["lora"] == 32 * 4 * 8 * (4096 + 4096)
-    assert counts["projection"] == 1024 * 4096 + 4096
-    assert counts["trainable"] == 12_587_008
+    assert counts.parts["lora"] == 32 * 4 * 8 * (4096 + 4096)
+    assert counts.parts["projection"] == 1024 * 4096 + 4096
+    assert counts.trainable == 12_587_008
+    assert counts.frozen == 6_738_423_808  # Llama-2-7b with the seed's added <PAD> token (32001 x 4096 twice)
 
 
 def test_the_full_profile_is_the_seed_and_lora_targets_reach_the_spec() -> None:
-    from nbsupport.cxr_report.pipeline import TrainConfig, model_spec
+    from nbsupport.cxr_report.config import TrainConfig
+    from nbsupport.cxr_report.pipeline import model_spec
 
     full = model_spec(TrainConfig.from_params({"profile": "full"}), None)
-    assert count_trainable_parameters(LLAMA2_7B_CONFIG, full)["trainable"] == 12_587_008
+    assert report_generator_parameters(LLAMA2_7B_CONFIG, full).trainable == 12_587_008
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     spec = model_spec(TrainConfig.from_params({"profile": "full", "lora_targets": all_linear}), None)
     assert spec.lora_targets == tuple(all_linear)
     # QLoRA's all-linear adapters on Llama-2-7b, r=8: the MLP's gate/up/down (4096 <-> 11008) join q/k/v/o
-    assert count_trainable_parameters(LLAMA2_7B_CONFIG, spec)["lora"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
+    assert report_generator_parameters(LLAMA2_7B_CONFIG, spec).parts["lora"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
 
 
 def test_trainable_parameters_of_a_small_config() -> None:
     config = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
-    counts = count_trainable_parameters(config, CxrModelSpec(encoder="densenet_tiny", lora_r=4))
+    counts = report_generator_parameters(config, CxrModelSpec(encoder="densenet_tiny", lora_r=4))
     kv = 32 // 4 * 2  # k/v project to num_key_value_heads * head_dim = 16
     per_layer = 4 * (32 + 32) + 4 * (32 + kv) * 2 + 4 * (32 + 32)  # q, k, v, o: r * (in + out)
-    assert counts["lora"] == 2 * per_layer
-    assert counts["projection"] == 17 * 32 + 32
+    assert counts.parts["lora"] == 2 * per_layer
+    assert counts.parts["projection"] == 17 * 32 + 32
+    assert counts.trainable == 2 * per_layer + 17 * 32 + 32 and counts.total == counts.trainable + counts.frozen
 
 
 def test_loss_covers_only_report_tokens(tiny_lm_dir: Path) -> None:
@@ -142,7 +145,7 @@ def test_specs_written_before_the_findings_prompt_keep_their_fingerprint(tiny_lm
 
 
 def test_report_parameter_groups_give_the_input_side_its_own_rate(tiny_lm_dir: Path) -> None:
-    from nbsupport.cxr_report.pipeline import report_parameter_groups
+    from nbsupport.cxr_report.task import report_parameter_groups
 
     spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
     lm, tokenizer = load_language_model(spec)
@@ -262,7 +265,7 @@ def test_training_prompts_name_the_reports_own_labels_and_validation_the_classif
     import pandas as pd
 
     from nbsupport.cxr_report.data import LABEL_COLUMNS
-    from nbsupport.cxr_report.pipeline import prompt_findings
+    from nbsupport.cxr_report.task import prompt_findings
 
     labels = [[None] * 14, [None] * 14, [None] * 14]
     labels[0][2], labels[0][8] = 1.0, -1.0  # train: cardiomegaly positive, atelectasis uncertain
@@ -277,7 +280,7 @@ def test_training_prompts_name_the_reports_own_labels_and_validation_the_classif
 
 def test_findings_beam_choice_keeps_the_first_beam_that_states_the_classifiers_findings() -> None:
     from nbsupport.cxr_report.labeler import LABELS
-    from nbsupport.cxr_report.pipeline import choose_reports
+    from nbsupport.cxr_report.inference import choose_reports
 
     beams = [["Pneumothorax is not seen. No effusion.", "Small right pneumothorax. The heart is enlarged.",
               "There is a right pneumothorax.", "There is a left pneumothorax."],

@@ -20,6 +20,7 @@ import pytest
 
 from nbsupport.cxr_report import data as cxr_data
 from nbsupport.cxr_report import pipeline
+from nbsupport.cxr_report.demo_data import write_demo_dataset
 from nbsupport.manifest import meta_path
 from nbsupport.runs import RunFolder
 
@@ -206,7 +207,7 @@ def _drop_column(root: Path, column: str) -> tuple[Expect, ...]:
 
 @pytest.fixture(scope="module")
 def valid_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cxr_data.write_demo_dataset(tmp_path_factory.mktemp("cxr") / "data", n_patients=N_PATIENTS, image_size=64)
+    return write_demo_dataset(tmp_path_factory.mktemp("cxr") / "data", n_patients=N_PATIENTS, image_size=64)
 
 
 def _preprocess_config(root: Path, manifest: Path, run_dir: Path, n_examples: int = 1) -> pipeline.PreprocessConfig:
