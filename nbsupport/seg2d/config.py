@@ -73,11 +73,11 @@ class TrainConfig(_Seg2D, TrainStage):
     optimizer: Literal["adamw", "adam", "sgd"] = param("adamw", "optimizer (seed --optimizer)")
     amsgrad: bool = param(False, "AMSGrad variant of adam / adamw (the seed's Adam and AdamW use it)")
     scheduler: Literal["constant", "warmup_cosine", "multistep"] = param("multistep", "seed --scheduler_name")
-    milestones: tuple[float, ...] = param((0.5,), "multistep: lr *= gamma at these fractions of the training "
-                                                  "(seed: one, at epochs // 2)")
+    milestones: tuple[float, ...] = param((0.5,), "multistep: the lr is multiplied by gamma at these fractions "
+                                                  "of the training (seed: one, at epochs // 2)")
     gamma: float = param(0.1, "multistep decay factor per milestone (seed: 0.1)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
-        "auto", "auto: bf16 on CUDA, fp32 on CPU; 'no': fp32 everywhere (the seed's precision=32)")
+        "auto", "auto: bf16 on CUDA, fp32 on CPU; 'no': fp32 everywhere (the seed's Lightning precision 32)")
     augment: bool = param(False, "the seed's training augmentations: flips, shift/scale/rotate, brightness/contrast, "
                                  "coarse dropout (flips hide the organs' side)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")

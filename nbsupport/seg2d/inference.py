@@ -191,7 +191,7 @@ class SplitEvaluation:
     manifest: pd.DataFrame
     pred: list[np.ndarray]  # per slice (3, H, W) bool
     truth: list[np.ndarray] | None
-    scores: dict[str, Any]  # dice, hausdorff, score, dice_<class>, each followed by its <metric>_ci95 [low, high]
+    scores: dict[str, Any]  # dice, hausdorff, score, dice_<class>, each with its <metric>_ci95 [low, high]; n_cases
     per_class: pd.DataFrame  # Dice per class, "0.80 (0.74–0.85)"
     parts: list[CaseParts] | None = None  # per case: what the intervals resample
 
@@ -211,7 +211,7 @@ def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_si
     parts = case_parts(list(manifest["id"]), pred, truth)
     scores = {"dice": score["dice"], "hausdorff": score["hausdorff"], "score": score["score"]}
     scores.update({f"dice_{c}": float(v) for c, v in score["dice_per_class"].items()})
-    scores = scores_with_ci95(scores, parts)
+    scores = {**scores_with_ci95(scores, parts), "n_cases": len(parts)}  # the cases the intervals resample
     per_class = pd.DataFrame({"Dice (95% CI)": {c: format_ci(scores[f"dice_{c}"], scores[f"dice_{c}_ci95"], 3)
                                                 for c in CLASSES}}).rename_axis("class")
     return SplitEvaluation(manifest, pred, truth, scores, per_class, parts)

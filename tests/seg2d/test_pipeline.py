@@ -148,6 +148,7 @@ def test_every_test_metric_has_its_interval_and_the_run_its_headline(smoke_run: 
     for stage in ("02_train", "03_infer"):
         scored = {k: v for k, v in metrics[stage].items() if k.startswith("test_") and isinstance(v, float)}
         assert {"test_dice", "test_hausdorff", "test_score", "test_dice_stomach"} <= set(scored), stage
+        assert metrics[stage]["test_n_cases"] == 1  # the smoke data's one test case
         for key, value in scored.items():
             low, high = metrics[stage][f"{key}_ci95"]
             assert low - 1e-12 <= value <= high + 1e-12, (stage, key, value, low, high)
