@@ -216,7 +216,9 @@ def parameter_docs(cls: type[StageConfig], profile: str | None = None) -> list[d
 def parameter_line(name: str, value_source: str, doc: Mapping[str, Any]) -> str:
     """One line of a notebook's parameters cell, as ``papermill --help-notebook`` reads it:
     ``name = value  # type: <type> <help>``."""
-    return f"{name} = {value_source}  # type: {doc['type']} {doc['help']}"
+    # papermill skips a line with a second '=' (translators.py, PythonTranslator.inspect): none in the help
+    help_text = doc["help"].replace(" = ", " is ").replace("=", " ")
+    return f"{name} = {value_source}  # type: {doc['type']} {help_text}"
 
 
 STAGE_ALIASES = {"preprocess": "01", "train": "02", "infer": "03", "predict": "03", "attention": "04"}
