@@ -54,6 +54,7 @@ def test_parameters_cell_matches_config(notebook: Path) -> None:
     for line in tagged[0].source.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, _, value = line.partition("=")
+            value = value.split("  # type:", 1)[0]
             json.loads(value.strip().replace("None", "null").replace("True", "true").replace("False", "false")
                        .replace("(", "[").replace(")", "]"))
 
