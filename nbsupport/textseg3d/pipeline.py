@@ -25,7 +25,10 @@ from nbsupport.textseg3d import data as ts_data
 from nbsupport.textseg3d import views
 from nbsupport.textseg3d.config import SYSTEM, AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
 from nbsupport.textseg3d.inference import (
+    ABLATION_NAMES,
     CaseEvaluation,
+    ablation_table,
+    dice_results,
     evaluate_cases,
     fusion_attention,
     predict_volume,
@@ -39,6 +42,9 @@ from nbsupport.textseg3d.transforms import eval_transforms
 from nbsupport.train import TrainResult
 
 TOKEN_READOUT_SCALE = 2  # 04_attention, token readout, scale -1: one row per report word at the 1/8 scale
+# 02_train's metrics.json names for the ablation rows, <split>_dice_<name>, as the first release wrote them
+TRAIN_METRIC_NAMES = {"true": "LLMSeg_true_report", "flipped": "LLMSeg_flipped_report",
+                      "empty": "LLMSeg_empty_report", "image_only": "image_only_UNet"}
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> LLMSeg:
@@ -94,7 +100,8 @@ class TrainOutcome:
     checkpoint: Path
     image_only_checkpoint: Path | None
     test_split: str
-    scores: pd.DataFrame  # model x report variant -> mean Dice on the test split
+    scores: pd.DataFrame  # model x report variant -> mean Dice, IoU, HD95 on the test split
+    table: pd.DataFrame  # the same, each as "mean (95 % interval)"
     curves: Any
 
 
@@ -127,16 +134,27 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
                                                   root, manifest)
         histories["image only"] = base_result.history
     test_split = "test" if (manifest.split == "test").any() else "val"
-    scores = _test_scores(manifest[manifest.split == test_split], root, best, image_only_best,
-                          resolve_device(cfg.device))
-    metrics = {f"{test_split}_dice_{name.replace(', ', '_').replace(' ', '_').replace('-', '_')}": float(v["dice"])
-               for name, v in scores.iterrows()}
+    evaluations = _test_evaluations(manifest[manifest.split == test_split], root, best, image_only_best,
+                                    resolve_device(cfg.device))
+    scores = pd.DataFrame({ABLATION_NAMES[k]: ev.metrics[["dice", "iou", "hd95"]].mean()
+                           for k, ev in evaluations.items()}).T
+    keys = {variant: f"{test_split}_dice_{TRAIN_METRIC_NAMES[variant]}" for variant in evaluations}
+    metrics = dice_results(evaluations, keys, test_split)
     metrics.update({"steps": result.steps, "best_val": result.best_metric, "trainable": counts.trainable,
                     "frozen": counts.frozen})
     run.write_metrics(cfg.STAGE, metrics)
+    write_dice_headline(run, cfg.STAGE, metrics, keys)
     curves = plot_training_curves(_merge_histories(histories))
     run.save_figure(curves, "02_training_curves")
-    return TrainOutcome(result.history, best, image_only_best, test_split, scores, curves)
+    return TrainOutcome(result.history, best, image_only_best, test_split, scores, ablation_table(evaluations), curves)
+
+
+def write_dice_headline(run: RunFolder, stage: str, metrics: dict[str, Any], keys: dict[str, str]) -> None:
+    """The run's headline: Dice with the true report (its interval) next to Dice with the side flipped, the baseline
+    that shows whether the report's side steers the segmentation."""
+    true, flipped = keys["true"], keys["flipped"]
+    run.write_headline(stage, "Dice, true report", metrics[true], "Dice, side-flipped report", metrics[flipped],
+                       ci95=metrics[f"{true}_ci95"])
 
 
 def _train_one(cfg: TrainConfig, spec: LLMSegSpec, out_dir: Path, root: Path,
@@ -156,18 +174,16 @@ def _train_one(cfg: TrainConfig, spec: LLMSegSpec, out_dir: Path, root: Path,
     return result, Path(result.best_checkpoint or result.last_checkpoint)
 
 
-def _test_scores(part: pd.DataFrame, root: Path, best: Path, image_only_best: Path | None,
-                 device: torch.device) -> pd.DataFrame:
-    """Mean Dice, IoU and HD95 of the held-out cases: LLMSeg with each report variant, then the image-only UNet."""
+def _test_evaluations(part: pd.DataFrame, root: Path, best: Path, image_only_best: Path | None,
+                      device: torch.device) -> dict[str, CaseEvaluation]:
+    """Per-case Dice, IoU and HD95 of the held-out cases: LLMSeg with each report variant, then the image-only
+    UNet (key ``image_only``)."""
     model = load_trained_model(best, device)
-    rows = {}
-    for variant in ts_data.REPORT_VARIANTS:
-        ev = evaluate_cases(model, part, root, variant, device)
-        rows[f"LLMSeg, {variant} report"] = ev.metrics[["dice", "iou", "hd95"]].mean()
+    evaluations = {variant: evaluate_cases(model, part, root, variant, device) for variant in ts_data.REPORT_VARIANTS}
     if image_only_best is not None:
-        ev = evaluate_cases(load_trained_model(image_only_best, device), part, root, "true", device)
-        rows["image-only UNet"] = ev.metrics[["dice", "iou", "hd95"]].mean()
-    return pd.DataFrame(rows).T
+        evaluations["image_only"] = evaluate_cases(load_trained_model(image_only_best, device), part, root, "true",
+                                                   device)
+    return evaluations
 
 
 def _merge_histories(histories: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -188,14 +204,11 @@ class InferResult:
     result: pd.DataFrame  # result.csv of the true report
     result_path: Path
     ablation: pd.DataFrame  # model/report -> Dice, IoU, HD95
+    ablation_table: pd.DataFrame  # the same, each as "mean (95 % interval)"
     figure: Any
     evaluations: dict[str, CaseEvaluation]
     viewer_html: Path | None = None  # 03_case_viewer.html
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # for viz.slice_viewer
-
-
-ABLATION_NAMES = {"true": "LLMSeg, true report", "flipped": "LLMSeg, side flipped", "empty": "LLMSeg, empty report",
-                  "image_only": "image-only UNet"}
 
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
@@ -230,12 +243,14 @@ def _predict_split(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: torc
             write_result_csv(table, run.file(f"result_{name}.csv"))
     ablation = pd.DataFrame({ABLATION_NAMES[k]: ev.metrics[["dice", "iou", "hd95"]].mean()
                              for k, ev in evaluations.items()}).T
-    run.write_metrics(cfg.STAGE, {f"{cfg.split}_dice_{k}": float(ev.metrics["dice"].mean())
-                                  for k, ev in evaluations.items()})
+    keys = {variant: f"{cfg.split}_dice_{variant}" for variant in evaluations}
+    metrics = dice_results(evaluations, keys, cfg.split)
+    run.write_metrics(cfg.STAGE, metrics)
+    write_dice_headline(run, cfg.STAGE, metrics, keys)
     atomic_write_text(run.file("ablation.csv"), ablation.to_csv())
     fig = views.ablation_figure(part, root, evaluations, cfg.n_examples)
     run.save_figure(fig, "03_ablation")
-    return InferResult(tables["true"], result_path, ablation, fig, evaluations)
+    return InferResult(tables["true"], result_path, ablation, ablation_table(evaluations), fig, evaluations)
 
 
 def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: torch.device) -> InferResult:
@@ -252,7 +267,7 @@ def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: to
     run.save_figure(fig, "03_new_case")
     table = pd.DataFrame([{"case": case_id, "voxels": int(pred.sum()), "prediction": str(out)}])
     ev = CaseEvaluation("true", [case_id], [cfg.input_report], [pred], pd.DataFrame())
-    return InferResult(table, out, pd.DataFrame(), fig, {"true": ev})
+    return InferResult(table, out, pd.DataFrame(), pd.DataFrame(), fig, {"true": ev})
 
 
 # ============================================================================================ 04 attention
