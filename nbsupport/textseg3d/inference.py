@@ -133,13 +133,18 @@ def write_result_csv(table: pd.DataFrame, path: Path) -> Path:
 
 def save_prediction_nifti(pred_canonical: np.ndarray, image_path: Path, out_path: Path) -> Path:
     """Write a canonical-orientation mask as NIfTI in the input's voxel order with the input's affine."""
+    _, affine = ts_data.read_volume(image_path, "data")
+    return write_mask_nifti(ts_data.from_canonical(pred_canonical.astype(np.uint8), affine), affine, out_path)
+
+
+def write_mask_nifti(stored: np.ndarray, affine: np.ndarray, out_path: Path, overwrite: bool = True) -> Path:
+    """Write a mask already in the input's voxel order as uint8 NIfTI with ``affine``; the file appears atomically
+    (with ``overwrite=False`` an existing file is an error)."""
     import nibabel as nib
 
-    _, affine = ts_data.read_volume(image_path, "data")
-    stored = ts_data.from_canonical(pred_canonical.astype(np.uint8), affine)
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, overwrite=overwrite) as tmp:
         target = tmp.with_name(tmp.name + ".nii.gz")
-        nib.save(nib.Nifti1Image(stored, affine), str(target))
+        nib.save(nib.Nifti1Image(stored.astype(np.uint8), affine), str(target))
         target.replace(tmp)
     return out_path
 

@@ -2,7 +2,8 @@
 
 Each verb takes the stage's frozen config and its run folder, does one thing, records what it measured in
 ``metrics.json``, writes the views the run folder promises, and returns a small result object with the tables,
-figures and viewer cases a notebook shows. :func:`load_trained_model` rebuilds a trained network on a device.
+figures and viewer cases a notebook shows. :func:`load_trained_model` rebuilds a trained network on a device;
+:func:`predict_files` (``nbsupport predict textseg3d``) segments a user's own volumes with a trained run.
 """
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ from nbsupport.checkpoints import SPEC_FILE, load_model
 from nbsupport.device import resolve_device
 from nbsupport.manifest import write_manifest
 from nbsupport.paths import resolve_path
+from nbsupport.predict import (
+    PredictError,
+    PredictSummary,
+    check_outputs_free,
+    expand_inputs,
+    for_each_input,
+    run_config,
+    training_run,
+)
 from nbsupport.runs import RunFolder, atomic_write_text
 from nbsupport.spec import count_parameters
 from nbsupport.textseg3d import data as ts_data
@@ -34,6 +44,7 @@ from nbsupport.textseg3d.inference import (
     predict_volume,
     result_table,
     save_prediction_nifti,
+    write_mask_nifti,
     write_result_csv,
 )
 from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, build_llmseg
@@ -256,7 +267,7 @@ def _predict_split(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: torc
 def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: torch.device) -> InferResult:
     """Segment one image file given only its report text; writes ``<case>.nii.gz`` with the input's affine."""
     image_path = resolve_path(cfg.input_image)
-    case_id = image_path.parent.name
+    case_id = ts_data.volume_id(image_path)
     data = eval_transforms(with_label=False)({"image": str(image_path)})
     prob = predict_volume(model, data["image"][None], cfg.input_report, model.spec.roi, cfg.overlap,
                           cfg.sw_batch_size, device)
@@ -268,6 +279,81 @@ def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: to
     table = pd.DataFrame([{"case": case_id, "voxels": int(pred.sum()), "prediction": str(out)}])
     ev = CaseEvaluation("true", [case_id], [cfg.input_report], [pred], pd.DataFrame())
     return InferResult(table, out, pd.DataFrame(), pd.DataFrame(), fig, {"true": ev})
+
+
+# ============================================================================================ your own files
+def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], out_dir: str | os.PathLike, *,
+                  device: str = "auto", overwrite: bool = False, report: str | None = None) -> PredictSummary:
+    """Segment new volumes with a trained run, guided by ``report``; no manifest needed.
+
+    Args:
+        checkpoint: the training run folder (``outputs/runs/<id>/textseg3d``; its best checkpoint) or a checkpoint
+            folder.
+        inputs: NIfTI (``.nii``, ``.nii.gz``) or npz volumes, DICOM series folders, or folders holding them.
+        out_dir: where ``<id>.nii.gz`` (the target mask, uint8, in the input's voxel order with its affine) and,
+            for a DICOM input, ``<id>_seg.dcm`` (a DICOM-SEG referencing the source series) are written; ``<id>``
+            is :func:`nbsupport.textseg3d.data.volume_id`.
+        report: the report text (a prompt like ``"N0, cT2, breast conserving surgery, left side"``), the same
+            for every input; ``""`` is the empty report. Required unless the run is the image-only UNet.
+
+    The run's own preprocessing is applied: the same load, canonical orientation and HU window as 02_train's
+    validation, the sliding window of the model's ``roi``, and the overlap and window batch of the run's 03_infer
+    (else of the 02_train profile's defaults). Existing outputs are refused unless ``overwrite``.
+    """
+    run_dir, checkpoint_dir = training_run(checkpoint)
+    overlap, sw_batch_size = _inference_window(run_dir)
+    spec_path = checkpoint_dir.parent.parent / SPEC_FILE
+    if not spec_path.is_file():
+        raise PredictError(f"{spec_path} is missing: {checkpoint_dir} is not a textseg3d checkpoint")
+    if report is None and LLMSegSpec.from_json(spec_path.read_text()).use_text:
+        raise PredictError("textseg3d segments what the report describes: pass --report \"...\" (\"\" for the "
+                           "empty report)")
+    files = expand_inputs(inputs, ts_data.VOLUME_SUFFIXES, series_folders=True)
+    names = [ts_data.volume_id(f) for f in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PredictError(f"several inputs would write the same output name(s) {twice}: "
+                           + ", ".join(str(f) for f, n in zip(files, names) if n in twice))
+    out = resolve_path(out_dir)
+    planned = {f: [out / f"{n}.nii.gz"] + ([out / f"{n}_seg.dcm"] if _is_dicom(f) else [])
+               for f, n in zip(files, names)}
+    check_outputs_free([p for paths in planned.values() for p in paths], overwrite)
+    torch_device = resolve_device(device)
+    model = load_trained_model(checkpoint_dir, torch_device)
+
+    def predict_one(path: Path) -> list[Path]:
+        data = eval_transforms(with_label=False)({"image": str(path)})
+        prob = predict_volume(model, data["image"][None], report or "", model.spec.roi, overlap, sw_batch_size,
+                              torch_device)
+        affine = np.asarray(data["image"].meta["original_affine"])
+        stored = ts_data.from_canonical((prob.argmax(0) == 1).numpy().astype(np.uint8), affine)
+        written = [write_mask_nifti(stored, affine, planned[path][0], overwrite=overwrite)]
+        if len(planned[path]) > 1:
+            from nbsupport.dicom_seg import Segment, write_dicom_seg
+
+            written.append(write_dicom_seg(stored, path, planned[path][1], [Segment("CTV", TARGET_DESCRIPTION)],
+                                           algorithm="textseg3d", series_description="textseg3d target volume",
+                                           overwrite=overwrite))
+        return written
+
+    return for_each_input(files, predict_one, out, desc="textseg3d predict")
+
+
+TARGET_DESCRIPTION = "clinical target volume predicted by textseg3d from the report"
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(".dcm")
+
+
+def _inference_window(run_dir: Path) -> tuple[float, int]:
+    """(overlap, windows per pass) the run's 03_infer used, else the defaults of its 02_train profile."""
+    trained = run_config(run_dir, "02_train")
+    try:
+        infer = run_config(run_dir, "03_infer")
+    except PredictError:
+        infer = InferConfig.from_params({"profile": trained.get("profile", "full")}).to_dict()
+    return float(infer["overlap"]), int(infer["sw_batch_size"])
 
 
 # ============================================================================================ 04 attention

@@ -17,6 +17,7 @@ from nbsupport.textseg3d.demo_data import DEMO_SIZES, write_demo_dataset
 @dataclasses.dataclass(frozen=True)
 class SmokeRun:
     data_root: Path  # the demo dataset the run was trained on
+    manifest: Path  # its manifest (01_preprocess)
     run_dir: Path  # outputs/runs/<id>/textseg3d as nbsupport run writes it
     train: TrainOutcome
     infer: InferResult
@@ -34,4 +35,4 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     outcome = textseg3d.train(train_cfg, RunFolder.for_stage(train_cfg))
     infer_cfg = InferConfig.from_params({**common, "device": "cpu", "n_examples": 1})
     result = textseg3d.predict(infer_cfg, RunFolder.for_stage(infer_cfg))
-    return SmokeRun(root, run_dir, outcome, result)
+    return SmokeRun(root, base / "manifest.csv", run_dir, outcome, result)
