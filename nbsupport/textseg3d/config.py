@@ -67,6 +67,10 @@ class TrainConfig(_TextSeg3DStage, TrainStage):
     n_prompts: int = param(2, "learnable context prompts (public code --n_prompts)")
     context_length: int = param(8, "embeddings per context prompt (public code --context_length)")
     num_heads: int = param(8, "attention heads of the fusion blocks (fewer where the width does not divide)")
+    wiring: Literal["llmseg", "fused_chain"] = param(
+        "llmseg", "llmseg: the public code's network (encode every scale, then fuse each; a residual block in the "
+                  "first decoder only); fused_chain: our first variant (each fused scale feeds the next encoder "
+                  "block; residual blocks in all four decoders)")
     center_text: bool = param(False, "subtract the empty report's text tokens (our addition, not in the public code)")
     image_pe: Literal["zeros", "random"] = param("zeros", "voxel positional encoding in the fusion: zeros (public "
                                                           "code) or SAM's random Fourier features (our addition)")

@@ -119,7 +119,7 @@ class TrainOutcome:
 def model_spec(cfg: TrainConfig, use_text: bool = True) -> LLMSegSpec:
     """The network 02_train builds: LLMSeg, or with ``use_text=False`` the same UNet without the text path."""
     return LLMSegSpec(feature_size=cfg.feature_size, n_prompts=cfg.n_prompts, context_length=cfg.context_length,
-                      num_heads=cfg.num_heads, use_text=use_text, center_text=cfg.center_text,
+                      num_heads=cfg.num_heads, wiring=cfg.wiring, use_text=use_text, center_text=cfg.center_text,
                       image_pe=cfg.image_pe,
                       text_readout=cfg.text_readout if "sentence" in cfg.text_encoder else "mean",
                       text_encoder=cfg.text_encoder,
