@@ -298,7 +298,11 @@ def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike]
 
     The run's own preprocessing is applied: the same load, canonical orientation and HU window as 02_train's
     validation, the sliding window of the model's ``roi``, and the overlap and window batch of the run's 03_infer
-    (else of the 02_train profile's defaults). Existing outputs are refused unless ``overwrite``.
+    (else of the 02_train profile's defaults). Existing outputs are refused unless ``overwrite``; a file that cannot
+    be read is named in the summary with its reason and the others go on.
+
+    Example: ``predict_files("outputs/runs/R/textseg3d", ["ct.nii.gz", "ct_series/"], "masks/",
+    report="N0, cT2, breast conserving surgery, left side")``.
     """
     run_dir, checkpoint_dir = training_run(checkpoint)
     overlap, sw_batch_size = _inference_window(run_dir)
