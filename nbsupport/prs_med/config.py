@@ -53,7 +53,7 @@ class TrainConfig(PRSMedStage, TrainStage):
                  "vision_lr_scale": 0.75, "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2,
                  "image_tokens_at": "before_answer", "lambda_position": 1.0, "answer_loss_to_vision": False},
         # TinySAM's vit_t image encoder and the official mask decoder, as PRS-Med (model_v7.py:77-82)
-        "full": {"sam_ckpt": "weights/tinysam_42.3.pth", "vlm": "weights/llava-med-v1.5-mistral-7b-hf",
+        "full": {"sam_ckpt": "weights/tinysam_42.3.pth", "vlm": "weights/llava-med-v1.5-mistral-7b",
                  "image_size": 1024, "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8,
                  "lr": 1e-4, "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
     }
@@ -62,7 +62,8 @@ class TrainConfig(PRSMedStage, TrainStage):
     sam_ckpt: str = param("", "SAM-family image encoder: TinySAM tinysam_42.3.pth (full), SAM sam_vit_*.pth, PRS-Med's "
                           "image_encoder.pth or a Hugging Face SAM folder / hub id in the local cache; "
                           "'' = random-init SAM ViT (sam_hidden, sam_layers, ...)")
-    vlm: str = param("smollm2-135m", "'tiny' (random, smoke), 'smollm2-135m' (packaged) or a local HF LLaVA folder")
+    vlm: str = param("smollm2-135m", "'tiny' (random, smoke), 'smollm2-135m' (packaged), or the LLaVA-Med v1.5 folder "
+                                     "as downloaded (the seed's --vlm_path) / an HF LLaVA folder")
     vlm_num_layers: int = param(0, "keep the first N decoder layers of the assembled VLM's LM (0 = all)")
     image_size: int = param(1024, "square model input in pixels (SAM: 1024)")
     sam_hidden: int = param(64, "random-init SAM ViT width")
