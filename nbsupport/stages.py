@@ -141,6 +141,10 @@ class ManifestTask:
         self.manifest, self.root = read_manifest(Path(manifest), self.cfg.SCHEMA, data_root=Path(data_root),
                                                  check_files=False)
         self.spec = self.SPEC.from_json(spec_json)
+        self.setup()
+
+    def setup(self) -> None:
+        """The task's own state (loss, caches), made once ``cfg``, ``manifest``, ``root`` and ``spec`` are set."""
 
     def split(self, name: str) -> pd.DataFrame:
         """The manifest rows of one split."""
