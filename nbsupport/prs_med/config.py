@@ -11,22 +11,16 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from nbsupport.config import ConfigError, param
-from nbsupport.manifest import ManifestSchema
 from nbsupport.prs_med.data import PRSMED_SCHEMA
 from nbsupport.prs_med.model import PRSMedSpec
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, system_stage
 
 SYSTEM = "prs_med"
 SCHEMA = PRSMED_SCHEMA
 DEFAULT_MANIFEST = "data_manifests/prs_med_demo.csv"
 
 
-class PRSMedStage:
-    """What every prs_med stage shares: the system, the MMRS/PosMed manifest schema and the demo manifest."""
-
-    SYSTEM: ClassVar[str] = SYSTEM
-    SCHEMA: ClassVar[ManifestSchema] = SCHEMA
-    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+PRSMedStage = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,19 +10,14 @@ import dataclasses
 from typing import Literal
 
 from nbsupport.config import param
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 from nbsupport.textseg3d.data import TEXTSEG3D_SCHEMA
 
 SYSTEM = "textseg3d"
 DEFAULT_MANIFEST = "data_manifests/textseg3d_demo.csv"
 
 
-class _TextSeg3DStage:
-    """What every textseg3d stage shares: the system, its manifest schema and its demo manifest."""
-
-    SYSTEM = SYSTEM
-    SCHEMA = TEXTSEG3D_SCHEMA
-    DEFAULT_MANIFEST = DEFAULT_MANIFEST
+_TextSeg3DStage = system_stage(SYSTEM, TEXTSEG3D_SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)
