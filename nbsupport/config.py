@@ -41,6 +41,8 @@ class StageConfig:
     STAGE: ClassVar[str] = ""
     # profile name -> {field: value}; only fields that differ from the dataclass defaults.
     PROFILES: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # old parameter name -> new one: a notebook written with the old name gets an error naming the new one
+    RENAMED: ClassVar[Mapping[str, str]] = {}
 
     profile: Literal["smoke", "demo", "full"] = param("demo", "smoke: seconds on a CPU; demo: minutes on a CPU; full: seed sizes, for a GPU node")
     seed: int = param(0, "random seed for data splits, initialisation and sampling")
@@ -59,7 +61,9 @@ class StageConfig:
         hints = typing.get_type_hints(cls)
         problems: list[str] = []
         for name in params:
-            if name not in fields:
+            if name in cls.RENAMED:
+                problems.append(f"parameter {name!r} is now {cls.RENAMED[name]!r}")
+            elif name not in fields:
                 close = difflib.get_close_matches(name, fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"unknown parameter {name!r}{hint}")
