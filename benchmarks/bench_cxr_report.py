@@ -37,19 +37,16 @@ def measure(language_model: str, quantization: str, batch_size: int, text_tokens
     """Runs in its own process so that peak memory belongs to one configuration only."""
     import torch
 
-    from nbsupport.cxr_report.model import CxrModelSpec, ReportGenerator, load_language_model
+    from nbsupport.cxr_report.model import CxrModelSpec, ReportGenerator, load_language_model, place_on
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     rss_start = _rss_mib()
     spec = CxrModelSpec(encoder="densenet121", language_model=language_model, quantization=quantization)
-    lm, tokenizer = load_language_model(spec)
-    generator = ReportGenerator(spec, lm, tokenizer)
     device = torch.device("cuda" if cuda else "cpu")
+    lm, tokenizer = load_language_model(spec, device)
+    generator = place_on(ReportGenerator(spec, lm, tokenizer), device)
     if cuda:
-        generator.projection.to(device)
-        if quantization == "none":
-            generator.lm.to(device)
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = _rss_mib()
     vocab = lm.get_input_embeddings().weight.shape[0]

@@ -42,8 +42,9 @@ class PredictSummary:
 
 
 def training_run(run_or_checkpoint: str | os.PathLike) -> tuple[Path, Path]:
-    """``(run folder, checkpoint folder)`` from a run folder (``outputs/runs/<id>/<system>``: its best checkpoint)
-    or from a checkpoint folder (``.../checkpoints/best``)."""
+    """``(run folder, checkpoint folder)`` from a run folder (``outputs/runs/<id>/<system>``: its best checkpoint;
+    the run folder itself where each training stage keeps its own checkpoints in a sub-folder) or from a checkpoint
+    folder (``.../checkpoints/best``)."""
     path = resolve_path(run_or_checkpoint)
     if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
         return path.parent.parent, path
@@ -53,6 +54,8 @@ def training_run(run_or_checkpoint: str | os.PathLike) -> tuple[Path, Path]:
     last = path / "checkpoints" / "last"
     if (last / "meta.json").is_file():
         return path, last
+    if any(path.glob("*/checkpoints/best/meta.json")):  # one checkpoint per stage (cxr_report: vision/, report/)
+        return path, path
     raise PredictError(f"{path} is neither a trained run folder (holding checkpoints/best) nor a checkpoint folder; "
                        "pass --run outputs/runs/<run_id>/<system>")
 

@@ -6,15 +6,14 @@ The shared fields (manifest, data root, the optimisation fields, checkpoint and 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip.data import CT_CLIP_SCHEMA, LABELS
 from nbsupport.ct_clip.i3resnet import RESNET152_BLOCKS
 from nbsupport.ct_clip.model import CTClipSpec
-from nbsupport.manifest import ManifestSchema
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 
 SYSTEM = "ct_clip"
 SCHEMA = CT_CLIP_SCHEMA
@@ -36,12 +35,7 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-class CTRateStage:
-    """What every ct_clip stage shares: the system, the CT-RATE manifest schema and the demo manifest."""
-
-    SYSTEM: ClassVar[str] = SYSTEM
-    SCHEMA: ClassVar[ManifestSchema] = SCHEMA
-    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+CTRateStage = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.cxr_report.data import CXR_SCHEMA, DEFAULT_PROMPT
 from nbsupport.cxr_report.model import LORA_TARGETS
-from nbsupport.manifest import ManifestSchema
 from nbsupport.paths import resolve_path
 from nbsupport.runs import RunFolder, find_checkpoint
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 
 SYSTEM = "cxr_report"
+# torchvision's ImageNet DenseNet-121, as published: https://download.pytorch.org/models/densenet121-a639ec97.pth
+DENSENET121_IMAGENET = "weights/densenet121-a639ec97.pth"
 DEFAULT_MANIFEST = "data_manifests/chexpert_plus_demo.csv"
 
 
-class _CxrReport:
-    """What every cxr_report stage shares: its system name, manifest schema and demo manifest."""
-
-    SYSTEM: ClassVar[str] = SYSTEM
-    SCHEMA: ClassVar[ManifestSchema | None] = CXR_SCHEMA
-    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+_CxrReport = system_stage(SYSTEM, CXR_SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +71,18 @@ class TrainConfig(_CxrReport, TrainStage):
                  "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 3, "batch_size": 4,
                  "max_steps": 160, "lr": 2e-3, "projection_lr": 1e-2, "max_report_tokens": 56, "optimizer": "adamw",
                  "findings_prompt": True},
-        "full": {"encoder": "densenet121", "image_size": 224, "language_model": "meta-llama/Llama-2-7b-hf",
-                 "vision_epochs": 50, "epochs": 20, "batch_size": 1, "optimizer": "paged_adamw", "num_workers": 4},
+        # the seed's encoder (multimodal_final.ipynb, DenseNet121WithAttention): torchvision's
+        # densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1), whose file is densenet121-a639ec97.pth
+        "full": {"encoder": "densenet121", "encoder_weights": DENSENET121_IMAGENET, "image_size": 224,
+                 "language_model": "meta-llama/Llama-2-7b-hf", "vision_epochs": 50, "epochs": 20, "batch_size": 1,
+                 "optimizer": "paged_adamw", "num_workers": 4},
     }
 
     encoder: Literal["densenet121", "densenet_small", "densenet_tiny"] = param(
         "densenet121", "image encoder: the seed's DenseNet-121, or smaller DenseNets for CPU profiles")
-    encoder_weights: str = param("", "local safetensors state_dict of the encoder's features (e.g. ImageNet); '' = "
-                                     "random init (no ImageNet weights ship offline)")
+    encoder_weights: str = param("", "ImageNet weights of the encoder: torchvision's published DenseNet-121 file "
+                                 "(densenet121-a639ec97.pth, read as it is) or a safetensors state_dict of the "
+                                 "encoder's features; '' = random init")
     image_size: int = param(224, "model input side (pixels); patches = (image_size / 32)^2")
     language_model: str = param("meta-llama/Llama-2-7b-hf", "causal LM: local folder, hub id in the local cache, "
                                 "'smollm2-135m' (packaged) or 'tiny' (random-init Llama, smoke)")
@@ -163,6 +163,9 @@ class InferConfig(_ReportingStage):
                 "full": {"max_new_tokens": 512}}
 
     input_image: str = param("", "an image file or DICOM to write a report for, besides the split")
+    chexbert_path: str = param("", "folder with CheXbert's chexbert.pth and bert-base-uncased's config.json + "
+                               "vocab.txt: it labels the generated reports for clinical efficacy; '' = the rule "
+                               "labeler (named beside every CE number)")
     real_dicom: bool = param(True, "also report on the real chest radiograph RG1_UNCR.dcm from pydicom-data")
     batch_size: int = param(8, "images per generate call")
     max_reports: int = param(0, "score only the first N images of the split (0: all)")

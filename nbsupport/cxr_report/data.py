@@ -4,10 +4,11 @@ Accepted layouts under a data root:
 
 * **CheXpert Plus**: ``df_chexpert_plus_240401.csv`` (27 columns, ``CHEXPERT_PLUS_COLUMNS``) with
   ``path_to_image`` (e.g. ``train/patient42142/study5/view1_frontal.jpg``, relative to the root; the PNG release
-  stores the same path with ``.png``, which is tried when the ``.jpg`` is absent), ``section_findings``,
-  ``section_impression``, ``deid_patient_id`` and ``split`` (train / valid); plus the CheXbert labels
-  ``chexbert_labels/findings_fixed.json`` and ``impression_fixed.json``, JSON lines keyed by ``path_to_image``
-  with the 14 labels valued 1.0 / 0.0 / -1.0 / null.
+  unpacks the same path with ``.png`` under ``PNG/``, in some unpackings ``PNG/PNG/``, where it is looked for
+  when the file itself is absent), ``section_findings``, ``section_impression``, ``deid_patient_id`` and ``split``
+  (train / valid); plus the CheXbert labels ``chexbert_labels/findings_fixed.json`` and ``impression_fixed.json``,
+  JSON lines keyed by ``path_to_image`` with the 14 labels valued 1.0 / 0.0 / -1.0 / null. The manifest's
+  ``label_source`` says whose labels a row carries (``chexbert``, or ``rule`` for an image the files do not list).
 * **seed CSV** (charangajjala/MedGen_AI ``final_dataset_latest.csv``): ``image_path, diagnostic_prompt,
   target_report``. It has no labels; they are read from the report by the rule labeler.
 * any image may be a DICOM file (``.dcm``): modality LUT, then VOI LUT / window, MONOCHROME1 inverted.
@@ -53,6 +54,7 @@ DEFAULT_PROMPT = "Describe the findings of this chest X-ray."
 LABEL_COLUMNS = tuple("label_" + re.sub(r"\W+", "_", name.lower()) for name in LABELS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CHEXBERT, RULE = "chexbert", "rule"  # values of the manifest's label_source column
 SOURCE_LINE = "_source_line"  # (CSV file name, line, column) of a row, for problems found after reading the CSV
 _PATIENT = re.compile(r"(patient\d+)")
 _STUDY = re.compile(r"(study\d+)")
@@ -82,6 +84,9 @@ CXR_SCHEMA = ManifestSchema(
         Column("report", "str", help="target report text (findings and/or impression)"),
         *(Column(c, "float", nullable=True, allowed=(1.0, 0.0, -1.0), help=f"CheXbert label {n}: 1/0/-1/empty")
           for c, n in zip(LABEL_COLUMNS, LABELS)),
+        Column("label_source", "str", required=False, allowed=(CHEXBERT, RULE),
+               help="who labelled the row: 'chexbert' (the dataset's own CheXbert labels) or 'rule' (our rule "
+                    "labeler on the report; the seed CSV ships no labels)"),
         Column("split", "split", help="train / val / test, by patient"),
     ),
     key="id",
@@ -172,15 +177,28 @@ def detect_format(root: Path) -> str:
                             f"{', '.join(SEED_CSV_COLUMNS)} (seed format)")
 
 
+IMAGE_TREES = ("", "PNG", "PNG/PNG")  # where an image path of the CSV may sit under the data root
+IMAGE_SUFFIXES = (".jpg", ".png", ".dcm")  # the CSV's own suffix first, then these
+
+
 def _locate_image(root: Path, relative: str) -> Path:
-    path = root / relative
-    if path.exists():
-        return path
-    for suffix in (".png", ".jpg", ".dcm"):
-        alt = path.with_suffix(suffix)
-        if alt.exists():
-            return alt
-    return path
+    """The file of a CSV image path under ``root``: the path itself, else the same path with ``.png`` / ``.jpg`` /
+    ``.dcm``, directly under ``root`` or in the ``PNG/`` (some unpackings: ``PNG/PNG/``) tree of CheXpert Plus'
+    PNG release, whose CSV still names ``train/patientN/studyM/view1_frontal.jpg``. The path tried first when
+    none exists (for the error message)."""
+    first = root / relative
+    for tree in IMAGE_TREES:
+        path = root / tree / relative
+        for candidate in (path, *(path.with_suffix(s) for s in IMAGE_SUFFIXES)):
+            if candidate.is_file():
+                return candidate
+    return first
+
+
+def _tried(relative: str) -> str:
+    """The places :func:`_locate_image` looks, for an error message."""
+    trees = ", ".join(f"{t}/" for t in IMAGE_TREES if t)
+    return f"tried {', '.join(IMAGE_SUFFIXES)} directly and under {trees}"
 
 
 def read_chexbert_labels(path: Path) -> dict[str, dict[str, float | None]]:
@@ -281,13 +299,15 @@ def read_chexpert_plus(root: Path, report_section: str = "findings", prompt: str
         source = _locate_image(root, r.path_to_image)
         if not source.is_file():
             problems.append(ManifestProblem(number, "path_to_image", f"image {r.path_to_image} does not exist under "
-                                            f"{root} (tried .jpg, .png, .dcm); expected the image file", file=csv.name))
+                                            f"{root} ({_tried(r.path_to_image)}); expected the image file",
+                                            file=csv.name))
             continue
-        values = labels.get(r.path_to_image) or label_report(report)
+        shipped = labels.get(r.path_to_image)
+        values = shipped or label_report(report)
         row = {"id": str(Path(r.path_to_image).with_suffix("")), "patient": patient,
                "source_image": source, "view": f"{r.frontal_lateral} {r.ap_pa}".strip(),
                "prompt": prompt, "report": report, "source_split": r.split,
-               SOURCE_LINE: (csv.name, number, "path_to_image")}
+               "label_source": CHEXBERT if shipped else RULE, SOURCE_LINE: (csv.name, number, "path_to_image")}
         row.update({c: values.get(n) for c, n in zip(LABEL_COLUMNS, LABELS)})
         rows.append(row)
     if problems:
@@ -313,15 +333,16 @@ def read_seed_csv(csv: Path) -> pd.DataFrame:
         path = Path(r.image_path)
         source = path if path.is_absolute() else _locate_image(csv.parent, r.image_path)
         if not source.is_file():
-            problems.append(ManifestProblem(number, "image_path", f"image {r.image_path} does not exist (tried .jpg, "
-                                            ".png, .dcm); expected the image file", file=csv.name))
+            problems.append(ManifestProblem(number, "image_path", f"image {r.image_path} does not exist "
+                                            f"({_tried(r.image_path)}); expected the image file", file=csv.name))
             continue
         patient = (_PATIENT.search(r.image_path) or [None])[0] or f"image{number - 1:06d}"
         study = (_STUDY.search(r.image_path) or [""])[0]
         labels = label_report(r.target_report)
         row = {"id": "/".join(t for t in (patient, study, path.stem) if t), "patient": patient,
                "source_image": source, "view": "", "prompt": r.diagnostic_prompt.strip() or DEFAULT_PROMPT,
-               "report": r.target_report.strip(), "source_split": "", SOURCE_LINE: (csv.name, number, "image_path")}
+               "report": r.target_report.strip(), "source_split": "", "label_source": RULE,
+               SOURCE_LINE: (csv.name, number, "image_path")}
         row.update({c: labels.get(n) for c, n in zip(LABEL_COLUMNS, LABELS)})
         rows.append(row)
     if problems:
@@ -473,3 +494,30 @@ def summarise_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
             row[name] = round(float((part[column] == 1).mean()), 3) if len(part) else 0.0
         rows[split] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def rule_labeler_agreement(manifest: pd.DataFrame) -> pd.DataFrame:
+    """How the rule labeler, reading each report, agrees with the dataset's own CheXbert labels, per finding over
+    the rows that carry them (``label_source == "chexbert"``): ``n``, ``agreement`` (the same value of the four:
+    positive, negative, uncertain, not mentioned) and ``precision`` / ``recall`` / ``f1`` of its positive calls
+    against CheXbert's, with a last row ``all findings (micro)``. Empty when no row carries CheXbert labels (the
+    seed CSV), where the rule labeler is all there is."""
+    from nbsupport.metrics import clinical_efficacy
+
+    if "label_source" not in manifest.columns:
+        return pd.DataFrame()
+    part = manifest[manifest["label_source"] == CHEXBERT]
+    if part.empty:
+        return pd.DataFrame()
+    shipped = label_matrix(part)
+    rule = np.array([[np.nan if v is None else float(v) for v in (label_report(r)[n] for n in LABELS)]
+                     for r in part["report"]])
+    same = (shipped == rule) | (np.isnan(shipped) & np.isnan(rule))
+    positives = clinical_efficacy(rule == 1, shipped == 1, LABELS)
+    rows = {name: {"n": len(part), "agreement": float(same[:, k].mean()), "chexbert_positive": int(support["support"]),
+                   **{m: support[m] for m in ("precision", "recall", "f1")}}
+            for k, (name, support) in enumerate(positives["per_label"].items())}
+    rows["all findings (micro)"] = {"n": len(part), "agreement": float(same.mean()),
+                                    "chexbert_positive": int((shipped == 1).sum()),
+                                    **{m: positives[f"micro_{m}"] for m in ("precision", "recall", "f1")}}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("finding")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,15 @@ import pandas as pd
 import torch
 
 from nbsupport.checkpoints import META_FILE, SPEC_FILE, load_weights
-from nbsupport.cxr_report.data import DEFAULT_PROMPT, ReportImageDataset, load_encoder_input, read_xray
+from nbsupport.cxr_report.chexbert import ReportLabeler
+from nbsupport.cxr_report.data import (
+    CHEXBERT,
+    DEFAULT_PROMPT,
+    ReportImageDataset,
+    label_matrix,
+    load_encoder_input,
+    read_xray,
+)
 from nbsupport.cxr_report.labeler import LABELS, label_report, label_reports, positive_matrix
 from nbsupport.cxr_report.model import (
     REPORTING_ORDER,
@@ -26,7 +35,15 @@ from nbsupport.cxr_report.model import (
     lm_prompts,
     prompt_token_ids,
 )
-from nbsupport.metrics import bleu_scores, cider_d, clinical_efficacy, rouge_l
+from nbsupport.metrics import (
+    bleu_scores,
+    cider_d,
+    clinical_efficacy,
+    format_with_ci,
+    paired_bootstrap_diff,
+    rouge_l,
+    with_ci95,
+)
 from nbsupport.progress import progress
 
 
@@ -168,14 +185,91 @@ def report_on_image(model: TrainedModel, path: Path, cfg: Any, prompt: str = DEF
     return ImageReport(read_xray(path), report, probs, evidence)
 
 
-def score_reports(generated: list[str], references: list[str]) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L, CIDEr-D and clinical efficacy (rule labeler on both sides, positives only)."""
-    scores: dict[str, float] = {**bleu_scores(generated, references), "rouge_l": rouge_l(generated, references),
-                                "cider_d": cider_d(generated, references)}
-    ce = clinical_efficacy(positive_matrix(label_reports(generated)), positive_matrix(label_reports(references)),
-                           LABELS)
+def score_reports(generated: Sequence[str], references: Sequence[str], generated_positives: np.ndarray,
+                  reference_positives: np.ndarray) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr-D of the texts, and clinical efficacy (``ce_*``: precision, recall, F1, micro
+    and macro) of the (N, 14) positive findings, read from the generated reports by a ``ReportLabeler`` and from
+    :func:`reference_positives`. The four arguments are aligned per case, so that
+    ``with_ci95(scores, score_reports, *cases)`` resamples them together."""
+    scores: dict[str, float] = {**bleu_scores(list(generated), list(references)),
+                                "rouge_l": rouge_l(list(generated), list(references)),
+                                "cider_d": cider_d(list(generated), list(references))}
+    ce = clinical_efficacy(generated_positives, reference_positives, LABELS)
     scores.update({f"ce_{k}": v for k, v in ce.items() if k != "per_label"})
     return scores
+
+
+def ce_micro_f1(generated_positives: np.ndarray, reference_positives: np.ndarray) -> float:
+    """The headline clinical-efficacy number: micro-F1 of the positive findings over the 14 labels."""
+    return clinical_efficacy(generated_positives, reference_positives, LABELS)["micro_f1"]
+
+
+def ce_per_label_f1(generated_positives: np.ndarray, reference_positives: np.ndarray) -> dict[str, float]:
+    """F1 of each label's positive findings (the per-label table, bootstrapped label by label)."""
+    per_label = clinical_efficacy(generated_positives, reference_positives, LABELS)["per_label"]
+    return {label: entry["f1"] for label, entry in per_label.items()}
+
+
+def reference_positives(part: pd.DataFrame, labeler: ReportLabeler) -> tuple[np.ndarray, str]:
+    """(N, 14) positive findings of the reference reports and what they come from: the dataset's own CheXbert
+    labels where a manifest row carries them (``label_source == "chexbert"``, CheXpert Plus), else ``labeler``
+    reading the reference text."""
+    positives = labeler.positives(list(part["report"]))
+    shipped = (part["label_source"] == CHEXBERT).to_numpy() if "label_source" in part.columns else \
+        np.zeros(len(part), dtype=bool)
+    positives[shipped] = (np.nan_to_num(label_matrix(part[shipped]), nan=0.0) == 1).astype(positives.dtype)
+    n, k = len(part), int(shipped.sum())
+    if k == n:
+        return positives, f"dataset CheXbert labels (label_source 'chexbert', all {n} references)"
+    if k:
+        return positives, f"dataset CheXbert labels for {k} of {n} references, {labeler.name} on the others' text"
+    return positives, f"{labeler.name} on the reference text (the dataset ships no CheXbert labels for them)"
+
+
+SYSTEM_KEYS = {"model (this run)": "model", "model, best-scoring beam": "model_top_beam",
+               "nearest-neighbour report": "baseline_nn", "most common report": "baseline_common"}
+HEADLINE_BASELINE = "nearest-neighbour report"
+
+
+@dataclasses.dataclass
+class SplitScores:
+    """Every system's scores on one split, with 95 % bootstrap intervals over the reports."""
+
+    metrics: dict[str, Any]  # metrics.json: <system>_<metric> and _ci95, the paired differences, the labelers
+    values: pd.DataFrame  # system x metric, numbers
+    table: pd.DataFrame  # system x metric, "0.80 (0.74–0.85)"
+    per_label: pd.DataFrame  # the model's precision / recall / F1 (with interval) / support per label
+    comparisons: pd.DataFrame  # paired CE micro-F1 differences against the nearest-neighbour report
+
+
+def score_systems(systems: dict[str, list[str]], references: list[str], reference_pos: np.ndarray,
+                  labeler: ReportLabeler) -> SplitScores:
+    """Score each system's reports (keys of ``SYSTEM_KEYS``) against the references: every metric with its
+    ``_ci95`` (the same seeded resamples of the reports for every system), and for each model row the paired
+    bootstrap difference of CE micro-F1 against the nearest-neighbour report,
+    ``<system>_minus_baseline_nn_ce_micro_f1: {"diff", "ci95"}``."""
+    positives = {name: labeler.positives(reports) for name, reports in systems.items()}
+    metrics: dict[str, Any] = {}
+    values, table, comparisons = {}, {}, {}
+    for name, reports in systems.items():
+        cases = (reports, references, positives[name], reference_pos)
+        scores = with_ci95(score_reports(*cases), score_reports, *cases)
+        metrics.update({f"{SYSTEM_KEYS[name]}_{k}": v for k, v in scores.items()})
+        values[name] = {k: v for k, v in scores.items() if not k.endswith("_ci95")}
+        table[name] = format_with_ci(scores, digits=3)
+    for name in systems:
+        if SYSTEM_KEYS[name].startswith("model") and HEADLINE_BASELINE in systems:
+            diff, low, high = paired_bootstrap_diff((positives[name], reference_pos),
+                                                    (positives[HEADLINE_BASELINE], reference_pos), ce_micro_f1)
+            metrics[f"{SYSTEM_KEYS[name]}_minus_baseline_nn_ce_micro_f1"] = {"diff": diff, "ci95": [low, high]}
+            comparisons[f"{name} − {HEADLINE_BASELINE}"] = {"CE micro-F1 difference": diff, "ci95 low": low,
+                                                             "ci95 high": high}
+    model = "model (this run)"
+    per_label = pd.DataFrame(clinical_efficacy(positives[model], reference_pos, LABELS)["per_label"]).T
+    f1 = with_ci95(per_label["f1"].to_dict(), ce_per_label_f1, positives[model], reference_pos)
+    per_label["f1 (95% CI)"] = pd.Series(format_with_ci(f1, digits=3))
+    return SplitScores(metrics, pd.DataFrame(values).T, pd.DataFrame(table).T, per_label.rename_axis("label"),
+                       pd.DataFrame(comparisons).T)
 
 
 def baseline_reports(train_tokens: torch.Tensor, train_reports: list[str], query_tokens: torch.Tensor

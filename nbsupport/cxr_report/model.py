@@ -11,13 +11,15 @@
   (r=8, alpha=8, dropout 0.1 on q/k/v/o by default).
 
 Encoders: ``densenet121`` (1024 channels, the seed), ``densenet_small`` (136 channels, 254 k parameters; the
-``demo`` profile, CPU-sized) and ``densenet_tiny`` (``smoke``). No ImageNet weights ship offline; a local
-state_dict of the same encoder can be given as ``encoder_weights``.
+``demo`` profile, CPU-sized) and ``densenet_tiny`` (``smoke``). No ImageNet weights ship offline: the seed's,
+torchvision's published ``densenet121-a639ec97.pth``, is read as it is (:func:`load_encoder_weights`).
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 
 from nbsupport.cxr_report.labeler import LABELS
 from nbsupport.spec import ModelSpec, ParameterCount, count_parameters
+from nbsupport.weights import LoadReport, Log, load_into, read_state_dict
 
 NUM_DISEASES = len(LABELS)
 ENCODERS = {
@@ -97,6 +100,57 @@ def build_densenet_features(encoder: str) -> nn.Module:
     return net.features
 
 
+# The ImageNet DenseNet-121 of torchvision (the seed's encoder), as published: densenet121-a639ec97.pth names a dense
+# layer's parts "denselayerN.norm.1" (saved before PyTorch forbade dots in module names; torchvision's own loader
+# renames them "norm1", torchvision/models/densenet.py _load_state_dict). MONAI's DenseNet nests them as
+# "denselayerN.layers.norm1"; MONAI renames the published file for its own pretrained download with this pattern
+# (monai/networks/nets/densenet.py, _load_state_dict, lines 276-286 in MONAI 1.6), widened here by an optional dot so
+# that a file saved from torchvision's network ("norm1") maps too. tests/cxr_report/test_encoder_weights.py checks
+# the result against MONAI's own loader on the same file.
+_DENSE_LAYER_PART = re.compile(r"^(.*denselayer\d+)(\.(?:norm|relu|conv))\.?((?:[12])\.(?:weight|bias|running_mean|"
+                               r"running_var|num_batches_tracked))$")
+TORCHVISION_HEAD = ("classifier.weight", "classifier.bias")  # the 1000-class ImageNet head, not used here
+
+
+def monai_feature_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A torchvision DenseNet state dict -> MONAI DenseNet ``features`` names (``features.`` prefix dropped, dense
+    layers renamed), and the names it left out: the ImageNet head ``TORCHVISION_HEAD``."""
+    renamed = {}
+    for key, value in state.items():
+        if key in TORCHVISION_HEAD:
+            continue
+        key = key.removeprefix("features.")
+        match = _DENSE_LAYER_PART.match(key)
+        renamed[match.group(1) + ".layers" + match.group(2) + match.group(3) if match else key] = value
+    return renamed, [k for k in TORCHVISION_HEAD if k in state]
+
+
+def load_encoder_weights(features: nn.Module, path: str | Path, log: Log | None = print) -> LoadReport:
+    """Load pretrained encoder weights into the MONAI DenseNet ``features`` strictly, with one report line
+    (``<path>: loaded N of N tensors (0 missing, 0 unexpected)``).
+
+    ``path``: torchvision's published DenseNet file as it is (``densenet121-a639ec97.pth``, read with
+    ``weights_only``: its ImageNet head is left out by name, its names are mapped to MONAI's, and the BatchNorm
+    step counters that files saved before PyTorch 0.4.1 lack are set to 0, as BatchNorm's own loader does for such
+    files, torch/nn/modules/batchnorm.py ``_NormBase._load_from_state_dict``); or a state dict of ``features`` in
+    MONAI's names (safetensors). Both say what was changed before the report line.
+
+    Raises:
+        WeightsMismatchError: a tensor missing, unexpected or of another shape (e.g. a DenseNet-169 file).
+    """
+    state = read_state_dict(path)
+    if any(k.startswith("features.") for k in state):
+        state, head = monai_feature_names(state)
+        counters = [k for k in features.state_dict() if k.endswith("num_batches_tracked")]
+        added = [k for k in counters if k not in state] if not any(k in state for k in counters) else []
+        state.update({k: torch.zeros((), dtype=torch.long) for k in added})
+        if log is not None:
+            log(f"{path}: torchvision DenseNet layout: left out {', '.join(head) or 'no head'} (ImageNet head); names "
+                "mapped to MONAI's DenseNet (denselayerN.norm.1 / norm1 -> denselayerN.layers.norm1)"
+                + (f"; {len(added)} BatchNorm num_batches_tracked set to 0 (not in the file)" if added else ""))
+    return load_into(features, state, path, log=log)
+
+
 class VisionModel(nn.Module):
     """Image (B, 3, S, S) -> disease tokens (B, 14, C), auxiliary logits (B, 14), attention (14, P)."""
 
@@ -137,25 +191,41 @@ def lora_config(spec: CxrModelSpec) -> Any:
                       task_type="CAUSAL_LM", target_modules=list(spec.lora_targets))
 
 
-def load_language_model(spec: CxrModelSpec, device: str | torch.device | None = None) -> tuple[Any, Any]:
+def load_language_model(spec: CxrModelSpec, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """The causal LM of ``spec`` (NF4 unless ``quantization == "none"``) wrapped with LoRA, and its tokenizer.
 
-    ``device``: where a 4-bit LM is loaded (None: where bitsandbytes puts it, GPU 0 on a CUDA machine; 4-bit
-    weights cannot be moved afterwards). An unquantized LM is loaded on the CPU and moves with its module.
+    Where it lands: on a CUDA ``device`` a 4-bit LM is quantized there (``device_map``); everything else is loaded
+    on the CPU (bitsandbytes quantizes on the CPU too), from where :func:`place_on` moves the whole report
+    generator, 4-bit weights included, to a CPU, CUDA or meta device. So the LM, the projection and every input
+    built from them end up on one device.
     """
     from peft import get_peft_model
 
     from nbsupport.models import load_causal_lm
 
+    place = torch.device(device)
     quantization = None if spec.quantization == "none" else spec.quantization
     device_map = None
-    if quantization is not None and device is not None:
-        place = torch.device(device)
-        device_map = {"": "cpu" if place.type == "cpu" else
-                      (place.index if place.index is not None else torch.cuda.current_device())}
+    if quantization is not None:
+        device_map = {"": place.index if place.index is not None else torch.cuda.current_device()} \
+            if place.type == "cuda" else {"": "cpu"}
     lm, tokenizer = load_causal_lm(spec.language_model, quantization=quantization, torch_dtype=torch.float32,
                                    device_map=device_map)
     return get_peft_model(lm, lora_config(spec)), tokenizer
+
+
+def place_on(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """``module.to(device)``, 4-bit weights included: ``Module.to`` re-wraps a moved parameter as a plain
+    ``Parameter`` where the tensor type changes (to the meta device), which a bitsandbytes ``Params4bit`` refuses;
+    its own ``.to`` moves the packed weight and its quantization state together."""
+    import bitsandbytes as bnb
+
+    place = torch.device(device)
+    for layer in module.modules():
+        for name, param in list(layer._parameters.items()):
+            if isinstance(param, bnb.nn.Params4bit) and param.device != place:
+                layer._parameters[name] = param.to(place)
+    return module.to(place)
 
 
 def keep_4bit_weights_trainable(module: nn.Module) -> int:
@@ -186,12 +256,18 @@ class ReportGenerator(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.labelled_logits_only = labelled_logits_only
-        hidden = lm.get_input_embeddings().weight.shape[1]
-        self.projection = nn.Linear(spec.feature_dim, hidden)
+        embedding = lm.get_input_embeddings().weight
+        # initialised on the CPU (the same values on any device), then kept on the LM's device
+        self.projection = nn.Linear(spec.feature_dim, embedding.shape[1]).to(embedding.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LM's embeddings, the projection and every generation input live."""
+        return self.lm.get_input_embeddings().weight.device
 
     def visual_embeddings(self, disease_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 14, C) -> (B, 14, hidden) in the LM's embedding dtype, on its device (a 4-bit LM may sit on another
-        device than the projection)."""
+        """(B, 14, C) disease tokens from anywhere (the vision model's device, the CPU cache) -> (B, 14, hidden) on
+        the LM's device, in its embedding dtype."""
         embedding = self.lm.get_input_embeddings().weight
         return self.projection(disease_tokens.to(self.projection.weight)).to(embedding)
 
@@ -232,7 +308,7 @@ class ReportGenerator(nn.Module):
         """Left-padded ``[14 visual | prompt]`` embeddings (B, L, hidden) and attention mask (B, L)."""
         visual = self.visual_embeddings(disease_tokens)
         embed = self.lm.get_input_embeddings()
-        device = visual.device
+        device = self.device  # prompt ids and mask are made where the embeddings they look up are
         length = max(len(p) for p in prompt_ids)
         rows, masks = [], []
         pad_id = self.tokenizer.pad_token_id

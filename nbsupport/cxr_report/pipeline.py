@@ -21,8 +21,16 @@ import torch
 
 from nbsupport.checkpoints import SPEC_FILE, load_weights
 from nbsupport.cxr_report import data as cxr_data
-from nbsupport.cxr_report.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
+from nbsupport.cxr_report.chexbert import RULE_LABELER, ReportLabeler, report_labeler
+from nbsupport.cxr_report.config import (
+    DENSENET121_IMAGENET,
+    AttentionConfig,
+    InferConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
 from nbsupport.cxr_report.inference import (
+    SplitScores,
     TrainedModel,
     baseline_reports,
     best_checkpoint,
@@ -33,16 +41,18 @@ from nbsupport.cxr_report.inference import (
     lm_token_attention,
     load_vision_model,
     read_spec,
+    reference_positives,
     report_on_image,
-    score_reports,
+    score_systems,
 )
-from nbsupport.cxr_report.labeler import LABELS, label_reports, positive_matrix
+from nbsupport.cxr_report.labeler import LABELS
 from nbsupport.cxr_report.model import (
     LLAMA2_7B_CONFIG,
     CxrModelSpec,
     ReportGenerator,
     lm_prompts,
     load_language_model,
+    place_on,
     prompt_token_ids,
     report_generator_parameters,
 )
@@ -61,9 +71,9 @@ from nbsupport.cxr_report.views import (
 )
 from nbsupport.device import resolve_device
 from nbsupport.manifest import read_manifest, write_manifest
-from nbsupport.metrics import clinical_efficacy
 from nbsupport.paths import resolve_path
-from nbsupport.runs import RunFolder, atomic_write_text
+from nbsupport.predict import PredictSummary
+from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, read_json
 from nbsupport.spec import ParameterCount
 from nbsupport.train import TrainResult
 
@@ -77,10 +87,12 @@ class PreprocessResult:
     manifest_path: Path
     summary: pd.DataFrame
     figure: Any
+    labeler_agreement: pd.DataFrame  # rule labeler vs the dataset's CheXbert labels per finding (empty: none shipped)
 
 
 def preprocess(cfg: PreprocessConfig, run: RunFolder) -> PreprocessResult:
-    """Read the dataset, write the resized RGB images and the manifest, summarise and draw samples."""
+    """Read the dataset, write the resized RGB images and the manifest, summarise, measure the rule labeler against
+    the dataset's own CheXbert labels where it ships them (``labeler_agreement.csv``), and draw samples."""
     root = cfg.source_root()
     manifest = cxr_data.build_manifest(root, cfg.report_section, cfg.prompt, cfg.val_fraction, cfg.test_fraction,
                                        cfg.seed, cfg.frontal_only)
@@ -93,12 +105,19 @@ def preprocess(cfg: PreprocessConfig, run: RunFolder) -> PreprocessResult:
     run.write_metrics(cfg.STAGE, {"images": len(manifest), "patients": int(manifest["patient"].nunique()),
                                   "image_size": cfg.image_size, **{f"{s}_images": int((manifest.split == s).sum())
                                                                    for s in ("train", "val", "test")}})
+    agreement = cxr_data.rule_labeler_agreement(manifest)
+    if not agreement.empty:
+        atomic_write_text(run.file("labeler_agreement.csv"), agreement.to_csv())
+        overall = agreement.loc["all findings (micro)"]
+        run.write_metrics(cfg.STAGE, {"chexbert_labelled_images": int(overall["n"]),
+                                      "rule_vs_chexbert_agreement": float(overall["agreement"]),
+                                      "rule_vs_chexbert_positive_f1": float(overall["f1"])})
     sample = manifest.sample(n=min(cfg.n_examples, len(manifest)), random_state=cfg.seed)
     fig = report_figure([cxr_data.read_xray(root / r.image) for r in sample.itertuples()],
                         [{"report": r.report} for r in sample.itertuples()], list(sample["id"]),
                         "CheXpert Plus layout: resized inputs and their reports")
     run.save_figure(fig, "01_sample_images")
-    return PreprocessResult(manifest, manifest_path, summary, fig)
+    return PreprocessResult(manifest, manifest_path, summary, fig, agreement)
 
 
 # ============================================================================================ 02 train
@@ -119,6 +138,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     auxiliary classifier's test AUROC per label and the parameter counts. With ``cfg.resume`` both stages continue
     in ``run`` from their last complete checkpoint (a finished stage is reloaded, not trained again)."""
     manifest, root = cfg.load_manifest()
+    _check_encoder_weights(cfg)
     spec = model_spec(cfg, run)
     atomic_write_text(run.file(SPEC_FILE), spec.to_json())
     print(f"stage 1: {spec.encoder} + disease attention + 14-label classifier, {spec.num_patches} patches")
@@ -178,29 +198,51 @@ def train_report(cfg: TrainConfig, run: RunFolder, manifest: pd.DataFrame, root:
                                config_hash=spec.fingerprint("report"), tokens_file=str(tokens_file))
 
 
+def _check_encoder_weights(cfg: TrainConfig) -> None:
+    """Stop before training when ``encoder_weights`` names a file that is not there, saying where to get it."""
+    if cfg.encoder_weights and not resolve_path(cfg.encoder_weights).is_file():
+        raise FileNotFoundError(
+            f"encoder_weights {resolve_path(cfg.encoder_weights)} does not exist. The ImageNet DenseNet-121 of the "
+            f"seed (profile full: {DENSENET121_IMAGENET}) is torchvision's published file: download "
+            "https://download.pytorch.org/models/densenet121-a639ec97.pth there; or set encoder_weights='' to "
+            "train the encoder from scratch")
+
+
 def _train_outcome(cfg: TrainConfig, run: RunFolder, manifest: pd.DataFrame, spec: CxrModelSpec,
                    probs: torch.Tensor, vision_result: TrainResult, report_result: TrainResult) -> TrainOutcome:
-    """Metrics (``metrics.json``), curves, the classifier's held-out AUROC per label, parameter counts."""
+    """Metrics (``metrics.json``, the held-out AUROC with its 95 % bootstrap interval over images; the headline:
+    that AUROC against chance), curves, the classifier's held-out AUROC per label, parameter counts."""
+    from nbsupport.metrics import format_with_ci, with_ci95
     from nbsupport.viz import plot_training_curves
 
     test_split = "test" if (manifest.split == "test").any() else "val"
     rows = (manifest.split == test_split).to_numpy()
     labels = (np.nan_to_num(cxr_data.label_matrix(manifest[rows]), nan=0.0) == 1).astype(int)
-    aurocs = label_aurocs(probs[rows].numpy(), labels)
+    scores = probs[rows].numpy()
+    aurocs = label_aurocs(scores, labels)
+    auroc_key = f"{test_split}_aux_auroc_mean"
     this_run = _this_run_parameters(spec)
     full = report_generator_parameters(LLAMA2_7B_CONFIG, model_spec(TrainConfig.from_params({"profile": "full"}), run))
     parameters = pd.DataFrame({"this run": this_run.to_dict(), "full (Llama-2-7b, meta device)": full.to_dict()}).T
     metrics = {"vision_best_val_auroc": vision_result.best_metric, "vision_steps": vision_result.steps,
-               f"{test_split}_aux_auroc_mean": float(np.mean(list(aurocs.values()))) if aurocs else None,
+               f"{test_split}_images": int(rows.sum()),
+               auroc_key: float(np.mean(list(aurocs.values()))) if aurocs else None,
                "report_best_val_loss": report_result.best_metric, "report_steps": report_result.steps,
                "trainable_parameters": this_run.trainable, "full_trainable_parameters_llama2_7b": full.trainable,
-               "language_model": cfg.language_model, "quantization": cfg.quantization}
+               "language_model": cfg.language_model, "quantization": cfg.quantization,
+               "encoder_weights": cfg.encoder_weights or "none (random init)"}
+    if aurocs:
+        metrics = with_ci95(metrics, lambda s, y: {auroc_key: float(np.mean(list(label_aurocs(s, y).values())))},
+                            scores, labels)
+        run.write_headline(cfg.STAGE, f"{test_split} mean AUROC, auxiliary 14-label classifier", metrics[auroc_key],
+                           "chance", 0.5, ci95=metrics[f"{auroc_key}_ci95"])
     run.write_metrics(cfg.STAGE, metrics)
     vision_curves = plot_training_curves(vision_result.history, title="stage 1: vision model on the 14 labels")
     report_curves = plot_training_curves(report_result.history, title="stage 2: report generator (LM loss)")
     run.save_figure(vision_curves, "02_vision_curves")
     run.save_figure(report_curves, "02_report_curves")
-    table = pd.DataFrame({"auroc": aurocs}).rename_axis("label")
+    per_label = with_ci95(aurocs, label_aurocs, scores, labels) if aurocs else {}
+    table = pd.DataFrame({"auroc": aurocs, "auroc (95% CI)": format_with_ci(per_label, digits=3)}).rename_axis("label")
     return TrainOutcome(spec, vision_result.history, report_result.history, metrics, table, vision_curves,
                         report_curves, parameters)
 
@@ -219,39 +261,44 @@ def _this_run_parameters(spec: CxrModelSpec) -> ParameterCount:
 
 # ============================================================================================ trained model
 def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """Both stages of a training run, in eval mode: ``checkpoint`` is the 02_train run folder (``model_spec.json``,
-    ``vision/``, ``report/``; each stage's best checkpoint is loaded). The vision model and the report projection
-    end up on ``device``; an unquantized LM too, a 4-bit LM is loaded there by bitsandbytes."""
+    """Both stages of a training run, in eval mode, every parameter and buffer on ``device``: ``checkpoint`` is the
+    02_train run folder (``model_spec.json``, ``vision/``, ``report/``; each stage's best checkpoint is loaded).
+
+    A 4-bit LM is quantized on a CUDA ``device`` directly; elsewhere it is loaded on the CPU, the trained weights
+    go in there, and :func:`place_on` moves the report generator (``"meta"`` too: nothing is computed there, which
+    is how the tests check that no tensor is left behind without a GPU).
+    """
+    place = torch.device(device)
     training_run = Path(checkpoint)
     spec = read_spec(training_run)
-    vision = load_vision_model(training_run, device)
-    lm, tokenizer = load_language_model(spec, device)
+    vision = load_vision_model(training_run, "cpu")
+    lm, tokenizer = load_language_model(spec, place)
     generator = ReportGenerator(spec, lm, tokenizer)
     load_weights(generator, best_checkpoint(training_run / "report"), expected_config_hash=spec.fingerprint("report"))
-    if spec.quantization == "none":
-        generator.to(device)
-    else:
-        generator.projection.to(device)  # 4-bit weights stay where they were quantized
-    return TrainedModel(spec, vision, generator.eval(), tokenizer)
+    return TrainedModel(spec, vision.to(place), place_on(generator, place).eval(), tokenizer)
 
 
 # ============================================================================================ 03 infer
 @dataclasses.dataclass
 class InferResult:
     predictions: pd.DataFrame
-    scores: pd.DataFrame  # model vs baselines
+    scores: pd.DataFrame  # model vs baselines, numbers
     per_label: pd.DataFrame
     figure: Any
     real_dicom: dict[str, Any] | None  # {"image", "report", "probabilities", "figure"}
     input_image: dict[str, Any] | None
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # for viz.slice_viewer
     viewer_html: Path | None = None  # 03_case_viewer.html in the run folder
+    table: pd.DataFrame | None = None  # ``scores`` as "0.80 (0.74–0.85)": 95 % bootstrap intervals over reports
+    comparisons: pd.DataFrame | None = None  # paired CE micro-F1 differences against the nearest-neighbour report
+    labelers: dict[str, str] = dataclasses.field(default_factory=dict)  # who labelled what, for every CE number
 
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
-    """Reports for a split with BLEU/ROUGE-L/CIDEr-D/clinical efficacy beside the two baselines, written to
-    ``predictions.csv`` and ``metrics.json``; plus ``input_image``, the real pydicom-data radiograph, and the
-    offline viewer ``03_case_viewer.html`` (the first X-rays with both reports and an evidence map)."""
+    """Reports for a split with BLEU/ROUGE-L/CIDEr-D/clinical efficacy (95 % bootstrap intervals) beside the two
+    baselines, written to ``predictions.csv`` and ``metrics.json`` (headline: CE micro-F1 against the
+    nearest-neighbour report); plus ``input_image``, the real pydicom-data radiograph, and the offline viewer
+    ``03_case_viewer.html`` (the first X-rays with both reports and an evidence map)."""
     device = resolve_device(cfg.device)
     model = load_trained_model(cfg.find_checkpoint(run), device)
     manifest, root = cfg.load_manifest()
@@ -269,35 +316,121 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     if cfg.beam_choice != "score":  # what the choice adds, beside the seed's best-scoring beam
         systems["model, best-scoring beam"] = choose_reports(beams, "score")
     systems.update(baseline_reports(train_tokens, list(train_part["report"]), tokens))
-    table = pd.DataFrame({name: score_reports(reports, references) for name, reports in systems.items()}).T
-    ce = clinical_efficacy(positive_matrix(label_reports(generated)), positive_matrix(label_reports(references)),
-                           LABELS)
+    labeler = report_labeler(cfg.chexbert_path, device)
+    reference_pos, reference_source = reference_positives(part, labeler)
+    scored = score_systems(systems, references, reference_pos, labeler)
+    labelers = _labelers(cfg, labeler, reference_source)
     predictions = pd.DataFrame({"id": part["id"], "reference": references, "generated": generated,
                                 "nearest_neighbour": systems["nearest-neighbour report"]})
     atomic_write_text(run.file("predictions.csv"), predictions.to_csv(index=False))
-    _write_infer_metrics(cfg, run, len(part), table)
+    _write_infer_metrics(cfg, run, len(part), scored, labelers)
     n = min(cfg.n_examples, len(part))
     fig = report_figure([cxr_data.read_xray(root / r.image) for r in part.head(n).itertuples()],
                         [{"generated": g, "reference": r} for g, r in zip(generated[:n], references[:n])],
                         list(part["id"][:n]), f"{cfg.split} split: generated vs reference", ncols=2)
     run.save_figure(fig, "03_generated_reports")
     real, single = _single_images(model, cfg, run)
-    result = InferResult(predictions, table, pd.DataFrame(ce["per_label"]).T.rename_axis("label"), fig, real, single)
+    result = InferResult(predictions, scored.values, scored.per_label, fig, real, single, table=scored.table,
+                         comparisons=scored.comparisons, labelers=labelers)
     result.viewer_cases = report_cases(model.vision, viewer_sources(result, manifest, root, VIEWER_CASES))
     result.viewer_html = write_viewer(result.viewer_cases, run, CASE_VIEWER,
                                       f"cxr_report {cfg.split}: generated vs reference")
     return result
 
 
-def _write_infer_metrics(cfg: InferConfig, run: RunFolder, n_reports: int, table: pd.DataFrame) -> None:
+def _labelers(cfg: InferConfig, labeler: ReportLabeler, reference_source: str) -> dict[str, str]:
+    """Who read the findings behind every CE number, and who chose among the beams (metrics.json keys)."""
+    out = {"ce_labeler": labeler.name, "ce_reference_labels": reference_source}
+    if labeler.note:
+        out["ce_labeler_note"] = labeler.note
+    if cfg.beam_choice == "findings":
+        out["beam_choice_labeler"] = RULE_LABELER.name
+        if labeler.name == RULE_LABELER.name:
+            out["beam_choice_note"] = ("the findings beam choice reads the beams with the CE scorer's own labeler; "
+                                       "model_top_beam_* scores the seed's best-scoring beam, chosen without it")
+    return out
+
+
+def _write_infer_metrics(cfg: InferConfig, run: RunFolder, n_reports: int, scored: SplitScores,
+                         labelers: dict[str, str]) -> None:
     """``metrics.json``: each system's scores under ``model_``, ``model_top_beam_``, ``baseline_nn_`` and
-    ``baseline_common_``."""
-    metrics: dict[str, Any] = {"n_reports": n_reports, "split": cfg.split}
-    for name, key in (("model (this run)", "model"), ("model, best-scoring beam", "model_top_beam"),
-                      ("nearest-neighbour report", "baseline_nn"), ("most common report", "baseline_common")):
-        if name in table.index:
-            metrics.update({f"{key}_{k}": float(v) for k, v in table.loc[name].items()})
+    ``baseline_common_`` with their ``_ci95``, the paired CE micro-F1 differences against the nearest-neighbour
+    report, the labelers; ``headline.json``: the model's CE micro-F1 against the nearest-neighbour report's."""
+    metrics: dict[str, Any] = {"n_reports": n_reports, "split": cfg.split, "beam_choice": cfg.beam_choice,
+                               **labelers, **scored.metrics}
     run.write_metrics(cfg.STAGE, metrics)
+    short = "CheXbert" if labelers["ce_labeler"].startswith("CheXbert") else "rule labeler"
+    run.write_headline(cfg.STAGE, f"{cfg.split} CE micro-F1 ({short})", metrics["model_ce_micro_f1"],
+                       "nearest-neighbour report", metrics["baseline_nn_ce_micro_f1"],
+                       ci95=metrics["model_ce_micro_f1_ci95"])
+
+
+# ============================================================================================ your own files
+PREDICT_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+PREDICTIONS_CSV, PREDICTIONS_JSON = "reports.csv", "reports.json"
+BEAM_FIELDS = ("num_beams", "no_repeat_ngram_size", "max_new_tokens", "beam_choice")
+
+
+def predict_files(checkpoint: str | Path, inputs: Any, out_dir: str | Path, *, device: str = "auto",
+                  overwrite: bool = False) -> PredictSummary:
+    """The report and the 14 finding probabilities of each radiograph among ``inputs`` (PNG, JPEG or DICOM files,
+    or folders of them), with no manifest: ``reports.csv`` (one row per image: file, report, a probability column
+    per label) and ``reports.json`` (a list of ``{"file", "report", "probabilities": {label: p}}``) in ``out_dir``.
+
+    The trained run's own preprocessing: its ``image_size`` (``model_spec.json``; the X-ray area-resized to RGB and
+    ImageNet-normalised as 01_preprocess and the encoder do), and the beam settings its 03_infer recorded (else the
+    defaults of its profile). ``checkpoint``: the 02_train run folder, or a checkpoint folder inside it. A file
+    that fails is named with its reason and the others go on; existing outputs are never replaced unless
+    ``overwrite``.
+    """
+    from nbsupport.predict import check_outputs_free, expand_inputs, for_each_input
+
+    run_dir = _training_run_folder(checkpoint)
+    settings = _beam_settings(run_dir)
+    files = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs, PREDICT_SUFFIXES)
+    out = resolve_path(out_dir)
+    outputs = [out / PREDICTIONS_CSV, out / PREDICTIONS_JSON]
+    check_outputs_free(outputs, overwrite)
+    model = load_trained_model(run_dir, resolve_device(device))
+    entries: list[dict[str, Any]] = []
+
+    def one(path: Path) -> list[Path]:
+        image = report_on_image(model, path, settings)
+        entries.append({"file": str(path), "report": image.report,
+                        "probabilities": dict(zip(LABELS, map(float, image.probabilities)))})
+        return []
+
+    summary = for_each_input(files, one, out, desc="report radiographs")
+    if entries:
+        out.mkdir(parents=True, exist_ok=True)
+        table = pd.DataFrame([{"file": e["file"], "report": e["report"], **e["probabilities"]} for e in entries])
+        atomic_write_text(outputs[0], table.to_csv(index=False))
+        atomic_write_json(outputs[1], entries)
+        summary.written += outputs
+    return summary
+
+
+def _training_run_folder(checkpoint: str | Path) -> Path:
+    """The 02_train run folder holding ``model_spec.json``: ``checkpoint`` or the nearest folder above it."""
+    from nbsupport.predict import PredictError
+
+    path = resolve_path(checkpoint)
+    for folder in (path, *path.parents[:4]):
+        if (folder / SPEC_FILE).is_file():
+            return folder
+    raise PredictError(f"{path} is not a cxr_report training run: no {SPEC_FILE} in it or above it; pass --run "
+                       "outputs/runs/<run_id>/cxr_report")
+
+
+def _beam_settings(run_dir: Path) -> InferConfig:
+    """The 03_infer settings of beam search for new files: those the run's 03_infer recorded, else the defaults
+    of the profile its 02_train ran with."""
+    from nbsupport.predict import run_config
+
+    params = {"profile": run_config(run_dir, "02_train").get("profile")}
+    recorded = (read_json(run_dir / "config.json", {}) or {}).get(InferConfig.STAGE, {})
+    params.update({k: recorded[k] for k in BEAM_FIELDS if k in recorded})
+    return InferConfig.from_params(params)
 
 
 def _single_images(model: TrainedModel, cfg: InferConfig, run: RunFolder

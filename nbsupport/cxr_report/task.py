@@ -26,6 +26,7 @@ from nbsupport.cxr_report.model import (
     encode_example,
     keep_4bit_weights_trainable,
     lm_prompts,
+    load_encoder_weights,
     load_language_model,
     pad_examples,
 )
@@ -66,8 +67,10 @@ class VisionTrainingTask(ManifestTask):
         torch.manual_seed(self.cfg.seed)
         model = VisionModel(self.spec)
         if self.cfg.encoder_weights:
-            state = safetensors.torch.load_file(str(resolve_path(self.cfg.encoder_weights)))
-            model.features.load_state_dict(state, strict=True)
+            from accelerate import PartialState
+
+            load_encoder_weights(model.features, resolve_path(self.cfg.encoder_weights),
+                                 log=print if PartialState().is_main_process else None)
         return model
 
     def _images(self, split: str) -> CachedReportImageDataset | None:
@@ -143,7 +146,10 @@ class ReportTrainingTask(ManifestTask):
         self.tokenizer: Any = None
 
     def build_model(self) -> ReportGenerator:
-        lm, tokenizer = load_language_model(self.spec)
+        """The LM (4-bit: quantized straight on this process's GPU) and the projection on the trainer's device."""
+        from accelerate import PartialState
+
+        lm, tokenizer = load_language_model(self.spec, PartialState().device)
         keep_4bit_weights_trainable(lm)  # validation between epochs must not repack the weights it trains through
         self.tokenizer = tokenizer
         torch.manual_seed(self.cfg.seed)

@@ -225,8 +225,8 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration with LoRA on the language model, tokenizer with an ``<image>`` token).
 
     ``tiny`` / ``smollm2-135m``: a LLaVA model assembled from a random CLIP tower, a random projector and the
-    causal LM's weights; otherwise ``spec.vlm`` is a local folder of a HF-format LLaVA (e.g. a converted
-    LLaVA-Med v1.5). The vision tower and projector train fully in the assembled case (they start random); the
+    causal LM's weights; otherwise ``spec.vlm`` is the published LLaVA-Med v1.5 folder as downloaded, or an HF-format
+    LLaVA folder (:func:`nbsupport.prs_med.llava_med.load_llava_med`). The vision tower and projector train fully in the assembled case (they start random); the
     language model trains only through LoRA.
     """
     from peft import LoraConfig, get_peft_model
@@ -264,13 +264,10 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
         vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         del lm
     else:
-        from transformers import AutoTokenizer
+        from nbsupport.prs_med.llava_med import load_llava_med
 
-        path = resolve_pretrained(spec.vlm, "LLaVA VLM")
-        vlm = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        # the published LLaVA-Med v1.5 folder as downloaded (converted once, cached) or an HF-format LLaVA folder
+        vlm, tokenizer = load_llava_med(resolve_pretrained(spec.vlm, "LLaVA VLM"))
     for p in vlm.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,

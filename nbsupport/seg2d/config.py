@@ -10,19 +10,14 @@ from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.seg2d.data import SEG2D_SCHEMA
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 
 SYSTEM = "seg2d"
 SCHEMA = SEG2D_SCHEMA
 DEFAULT_MANIFEST = "data_manifests/uwmgi_demo.csv"
 
 
-class _Seg2D:
-    """What every seg2d stage has in common: the system, its manifest schema and its demo manifest."""
-
-    SYSTEM = SYSTEM
-    SCHEMA = SCHEMA
-    DEFAULT_MANIFEST = DEFAULT_MANIFEST
+_Seg2D = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,30 @@ def test_png_release_is_found_for_a_jpg_path(tmp_path: Path) -> None:
     assert str(manifest["source_image"][0]).endswith(".png")
 
 
+@pytest.mark.parametrize("tree", ["PNG", "PNG/PNG"])
+def test_chexpert_plus_png_release_as_it_unpacks(tmp_path: Path, tree: str) -> None:
+    """CheXpert Plus' PNG release: images under PNG/ (some unpackings: PNG/PNG/) as .png, while path_to_image in the
+    CSV still says train/patientN/studyM/view1_frontal.jpg."""
+    import cv2
+
+    root = write_demo_dataset(tmp_path / "d", n_patients=4, image_size=64, seed=0)
+    for jpg in sorted(root.glob("*/patient*/study*/*.jpg")):
+        target = root / tree / jpg.relative_to(root).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), cxr_data.read_xray(jpg))
+        jpg.unlink()
+    shipped = pd.read_csv(root / cxr_data.CHEXPERT_PLUS_CSV, dtype=str)
+    assert shipped["path_to_image"].str.endswith(".jpg").all()
+    manifest = cxr_data.build_manifest(root)
+    assert len(manifest) == len(shipped)
+    for row in manifest.itertuples():
+        assert Path(row.source_image) == root / tree / f"{row.id}.png"
+    (root / tree / f"{manifest['id'][0]}.png").unlink()
+    with pytest.raises(ManifestError, match=r"does not exist .*tried .jpg, .png, .dcm directly and under PNG/, "
+                                            r"PNG/PNG/"):
+        cxr_data.build_manifest(root)
+
+
 def test_bad_chexbert_lines_are_all_reported(tmp_path: Path) -> None:
     path = tmp_path / "findings_fixed.json"
     path.write_text('{"path_to_image": "a.jpg", "Cardiomegaly": 2}\nnot json\n{"Edema": 1}\n')
