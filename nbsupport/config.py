@@ -41,6 +41,8 @@ class StageConfig:
     STAGE: ClassVar[str] = ""
     # profile name -> {field: value}; only fields that differ from the dataclass defaults.
     PROFILES: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # old parameter name -> new one: a notebook written with the old name gets an error naming the new one
+    RENAMED: ClassVar[Mapping[str, str]] = {}
 
     profile: Literal["smoke", "demo", "full"] = param("demo", "smoke: seconds on a CPU; demo: minutes on a CPU; full: seed sizes, for a GPU node")
     seed: int = param(0, "random seed for data splits, initialisation and sampling")
@@ -59,7 +61,9 @@ class StageConfig:
         hints = typing.get_type_hints(cls)
         problems: list[str] = []
         for name in params:
-            if name not in fields:
+            if name in cls.RENAMED:
+                problems.append(f"parameter {name!r} is now {cls.RENAMED[name]!r}")
+            elif name not in fields:
                 close = difflib.get_close_matches(name, fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"unknown parameter {name!r}{hint}")
@@ -216,7 +220,9 @@ def parameter_docs(cls: type[StageConfig], profile: str | None = None) -> list[d
 def parameter_line(name: str, value_source: str, doc: Mapping[str, Any]) -> str:
     """One line of a notebook's parameters cell, as ``papermill --help-notebook`` reads it:
     ``name = value  # type: <type> <help>``."""
-    return f"{name} = {value_source}  # type: {doc['type']} {doc['help']}"
+    # papermill skips a line with a second '=' (translators.py, PythonTranslator.inspect): none in the help
+    help_text = doc["help"].replace(" = ", " is ").replace("=", " ")
+    return f"{name} = {value_source}  # type: {doc['type']} {help_text}"
 
 
 STAGE_ALIASES = {"preprocess": "01", "train": "02", "infer": "03", "predict": "03", "attention": "04"}

@@ -22,8 +22,9 @@ class ModelSpec:
 
     JSON_INDENT: ClassVar[int | None] = 2
     JSON_SORT_KEYS: ClassVar[bool] = True
-    # Fields added after specs were first written: left out of the JSON (and so of the fingerprint) while they hold
-    # this default, so that earlier checkpoints keep their fingerprint.
+    # Fields added after specs were first written, with the value the earlier files implied: left out of the JSON (and
+    # so of the fingerprint) while they hold it, and read back as it where a file lacks them, so that earlier
+    # checkpoints keep their fingerprint and rebuild as they were trained (the dataclass default may differ).
     LATER_FIELDS: ClassVar[Mapping[str, Any]] = {}
     # Fields that do not change the weights (e.g. an inference window): written, but not fingerprinted.
     NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ()
@@ -43,8 +44,9 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls: type[Spec], text: str) -> Spec:
-        """Inverse of :meth:`to_json`; fields missing from older files take their defaults."""
-        values = json.loads(text)
+        """Inverse of :meth:`to_json`; fields missing from older files take their ``LATER_FIELDS`` value, else their
+        defaults."""
+        values = {**cls.LATER_FIELDS, **json.loads(text)}
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - names)

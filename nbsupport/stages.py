@@ -40,6 +40,12 @@ def check_split_fractions(**fractions: float) -> None:
                          f"the train split); got {given}")
 
 
+def system_stage(system: str, schema: ManifestSchema, default_manifest: str) -> type:
+    """The mixin every stage config of one system lists first: its name, manifest schema and demo manifest."""
+    return type(f"{system}_stage", (), {"__doc__": f"What every {system} stage shares.", "SYSTEM": system,
+                                        "SCHEMA": schema, "DEFAULT_MANIFEST": default_manifest})
+
+
 @dataclasses.dataclass(frozen=True)
 class ManifestStage(StageConfig):
     """A stage that reads (01: writes) the system's manifest."""
@@ -141,6 +147,10 @@ class ManifestTask:
         self.manifest, self.root = read_manifest(Path(manifest), self.cfg.SCHEMA, data_root=Path(data_root),
                                                  check_files=False)
         self.spec = self.SPEC.from_json(spec_json)
+        self.setup()
+
+    def setup(self) -> None:
+        """The task's own state (loss, caches), made once ``cfg``, ``manifest``, ``root`` and ``spec`` are set."""
 
     def split(self, name: str) -> pd.DataFrame:
         """The manifest rows of one split."""

@@ -73,6 +73,7 @@ class TrainSettings:
     optimizer: Literal["adamw", "adam", "sgd", "paged_adamw"] = param(
         "adamw", "paged_adamw is bitsandbytes' PagedAdamW (CUDA only; AdamW on CPU, with a logged note)")
     momentum: float = param(0.9, "SGD momentum (ignored by the Adam family)")
+    amsgrad: bool = param(False, "AMSGrad variant of adam / adamw (the running maximum of the second moment)")
     scheduler: Literal["constant", "warmup_cosine", "multistep"] = param(
         "constant", "warmup_cosine: linear warm-up then cosine to 0; multistep: lr * gamma at each milestone")
     warmup_steps: int = param(0, "optimizer steps of linear warm-up (warmup_cosine)")
@@ -112,6 +113,8 @@ class TrainSettings:
             problems.append(f"lr must be > 0, got {self.lr!r}")
         if not self.gamma > 0:
             problems.append(f"gamma must be > 0, got {self.gamma!r}")
+        if self.amsgrad and self.optimizer not in ("adam", "adamw"):
+            problems.append(f"amsgrad applies to adam and adamw only, got optimizer={self.optimizer!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
@@ -563,9 +566,9 @@ def build_optimizer(params: Iterable[Any], settings: TrainSettings, device: torc
 
         return bnb.optim.PagedAdamW(groups, lr=settings.lr)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
+        return torch.optim.AdamW(groups, lr=settings.lr, amsgrad=settings.amsgrad)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr)
+        return torch.optim.Adam(groups, lr=settings.lr, amsgrad=settings.amsgrad)
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
 
 

@@ -17,3 +17,15 @@ def _outputs_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Run folders of every test go to a temporary ``outputs`` unless a test sets its own."""
     if "NBSUPPORT_OUTPUTS" not in os.environ:
         monkeypatch.setenv("NBSUPPORT_OUTPUTS", str(tmp_path_factory.mktemp("outputs")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run where CUDA is, and are skipped (saying why) only where it is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device; runs on a GPU node (pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)

@@ -270,15 +270,18 @@ def seg_mask(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def frames_as_mask(seg: pydicom.Dataset, slices: list[dict], shape: tuple[int, int, int]) -> np.ndarray:
-    """The label mask a viewer sees: each frame placed at the slice of the source image it references."""
+    """The label mask a viewer sees: each frame placed at the slice of the source image it references (its segment
+    per frame, or for a one-segment SEG in the shared functional groups)."""
     by_sop = {s["sop"]: d for d, s in enumerate(slices)}
     pixels = seg.pixel_array.reshape(-1, *shape[1:])
+    shared = seg.SharedFunctionalGroupsSequence[0]
     out = np.zeros(shape, np.uint8)
     for frame, group in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
         d = by_sop[group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
         np.testing.assert_allclose([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
                                    slices[d]["position"], atol=1e-3)
-        out[d][frame > 0] = group.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        segment = (group if "SegmentIdentificationSequence" in group else shared).SegmentIdentificationSequence[0]
+        out[d][frame > 0] = segment.ReferencedSegmentNumber
     return out
 
 

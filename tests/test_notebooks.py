@@ -10,7 +10,7 @@ import nbformat
 import papermill
 import pytest
 
-from nbsupport.config import StageConfig
+from nbsupport.config import StageConfig, parameters_cell
 from nbsupport.paths import project_root
 
 NOTEBOOKS = sorted((project_root() / "notebooks").glob("*/[0-9][0-9]_*.ipynb"))
@@ -40,13 +40,21 @@ def test_parameters_cell_matches_config(notebook: Path) -> None:
     assert len(tagged) == 1, f"{notebook}: expected exactly one cell tagged 'parameters'"
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert code_cells[0] is tagged[0], f"{notebook}: the parameters cell must be the first code cell"
-    names = set(papermill.inspect_notebook(str(notebook)))
+    declared = papermill.inspect_notebook(str(notebook))
     fields = {f.name for f in dataclasses.fields(stage_config(notebook))}
-    assert names == fields, f"{notebook}: missing {sorted(fields - names)}, unknown {sorted(names - fields)}"
+    assert set(declared) == fields, (f"{notebook}: missing {sorted(fields - set(declared))}, "
+                                     f"unknown {sorted(set(declared) - fields)}")
+    # Documented where users look (papermill --help-notebook): the cell is the one the config generates, with
+    # a type and a help text per parameter. Regenerate with `nbsupport params <system> --write-notebooks`.
+    assert tagged[0].source == parameters_cell(stage_config(notebook), tagged[0].source), (
+        f"{notebook}: parameters cell and config drifted; run nbsupport params {notebook.parent.name} --write-notebooks")
+    undocumented = [n for n, p in declared.items() if p["inferred_type_name"] in ("None", None) or not p["help"]]
+    assert not undocumented, f"{notebook}: no type or help for {undocumented}"
     # Literals only: papermill does not recompute derived values.
     for line in tagged[0].source.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, _, value = line.partition("=")
+            value = value.split("  # type:", 1)[0]
             json.loads(value.strip().replace("None", "null").replace("True", "true").replace("False", "false")
                        .replace("(", "[").replace(")", "]"))
 

@@ -34,6 +34,24 @@ def test_fingerprint_ignores_inference_only_fields_and_later_defaults() -> None:
     assert base.fingerprint("vision") != base.fingerprint("report")
 
 
+@dataclasses.dataclass(frozen=True)
+class NewDefaultSpec(ModelSpec):
+    """A later field whose default is not what earlier files implied (a new wiring made the default)."""
+
+    LATER_FIELDS = {"wiring": "old"}
+
+    width: int = 8
+    wiring: str = "new"
+
+
+def test_a_later_field_missing_from_a_file_reads_as_the_value_it_was_written_without() -> None:
+    old = NewDefaultSpec.from_json('{"width": 8}')
+    assert old.wiring == "old" and old.to_json() == '{\n  "width": 8\n}'
+    assert NewDefaultSpec().wiring == "new" and '"wiring": "new"' in NewDefaultSpec().to_json()
+    assert NewDefaultSpec.from_json(NewDefaultSpec().to_json()) == NewDefaultSpec()
+    assert old.fingerprint() != NewDefaultSpec().fingerprint()
+
+
 def test_unknown_fields_are_named() -> None:
     with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
         ToySpec.from_json('{"width": 8, "depth": 3}')

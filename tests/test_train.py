@@ -24,7 +24,7 @@ from nbsupport.config import ConfigError
 from nbsupport.runs import RunExistsError
 from nbsupport.checkpoints import load_weights, read_checkpoint_meta
 from nbsupport.launch import launch
-from nbsupport.train import TrainSettings, fit
+from nbsupport.train import TrainSettings, build_optimizer, fit
 
 TESTS_DIR = Path(__file__).parent
 # The tasks are found by module name, here and in the processes launch() starts (they inherit sys.path);
@@ -324,6 +324,16 @@ def test_paged_adamw_falls_back_to_adamw_on_cpu(tmp_path: Path, caplog: pytest.L
     assert "falls back to torch AdamW" in caplog.text
     fit(make_regression(), dataclasses.replace(BASE, optimizer="adamw", max_steps=3), tmp_path / "adamw")
     assert_same_weights(weights(tmp_path / "paged"), weights(tmp_path / "adamw"))
+
+
+def test_amsgrad_reaches_adam_and_adamw_only() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    for name in ("adam", "adamw"):
+        optimizer = build_optimizer(params, TrainSettings(optimizer=name, amsgrad=True), torch.device("cpu"))
+        assert optimizer.defaults["amsgrad"] is True, name
+    assert build_optimizer(params, TrainSettings(), torch.device("cpu")).defaults["amsgrad"] is False
+    with pytest.raises(ConfigError, match="amsgrad applies to adam and adamw only"):
+        TrainSettings(optimizer="sgd", amsgrad=True)
 
 
 def test_settings_are_validated() -> None:

@@ -6,28 +6,36 @@ The shared fields (manifest, data root, the optimisation fields, checkpoint and 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip.data import CT_CLIP_SCHEMA, LABELS
+from nbsupport.ct_clip.i3resnet import RESNET152_BLOCKS
 from nbsupport.ct_clip.model import CTClipSpec
-from nbsupport.manifest import ManifestSchema
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 
 SYSTEM = "ct_clip"
 SCHEMA = CT_CLIP_SCHEMA
 DEFAULT_MANIFEST = "data_manifests/ct_rate_demo.csv"
 PROMPT_PRESENT = "{} is present."
 PROMPT_ABSENT = "{} is not present."
+# `full`'s pretrained parts, as CT-Data names them (training/main.py:189-202, run.sh --text-base / --model-pth): a hub
+# id is looked up in the local Hugging Face cache; the files are where the README's "ct_clip full" section puts them.
+LLM2CLIP_TEXT_ENCODER = "microsoft/LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned"
+LLM2VEC4CXR_WEIGHTS = "weights/llm2vec4cxr/pytorch_model.bin"
+MERLIN_WEIGHTS = "weights/merlin/i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt"
+SEED_BATCH_PER_GPU = 10  # run.sh --batch-size=10
 
 
-class CTRateStage:
-    """What every ct_clip stage shares: the system, the CT-RATE manifest schema and the demo manifest."""
+def visible_gpus() -> int:
+    """CUDA devices this process can use (0 without CUDA)."""
+    import torch
 
-    SYSTEM: ClassVar[str] = SYSTEM
-    SCHEMA: ClassVar[ManifestSchema] = SCHEMA
-    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+CTRateStage = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,8 @@ class PreprocessConfig(CTRateStage, PreprocessStage):
     }
 
     data_root: str = param("", "CT-RATE 'dataset' folder (train_fixed/, radiology_text_reports/, ...); '' = demo")
-    output_dir: str = param("", "npz folder relative to data_root; '' = 'preprocessed'")
+    output_dir: str = param("", "npz folder relative to data_root; '' = 'preprocessed/<fingerprint of the settings>' "
+                                "(volumes made with other settings are never reused)")
     spacing: tuple[float, float, float] = param(ct_pre.TARGET_SPACING, "output voxel size (R, A, S) in mm")
     shape: tuple[int, int, int] = param(ct_pre.TARGET_SHAPE, "output size (R, A, S) after pad / centre crop")
     hu_min: float = param(ct_pre.HU_WINDOW[0], "HU mapped to 0")
@@ -87,21 +96,31 @@ class TrainConfig(CTRateStage, TrainStage):
                  "lora_r": 16, "embed_dim": 128,
                  "epochs": 20, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 20,
                  "augment": True},
-        # CT-Data run.sh: 10 epochs, lr 1e-4, wd 0.05, warmup 1000, grad clip 5, batch 10 per GPU, ZeRO-1, bf16
-        "full": {"text_pooling": "latent_attention", "text_tuning": "lora", "num_processes": 6,
-                 "batch_size": 60, "num_workers": 4},
+        # CT-Data (training/main.py:189-239, run.sh): Merlin's I3ResNet-152 with its weights; LLM2Vec on LLM2CLIP's
+        # Llama-3.2-1B with llm2vec4cxr's weights, latent-attention pooling, 512 tokens, LoRA r 32; projections to 1280;
+        # 10 epochs, lr 1e-4, wd 0.05, warmup 1000, grad clip 5, batch 10 per GPU on every visible GPU, ZeRO-1, bf16
+        "full": {"image_arch": "i3resnet", "image_blocks": RESNET152_BLOCKS, "image_weights": MERLIN_WEIGHTS,
+                 "text_encoder": LLM2CLIP_TEXT_ENCODER, "text_encoder_weights": LLM2VEC4CXR_WEIGHTS,
+                 "text_pooling": "latent_attention", "text_tuning": "lora", "max_text_length": 512,
+                 "embed_dim": 1280, "num_processes": 0, "batch_size": 0, "num_workers": 4},
     }
 
     input_size: tuple[int, int, int] = param((224, 224, 160), "model input (R, A, S) voxels (CT-Data resizes to "
                                                               "224 x 224 x 160)")
-    image_arch: Literal["resnet", "vit"] = param("resnet", "3-D image encoder: I3ResNet-like CNN or CT-ViT-like ViT")
-    image_width: int = param(64, "resnet: channels of the first stage")
-    image_blocks: tuple[int, ...] = param((3, 4, 6, 3), "resnet: residual blocks per stage")
+    image_arch: Literal["i3resnet", "resnet", "vit"] = param(
+        "resnet", "3-D image encoder: Merlin's I3ResNet (the seed's), a small I3ResNet-like CNN, or a CT-ViT-like ViT")
+    image_width: int = param(64, "resnet / i3resnet: channels of the first stage")
+    image_blocks: tuple[int, ...] = param((3, 4, 6, 3), "resnet / i3resnet: residual blocks per stage "
+                                                        "(I3ResNet-152: 3, 8, 36, 3)")
+    image_weights: str = param("", "i3resnet: Merlin's published checkpoint (.pt, as downloaded); '' = random init")
     vit_patch: tuple[int, int, int] = param((16, 16, 16), "vit: patch size in voxels")
     vit_dim: int = param(512, "vit: token width")
     vit_depth: int = param(6, "vit: transformer layers")
     vit_heads: int = param(8, "vit: attention heads")
-    text_encoder: str = param("all-minilm-l6-v2", "text model: folder, cached hub id, 'all-minilm-l6-v2' or 'tiny'")
+    text_encoder: str = param("all-minilm-l6-v2", "text model: folder, cached hub id, 'all-minilm-l6-v2' or 'tiny'; "
+                                                  "a Llama folder runs as LLM2Vec (bidirectional)")
+    text_encoder_weights: str = param("", "LLM2Vec text_encoder: llm2vec4cxr's pytorch_model.bin (every tensor must "
+                                          "fit); '' = the base model's weights only")
     text_pooling: Literal["mean", "sentence_mean", "latent_attention"] = param(
         "mean", "report embedding: token mean, mean of sentence embeddings, or LLM2Vec latent attention")
     text_tuning: Literal["frozen", "lora", "full"] = param("frozen", "text tower: frozen (cached), LoRA, or all")
@@ -110,7 +129,7 @@ class TrainConfig(CTRateStage, TrainStage):
     embed_dim: int = param(512, "shared embedding size (seed: 1280)")
     loss: Literal["siglip", "clip"] = param("siglip", "SigLIP sigmoid loss (seed) or CLIP softmax loss (CT-CLIP)")
     epochs: int = param(10, "training epochs (seed: 10)")
-    batch_size: int = param(10, "global batch (seed: 10 per GPU)")
+    batch_size: int = param(10, "global batch, split across processes; 0 = 10 per process (the seed's 10 per GPU)")
     lr: float = param(1e-4, "peak learning rate (seed: 1e-4)")
     weight_decay: float = param(0.05, "AdamW weight decay (seed: 0.05)")
     warmup_steps: int = param(1000, "linear warm-up steps before the cosine decay (seed: 1000)")
@@ -121,20 +140,21 @@ class TrainConfig(CTRateStage, TrainStage):
     select_checkpoint_by: Literal["r5", "mean_rank"] = param(
         "mean_rank", "best checkpoint by validation report->volume mean rank (lower is better) or R@5; R@5 of a "
                      "small validation split saturates at 1.0 early (15 demo volumes: step 72 of 160)")
-    num_processes: int = param(1, "processes: DDP (gloo on CPU), DeepSpeed ZeRO-1 via accelerate on CUDA")
+    num_processes: int = param(1, "processes: DDP (gloo on CPU), DeepSpeed ZeRO-1 via accelerate on CUDA; 0 = one "
+                                  "per visible GPU (1 without CUDA)")
 
     def __post_init__(self) -> None:
+        if self.num_processes == 0:  # resolved here, so that config.json and every launched process see the number
+            object.__setattr__(self, "num_processes", visible_gpus() or 1)
+        if self.batch_size == 0:
+            object.__setattr__(self, "batch_size", SEED_BATCH_PER_GPU * self.num_processes)
         super().__post_init__()
         if not 0 < self.sentence_keep <= 1:
             raise ValueError(f"sentence_keep must be in (0, 1], got {self.sentence_keep}")
 
     def model_spec(self) -> CTClipSpec:
-        return CTClipSpec(input_size=self.input_size, image_arch=self.image_arch, image_width=self.image_width,
-                          image_blocks=self.image_blocks, vit_patch=self.vit_patch, vit_dim=self.vit_dim,
-                          vit_depth=self.vit_depth, vit_heads=self.vit_heads, text_encoder=self.text_encoder,
-                          text_pooling=self.text_pooling, text_tuning=self.text_tuning, lora_r=self.lora_r,
-                          lora_alpha=self.lora_r, max_text_length=self.max_text_length, embed_dim=self.embed_dim,
-                          loss=self.loss)
+        names = {f.name for f in dataclasses.fields(CTClipSpec)} - {"lora_alpha", "lora_dropout"}
+        return CTClipSpec(**{name: getattr(self, name) for name in names}, lora_alpha=self.lora_r)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -325,42 +325,41 @@ def packaged_real_ct() -> list[Path]:
     return [Path(get_testdata_file("CT_small.dcm"))]
 
 
-def dicom_to_ct(paths: list[Path]) -> CTVolume:
-    """Stack CT DICOM slices (sorted along the slice normal) into a :class:`CTVolume` in DICOM LPS order.
+def dicom_to_ct(source: str | os.PathLike | Sequence[str | os.PathLike]) -> CTVolume:
+    """A CT DICOM series (a folder of one series' files, one file, or a list of files) as a :class:`CTVolume` in
+    HU, stored as (column, row, slice) like a NIfTI converted from it, its orientation from the series' affine.
 
-    Only geometry and pixel values are read; no patient identifier is kept or printed.
+    :func:`nbsupport.dicom.read_dicom_series` does the reading: slices ordered along the slice normal, each plane's
+    rescale applied, a series with missing slices, mixed orientations or uneven spacing refused naming the files,
+    and no patient identifier kept or printed.
     """
-    import pydicom
+    import nibabel as nib
 
-    slices = [pydicom.dcmread(str(p)) for p in paths]
-    for p, s in zip(paths, slices):
-        if "PixelData" not in s:
-            raise ValueError(f"{p}: no pixel data")
-    orientation = np.array(slices[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
-    slices.sort(key=lambda s: float(np.dot(normal, np.array(s.get("ImagePositionPatient", [0, 0, 0]), float))))
-    # DICOM pixel arrays are (rows, columns); stored axis 0 = columns (x), axis 1 = rows (y), axis 2 = slices.
-    stored = np.stack([s.pixel_array.T for s in slices], axis=-1)
-    row_mm, col_mm = (float(v) for v in slices[0].PixelSpacing)
-    if len(slices) > 1:
-        positions = [float(np.dot(normal, np.array(s.ImagePositionPatient, float))) for s in slices]
-        z = float(np.median(np.diff(positions)))
-    else:
-        z = float(slices[0].get("SliceThickness", 1.0) or 1.0)
-    # Axial DICOM is LPS: x towards the patient's left, y towards posterior -> both flipped against RAS.
-    return CTVolume(stored=stored, slope=float(slices[0].get("RescaleSlope", 1)),
-                    intercept=float(slices[0].get("RescaleIntercept", 0)), spacing=(col_mm, row_mm, z),
-                    ras_axis=(0, 1, 2), flipped=(True, True, False))
+    from nbsupport.dicom import read_dicom_series
+
+    volume, affine = read_dicom_series(source)  # (slice, row, column), voxel (d, h, w) -> RAS mm
+    affine = affine[:, [2, 1, 0, 3]]  # voxel (w, h, d) -> RAS, for the transposed array
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return CTVolume(stored=volume.transpose(2, 1, 0), slope=1.0, intercept=0.0,
+                    spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+                    ras_axis=tuple(int(a) for a in ornt[:, 0]),  # type: ignore[arg-type]
+                    flipped=tuple(bool(f < 0) for f in ornt[:, 1]))  # type: ignore[arg-type]
+
+
+def read_ct(path: str | os.PathLike) -> CTVolume:
+    """A CT file or series as a :class:`CTVolume`: a ``.nii(.gz)`` (HU from the header's scaling), a DICOM series
+    folder or one DICOM file."""
+    path = Path(path)
+    if path.is_dir() or not path.name.lower().endswith((".nii", ".nii.gz")):
+        return dicom_to_ct(path)
+    return load_ct(path)
 
 
 def read_real_ct(source: str) -> tuple[CTVolume, str]:
-    """A real CT and its display name: ``''`` = pydicom's packaged slice, a folder of DICOM slices, a ``.nii(.gz)``
-    (HU from the header's scaling) or one DICOM file."""
+    """A real CT and its display name: ``''`` = pydicom's packaged slice, else :func:`read_ct` of the path (a
+    ``.nii(.gz)``, a DICOM series folder or one DICOM file)."""
     if not source:
         return dicom_to_ct(packaged_real_ct()), "pydicom CT_small.dcm"
     path = resolve_path(source)
-    if path.is_dir():
-        return dicom_to_ct(sorted(p for p in path.iterdir() if p.is_file())), path.name
-    if path.name.endswith((".nii", ".nii.gz")):
-        return load_ct(path), path.name
-    return dicom_to_ct([path]), path.name
+    return read_ct(path), path.name

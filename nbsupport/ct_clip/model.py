@@ -2,20 +2,25 @@
 
 As in CT-Data (the seed): both towers end in ``LayerNorm + Linear`` projections to a shared space and the loss is
 SigLIP's pairwise sigmoid loss with a learnable ``logit_scale`` (init 10, stored as its log) and ``logit_bias``
-(init -10). CT-CLIP's softmax (InfoNCE) loss over both directions is the alternative (``loss="clip"``).
+(init -10). CT-CLIP's softmax (InfoNCE) loss over both directions is the alternative (``loss="clip"``). With several
+training processes both losses see every process's features (gathered with their gradient), as the seed's do.
 
 Image encoders (``image_arch``):
 
-* ``resnet``: an I3ResNet-like 3-D CNN (basic residual blocks, four stages, stride 2 each) - Merlin's family;
+* ``i3resnet``: Merlin's I3ResNet (inflated ResNet-152, 2048-d), the seed's, optionally with Merlin's published
+  weights (``image_weights``; :mod:`nbsupport.ct_clip.i3resnet`);
+* ``resnet``: a small I3ResNet-like 3-D CNN (basic residual blocks, four stages, stride 2 each) for CPU profiles;
 * ``vit``: a 3-D ViT over ``vit_patch`` cubes (CT-ViT-like) with a [CLS] token.
 
-Text encoders: any transformers ``AutoModel`` folder or hub id in the local cache (the packaged all-MiniLM-L6-v2
-in ``demo``; an LLM such as LLM2Vec's Llama in ``full``), or ``"tiny"``: a random-init 2-layer BERT with
-MiniLM's tokenizer for smoke runs. Pooling: ``mean`` over the report's tokens, ``sentence_mean`` (the mean of the
-report's per-sentence mean-pooled embeddings, so a one-sentence zero-shot prompt lives in the same space as a
-report), or ``latent_attention`` (LLM2Vec / NV-Embed: token states cross-attend to a trainable latent array, then
-mean). ``text_tuning``: ``frozen`` (embeddings cached once), ``lora`` (peft, r/alpha/dropout as the seed's
-32/32/0.1 by default) or ``full``.
+Text encoders: a Llama folder (the seed's ``LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned``) becomes LLM2Vec -
+bidirectional, pooled over the report's tokens, optionally with llm2vec4cxr's weights (``text_encoder_weights``;
+:mod:`nbsupport.ct_clip.llm2vec`); any other transformers ``AutoModel`` folder or cached hub id (the packaged
+all-MiniLM-L6-v2 in ``demo``), or ``"tiny"``: a random-init 2-layer BERT with MiniLM's tokenizer for smoke runs.
+Pooling: ``mean`` over the report's tokens, ``sentence_mean`` (the mean of the report's per-sentence mean-pooled
+embeddings, so a one-sentence zero-shot prompt lives in the same space as a report), or ``latent_attention``
+(LLM2Vec's: token states attend to 512 trainable latents, MLP, mean). ``text_tuning``: ``frozen`` (embeddings
+cached once), ``lora`` (peft, r/alpha/dropout as the seed's 32/32/0.1 by default; on an LLM2Vec tower the seed's
+q/k/v projections, the pooling frozen) or ``full``.
 """
 from __future__ import annotations
 
@@ -29,9 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbsupport.ct_clip.i3resnet import MERLIN_DOWNLOAD, I3ResNet, load_merlin_weights
+from nbsupport.ct_clip.llm2vec import (LLM2VEC4CXR_DOWNLOAD, LORA_TARGETS, LatentAttentionPooling,
+                                       is_bidirectional_folder, load_llm2vec)
 from nbsupport.spec import ModelSpec
 
-ImageArch = Literal["resnet", "vit"]
+ImageArch = Literal["i3resnet", "resnet", "vit"]
 TextPooling = Literal["mean", "sentence_mean", "latent_attention"]
 TextTuning = Literal["frozen", "lora", "full"]
 LossKind = Literal["siglip", "clip"]
@@ -44,15 +52,19 @@ class CTClipSpec(ModelSpec):
     """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json`` (indented,
     sorted keys: ModelSpec's defaults, which are the JSON the first ct_clip checkpoints were written with)."""
 
+    LATER_FIELDS = {"text_encoder_weights": "", "image_weights": ""}
+
     input_size: tuple[int, int, int] = (224, 224, 160)  # model input (R, A, S) voxels
     image_arch: str = "resnet"
-    image_width: int = 64  # resnet: channels of the first stage (doubling per stage)
-    image_blocks: tuple[int, ...] = (2, 2, 2, 2)  # resnet: residual blocks per stage
+    image_width: int = 64  # resnet / i3resnet: channels of the first stage (doubling per stage)
+    image_blocks: tuple[int, ...] = (2, 2, 2, 2)  # resnet / i3resnet: residual blocks per stage
     vit_patch: tuple[int, int, int] = (16, 16, 16)
     vit_dim: int = 512
     vit_depth: int = 6
     vit_heads: int = 8
     text_encoder: str = "all-minilm-l6-v2"
+    text_encoder_weights: str = ""  # an LLM2Vec tower's fine-tuned weights (llm2vec4cxr's pytorch_model.bin)
+    image_weights: str = ""  # i3resnet: Merlin's published checkpoint
     text_pooling: str = "mean"
     text_tuning: str = "frozen"
     lora_r: int = 32
@@ -149,21 +161,26 @@ def split_sentences(text: str) -> list[str]:
     return parts or [text.strip() or "."]
 
 
-class LatentAttentionPooling(nn.Module):
-    """NV-Embed / LLM2Vec latent-attention pooling: token states query a trainable latent array, MLP, mean."""
+def _is_llm2vec(name_or_path: str) -> bool:
+    """Whether ``text_encoder`` names a Llama folder (or cached hub id), which the seed runs as LLM2Vec."""
+    from nbsupport.models import MINILM_ALIAS, resolve_pretrained
 
-    def __init__(self, dim: int, num_latents: int = 64, heads: int = 8):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim ** -0.5)
-        self.attention = nn.MultiheadAttention(dim, heads if dim % heads == 0 else 1, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+    if name_or_path.lower() in (TINY_TEXT_ENCODER, MINILM_ALIAS):
+        return False
+    return is_bidirectional_folder(resolve_pretrained(name_or_path, "text_encoder"))
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.to(hidden.dtype).expand(len(hidden), -1, -1)
-        out, _ = self.attention(hidden, latents, latents)  # tokens are the queries
-        out = out + self.mlp(out)
-        m = mask.unsqueeze(-1).to(out.dtype)
-        return (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+def _resolve_file(path: str, what: str, download: str) -> str | None:
+    """The existing weight file a spec field names ('' = none), relative paths from the project root."""
+    from nbsupport.paths import resolve_path
+
+    if not path:
+        return None
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what}: {resolved} does not exist. Download it on a machine with network access: "
+                                f"{download}; or set {what}='' to train without it")
+    return str(resolved)
 
 
 def build_text_backbone(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -182,29 +199,69 @@ def build_text_backbone(name_or_path: str, seed: int = 0) -> tuple[nn.Module, An
     return load_text_encoder(name_or_path, device="cpu")
 
 
+def build_llm2vec_backbone(spec: CTClipSpec) -> nn.Module:
+    """The seed's LLM2Vec tower from ``text_encoder`` (the base folder) and ``text_encoder_weights``; pooling
+    ``latent_attention`` (the seed's) or ``mean`` (for ``mean`` and ``sentence_mean``)."""
+    from nbsupport.models import resolve_pretrained
+    from nbsupport.weights import WeightsMismatchError
+
+    weights = _resolve_file(spec.text_encoder_weights, "text_encoder_weights", LLM2VEC4CXR_DOWNLOAD)
+    pooling = "latent_attention" if spec.text_pooling == "latent_attention" else "mean"
+    try:
+        return load_llm2vec(resolve_pretrained(spec.text_encoder, "text_encoder"), weights, pooling,
+                            spec.max_text_length, source=spec.text_encoder)
+    except WeightsMismatchError as err:
+        raise WeightsMismatchError(f"{err}\n(text_pooling={spec.text_pooling!r} builds LLM2Vec with "
+                                   f"pooling_mode={pooling!r})") from err
+
+
 class TextEncoder(nn.Module):
-    """Report text -> pooled embedding (B, hidden), by the spec's pooling and tuning."""
+    """Report text -> pooled embedding (B, hidden), by the spec's pooling and tuning; a Llama ``text_encoder`` is the
+    seed's LLM2Vec (pooling inside it), anything else a transformers encoder pooled here."""
 
     def __init__(self, spec: CTClipSpec, seed: int = 0):
         super().__init__()
-        backbone, self.tokenizer = build_text_backbone(spec.text_encoder, seed)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.hidden = int(backbone.config.hidden_size)
         self.pooling = spec.text_pooling
         self.max_length = spec.max_text_length
+        self.llm2vec = _is_llm2vec(spec.text_encoder)
+        if spec.text_encoder_weights and not self.llm2vec:
+            raise ValueError(f"text_encoder_weights={spec.text_encoder_weights!r} needs an LLM2Vec text_encoder (a "
+                             f"Llama folder such as LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned); "
+                             f"{spec.text_encoder!r} is not one")
+        if self.llm2vec:
+            backbone: nn.Module = build_llm2vec_backbone(spec)
+            self.tokenizer = backbone.tokenizer
+            self.hidden = int(backbone.config.hidden_size)
+        else:
+            backbone, self.tokenizer = build_text_backbone(spec.text_encoder, seed)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.hidden = int(backbone.config.hidden_size)
         if spec.text_tuning == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            names = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
-            targets = sorted(names & {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query", "key", "value"})
-            backbone = get_peft_model(backbone, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha,
-                                                           lora_dropout=spec.lora_dropout, target_modules=targets))
+            backbone = self._add_lora(backbone, spec)
         elif spec.text_tuning == "frozen":
             backbone.requires_grad_(False)
         self.backbone = backbone
-        self.latent = LatentAttentionPooling(self.hidden) if spec.text_pooling == "latent_attention" else None
+        self.latent = LatentAttentionPooling(self.hidden) if spec.text_pooling == "latent_attention" \
+            and not self.llm2vec else None
         self.frozen = spec.text_tuning == "frozen" and self.latent is None
+
+    def _add_lora(self, backbone: nn.Module, spec: CTClipSpec) -> nn.Module:
+        """LoRA on the attention projections (peft). An LLM2Vec tower as the seed: the seed's target names inside the
+        Llama, everything else (the latent-attention pooling too) frozen (CT-Data ``training/main.py:206-253``)."""
+        from peft import LoraConfig, get_peft_model
+
+        inner = backbone.model if self.llm2vec else backbone
+        names = {n.rsplit(".", 1)[-1] for n, m in inner.named_modules() if isinstance(m, nn.Linear)}
+        wanted = LORA_TARGETS if self.llm2vec else ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query",
+                                                    "key", "value")
+        config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                            target_modules=sorted(names & set(wanted)))
+        if not self.llm2vec:
+            return get_peft_model(backbone, config)
+        backbone.requires_grad_(False)
+        backbone.model = get_peft_model(backbone.model, config)
+        return backbone
 
     def _token_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.backbone.parameters()).device
@@ -214,6 +271,8 @@ class TextEncoder(nn.Module):
         return hidden, batch["attention_mask"]
 
     def _mean(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.llm2vec:
+            return self.backbone.embed(texts)
         hidden, mask = self._token_states(texts)
         if self.latent is not None:
             return self.latent(hidden, mask)
@@ -251,13 +310,20 @@ class CTClip(nn.Module):
     def __init__(self, spec: CTClipSpec, seed: int = 0):
         super().__init__()
         self.spec = spec
-        if spec.image_arch == "resnet":
-            self.image_encoder: nn.Module = ResNet3DEncoder(spec.image_width, spec.image_blocks)
+        if spec.image_weights and spec.image_arch != "i3resnet":
+            raise ValueError(f"image_weights (Merlin's checkpoint) needs image_arch='i3resnet', got {spec.image_arch!r}")
+        if spec.image_arch == "i3resnet":
+            self.image_encoder: nn.Module = I3ResNet(spec.image_width, spec.image_blocks)
+            weights = _resolve_file(spec.image_weights, "image_weights", MERLIN_DOWNLOAD)
+            if weights:
+                load_merlin_weights(self.image_encoder, weights)
+        elif spec.image_arch == "resnet":
+            self.image_encoder = ResNet3DEncoder(spec.image_width, spec.image_blocks)
         elif spec.image_arch == "vit":
             self.image_encoder = ViT3DEncoder(spec.input_size, spec.vit_patch, spec.vit_dim, spec.vit_depth,
                                               spec.vit_heads)
         else:
-            raise ValueError(f"image_arch must be 'resnet' or 'vit', got {spec.image_arch!r}")
+            raise ValueError(f"image_arch must be 'i3resnet', 'resnet' or 'vit', got {spec.image_arch!r}")
         self.text_encoder = TextEncoder(spec, seed)
         self.image_projection = nn.Sequential(nn.LayerNorm(self.image_encoder.out_dim),
                                               nn.Linear(self.image_encoder.out_dim, spec.embed_dim))
@@ -292,23 +358,65 @@ class CTClip(nn.Module):
         return self.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T + self.logit_bias
 
 
-def siglip_loss(logits: torch.Tensor) -> torch.Tensor:
-    """SigLIP: every (image, text) pair is a binary problem, matched (diagonal) vs not; sum over texts, mean
-    over images (Zhai et al. 2023, the seed's loss)."""
-    labels = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
+def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(every training process's ``features`` in rank order, the row where this process's start).
+
+    The gather carries the gradient back to each process's own features, as the seed's ``--gather-with-grad``
+    (CT-Data ``training/loss.py:48-50``, ``torch.distributed.nn.all_gather``; torch 2.13 deprecates that for the
+    functional collective used here, whose backward sums every process's gradient). One process (or no process
+    group): ``features`` and 0.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0
+    from torch.distributed._functional_collectives import all_gather_single
+
+    gathered = all_gather_single(features.contiguous(), 0, dist.group.WORLD)
+    return gathered, dist.get_rank() * len(features)
+
+
+def siglip_loss(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """SigLIP: every (image, text) pair is a binary problem, matched vs not; sum over texts, mean over images
+    (Zhai et al. 2023, the seed's loss, CT-Data ``training/loss.py:337-358``).
+
+    Args:
+        logits: (B images, N texts); image ``i``'s own text is column ``offset + i`` (0 on one process; with
+            several, the texts are every process's, and ``offset`` is where this process's start).
+    """
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(len(logits), device=logits.device)
+    labels[rows, rows + offset] = 1
     return -F.logsigmoid(labels * logits).sum() / len(logits)
 
 
-def clip_loss(logits: torch.Tensor) -> torch.Tensor:
-    """CLIP / CT-CLIP: softmax cross-entropy image->text and text->image, averaged."""
-    target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+def clip_loss(logits: torch.Tensor, logits_per_text: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """CLIP / CT-CLIP: softmax cross-entropy image->text and text->image, averaged.
+
+    Args:
+        logits: (B images, N texts) scaled similarities; matched pairs at column ``offset + i``.
+        logits_per_text: (B texts, N images); default ``logits.T`` (one process, a square batch). With several
+            processes each side's local rows against every process's other side, as open_clip's ``local_loss``
+            (CT-Data ``training/loss.py:89-129``).
+    """
+    target = torch.arange(len(logits), device=logits.device) + offset
+    per_text = logits.T if logits_per_text is None else logits_per_text
+    return (F.cross_entropy(logits, target) + F.cross_entropy(per_text, target)) / 2
 
 
 def contrastive_loss(model: CTClip, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """The spec's loss on a batch of matched (image, text) embeddings."""
-    logits = model.logits(image_emb, text_emb)
-    return siglip_loss(logits) if model.spec.loss == "siglip" else clip_loss(logits)
+    """The spec's loss on a batch of matched (image, text) embeddings, against every training process's batch.
+
+    Averaged over processes (as data-parallel gradients are) it is the one-process loss of the whole global batch:
+    SigLIP's sum over this process's images of every process's texts (the seed exchanges texts between
+    neighbours with their gradient, CT-Data ``training/loss.py:360-414``); CLIP with open_clip's local loss.
+    """
+    all_text, offset = gather_with_grad(text_emb)
+    if model.spec.loss == "siglip":
+        return siglip_loss(model.logits(image_emb, all_text), offset)
+    all_image, _ = gather_with_grad(image_emb)
+    per_text = None if all_image is image_emb else model.logits(text_emb, all_image)
+    return clip_loss(model.logits(image_emb, all_text), per_text, offset)
 
 
 def report_features(model: CTClip, reports: list[str]) -> torch.Tensor:

@@ -1,22 +1,46 @@
-"""CT volume preprocessing as CT-Data does it, fast: HU, RAS, resample, window, pad/crop, float16 npz.
+"""CT volume preprocessing as CT-Data (the seed) does it, fast: HU, RAS, resample, window, pad/crop, float16 npz.
 
-CT-Data's MONAI chain is ``Orientationd("RAS") -> Spacingd((1.25, 1.25, 2.0), trilinear, align_corners=True) ->
-ScaleIntensityRanged(-1000..1500 -> 0..1, clip) -> SpatialPadd / CenterSpatialCropd((256, 256, 192))``. The
-same output is computed here without ever building the full resampled volume:
+CT-Data's ``preprocess.py`` (lukeingawesome/CT-Data @ a8fed72, last changed in e1817c6, lines 21-24 and 28-40;
+its first version, 2cff75c, had two windows and a tight crop) runs one MONAI chain per volume: ``LoadImaged``
+(NibabelReader: the NIfTI header's ``scl_slope``/``scl_inter`` applied, float32) -> ``EnsureChannelFirstd`` ->
+``Orientationd("RAS")`` -> ``Spacingd(pixdim=(1.25, 1.25, 2.0), mode="trilinear", align_corners=True)`` (MONAI's
+defaults: ``padding_mode="border"``, float64 resampling) -> ``ScaleIntensityRanged(-1000..1500 -> 0..1,
+clip=True)`` -> ``SpatialPadd((256, 256, 192))`` (symmetric, zeros) -> ``CenterSpatialCropd((256, 256, 192))`` ->
+``CastToTyped(float16)``, saved with ``np.savez_compressed`` (key ``image``, shape (1, X, Y, Z)).
+:func:`monai_chain` builds exactly that chain; the benchmark and the tests check :func:`preprocess_volume`
+against it (max abs difference <= 1e-3 after float16).
+
+MONAI Spacing's grid (monai 1.6.1 ``data/utils.py`` ``compute_shape_offset``, ``scale_extent=False``, and
+``transforms/spatial/array.py`` ``Spacing.__call__``): the first output voxel sits on the first input voxel (of the
+RAS-oriented array), the spacing is exactly the target, and an axis of ``n`` voxels at ``s_in`` mm becomes
+``round((n - 1) * s_in / s_out + 1)`` voxels (numpy's round: halves to even); output voxel ``j`` samples input
+index ``j * s_out / s_in``, clamped to the last voxel (border padding). An axis whose spacing is within 1e-3 mm of
+the target keeps its own spacing (no resampling). :func:`preprocess_volume` computes the same numbers without
+ever building the full resampled volume:
 
 * only the input voxels that reach the centre crop are read (crop before resampling);
-* the trilinear resample is three separable 1-D linear passes (``index_select`` + ``lerp`` in float32), the axis
-  that shrinks most first, so later passes touch fewer voxels; the first pass gathers the stored int16 values
-  directly, so the whole volume is never converted to float;
+* the trilinear resample is three separable 1-D linear passes (float32 lerp), the axis that shrinks most first,
+  so later passes touch fewer voxels; the first pass reads the stored int16 values directly, so the whole volume
+  is never converted to float;
 * reorientation to RAS is folded into the sample positions (a flipped axis reads its indices backwards, a
   transposed axis is a permuted view): no copy of the volume;
 * rescale (slope/intercept), HU window and clipping commute with linear interpolation up to the clip, so they are
-  applied once, in place, to the output only.
+  applied once, in place, to the output only;
+* ``.nii.gz`` is inflated by ISA-L (``isal``, several times faster than zlib) when it is installed, and the voxels
+  are a view of the inflated bytes (no copy).
 
-:func:`reference_preprocess` is the straightforward version (HU volume, reorient, ``scipy.ndimage.zoom``, window,
-pad/crop) used by the tests and the benchmark to check this one to 1e-3. Both map output voxel ``j`` of the
-resampled grid to input position ``j * (n_in - 1) / (n_out - 1)`` (align_corners), ``n_out = round(n_in *
-spacing_in / spacing_out)``.
+Where ours differs from CT-Data's script (benchmarks/RESULTS.md, "ct_clip preprocessing equal to the seed's chain"):
+
+* HU: CT-Data trusts the NIfTI header's rescale; :func:`load_ct` takes CT-RATE's metadata ``RescaleSlope`` /
+  ``RescaleIntercept`` when given (as CT-CLIP's ``data_preprocess/preprocess_ctrate_train.py`` does, lines 87-88
+  and 100), the header's otherwise. Equal when both describe the same rescale (tests: header-scaled files, and
+  metadata-scaled ones against the chain with that rescale applied after loading).
+* spacing: CT-Data uses the affine's voxel sizes; :func:`load_ct` takes CT-RATE's ``XYSpacing`` / ``ZSpacing``
+  when given (as :func:`preprocess_dataset` does), the affine's otherwise. Equal wherever the two agree.
+* sheared affines (gantry tilt): MONAI's Spacing resamples onto an orthogonal world grid (``zoom_affine``'s
+  Cholesky factor), ours along the array axes, so the output differs (mean abs 0.10 at a 5 degree tilt on a
+  64 x 64 x 40 test volume). Orthogonal affines, oblique (rotated) ones included, are equal.
+* storage: CT-Data writes ``np.savez_compressed``; ours ``np.savez`` unless ``compress`` (the same array).
 
 Command line (for clusters): ``python -m nbsupport.ct_clip.preprocessing --data-root DATA --manifest M.csv``.
 """
@@ -46,6 +70,7 @@ from nbsupport.runs import atomic_path
 TARGET_SPACING = (1.25, 1.25, 2.0)  # mm, RAS axes (CT-Data)
 TARGET_SHAPE = (256, 256, 192)
 HU_WINDOW = (-1000.0, 1500.0)
+PREPROCESS_VERSION = 2  # bump when the voxels preprocess_volume makes change (2: MONAI Spacing's grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +91,14 @@ class PreprocessSpec:
         if not self.hu_max > self.hu_min:
             raise ValueError(f"hu_max must exceed hu_min, got {self.hu_min}..{self.hu_max}")
 
+    def folder_name(self) -> str:
+        """``<fingerprint>`` of what decides the voxels (the settings and the code's version, not the file format):
+        volumes made with other settings never share a folder, so one is never reused for the other."""
+        from nbsupport.cache import fingerprint
+
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "compress"}
+        return fingerprint({"version": PREPROCESS_VERSION, **settings})
+
 
 @dataclasses.dataclass
 class CTVolume:
@@ -79,36 +112,60 @@ class CTVolume:
     flipped: tuple[bool, bool, bool]  # whether a stored axis runs towards L / P / I (against RAS)
 
 
+def _gzip_decoder() -> tuple[Any, tuple[type[BaseException], ...]]:
+    """``(module with decompress, errors it raises on corrupt data)``: ISA-L's igzip when installed, else zlib's."""
+    try:
+        from isal import igzip, isal_zlib  # python-isal: several times faster than zlib's inflate
+    except ImportError:
+        return gzip, (OSError, EOFError, zlib.error)
+    return igzip, (OSError, EOFError, zlib.error, isal_zlib.error)
+
+
+def _inflate(raw: bytes, path: str | os.PathLike) -> bytes:
+    """Decompress a whole gzip stream (its CRC catches corrupt bytes that still inflate)."""
+    decoder, errors = _gzip_decoder()
+    try:
+        return decoder.decompress(raw)
+    except errors as err:
+        raise ValueError(f"{path}: cannot decompress ({type(err).__name__}: {err}); expected a gzipped NIfTI "
+                         "volume") from err
+
+
 def load_ct(path: str | os.PathLike, slope: float | None = None, intercept: float | None = None,
             xy_spacing: tuple[float, float] | None = None, z_spacing: float | None = None) -> CTVolume:
-    """Decode a ``.nii(.gz)`` CT without scaling it.
+    """Decode a ``.nii(.gz)`` CT without scaling it (``stored`` is a read-only view of the inflated bytes).
 
     Args:
         path: the NIfTI file.
         slope, intercept: ``HU = slope * stored + intercept`` (CT-RATE metadata); None: the NIfTI header's
-            ``scl_slope`` / ``scl_inter`` (1 and 0 when unset).
+            ``scl_slope`` / ``scl_inter`` (1 and 0 when unset), as MONAI's ``LoadImaged`` applies them.
         xy_spacing: CT-RATE ``XYSpacing`` as (row, column) mm; stored axis 0 runs along columns, axis 1 along rows.
         z_spacing: CT-RATE ``ZSpacing`` (mm) of stored axis 2. None: voxel sizes from the affine.
     """
     import nibabel as nib
 
-    if str(path).endswith(".gz"):  # whole stream read: its CRC catches corrupt bytes that still inflate
+    if str(path).endswith(".gz"):
+        raw = _inflate(Path(path).read_bytes(), path)
         try:
-            raw = gzip.decompress(Path(path).read_bytes())
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{path}: cannot decompress ({type(err).__name__}: {err}); expected a gzipped NIfTI "
-                             "volume") from err
-        image = nib.Nifti1Image.from_bytes(raw)
+            image = nib.Nifti1Image.from_bytes(raw)  # header only: the voxels are read below, without a copy
+        except Exception as err:
+            raise ValueError(f"{path}: not a NIfTI-1 volume ({type(err).__name__}: {err})") from err
+        shape = image.shape
+        offset, dtype = int(image.dataobj.offset), image.get_data_dtype()
+        if offset + dtype.itemsize * int(np.prod(shape)) > len(raw):
+            raise ValueError(f"{path}: {len(raw)} bytes after inflating, too few for a {shape} {dtype} volume "
+                             f"at offset {offset}")
+        stored = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape, order="F")
     else:
         image = nib.load(str(path))
+        stored = np.asanyarray(image.dataobj.get_unscaled())
     if len(image.shape) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    stored = np.asanyarray(image.dataobj.get_unscaled())
     if stored.dtype.kind == "f" and not np.isfinite(stored).all():  # NaN would pass the window into training
         raise ValueError(f"{path}: {int((~np.isfinite(stored)).sum())} NaN/inf voxels; expected finite values")
     header_slope, header_inter = image.dataobj.slope, image.dataobj.inter
     affine = image.affine
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # MONAI affine_to_spacing: the columns' lengths
     spacing = [float(v) for v in zooms]
     if xy_spacing is not None:
         spacing[0], spacing[1] = float(xy_spacing[1]), float(xy_spacing[0])
@@ -123,17 +180,27 @@ def load_ct(path: str | os.PathLike, slope: float | None = None, intercept: floa
                     flipped=tuple(bool(f < 0) for f in ornt[:, 1]))  # type: ignore[arg-type]
 
 
+SPACING_TOLERANCE = 1e-3  # mm: MONAI Spacing keeps an axis whose spacing is this close to the target (AFFINE_TOL)
+
+
+def output_spacing(spacing_in: float, spacing_out: float) -> float:
+    """The spacing MONAI's Spacing gives an axis: the target, or the input's own when within 1e-3 mm of it."""
+    return spacing_in if abs(spacing_in - spacing_out) <= SPACING_TOLERANCE else spacing_out
+
+
 def resampled_size(n_in: int, spacing_in: float, spacing_out: float) -> int:
-    """Voxels of the full resampled axis: ``round(n_in * spacing_in / spacing_out)``, at least 1."""
-    return max(int(round(n_in * spacing_in / spacing_out)), 1)
+    """Voxels of the full resampled axis as MONAI's Spacing makes it: ``round((n_in - 1) * s_in / s_out + 1)``
+    (first and last input voxel centres span the output; numpy's round, halves to even)."""
+    ratio = spacing_in / output_spacing(spacing_in, spacing_out)
+    return max(int(np.round((n_in - 1) * ratio + 1.0)), 1)
 
 
 def _axis_plan(n_in: int, spacing_in: float, spacing_out: float, target: int,
-               flipped: bool) -> tuple[slice, np.ndarray, float]:
+               flipped: bool) -> tuple[slice, np.ndarray]:
     """Where one output axis comes from.
 
     Returns:
-        (output slice that is filled, input positions [n_filled] float64 in stored-index units, effective spacing)
+        (output slice that is filled, input positions [n_filled] float64 in stored-index units)
     """
     n_full = resampled_size(n_in, spacing_in, spacing_out)
     if n_full >= target:  # MONAI CenterSpatialCrop: start = n // 2 - target // 2
@@ -144,12 +211,11 @@ def _axis_plan(n_in: int, spacing_in: float, spacing_out: float, target: int,
         before = (target - n_full) // 2
         j = np.arange(n_full)
         out = slice(before, before + n_full)
-    step = (n_in - 1) / (n_full - 1) if n_full > 1 else 0.0
-    positions = j * step
+    # Output voxel j lies j * s_out mm from the first input voxel; past the last one, border padding repeats it.
+    positions = np.minimum(j * (output_spacing(spacing_in, spacing_out) / spacing_in), n_in - 1.0)
     if flipped:
         positions = (n_in - 1) - positions
-    effective = spacing_in * step if n_full > 1 else spacing_in * n_in
-    return out, positions, effective
+    return out, positions
 
 
 def _linear_pass(volume: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
@@ -209,7 +275,7 @@ def preprocess_volume(ct: CTVolume, spec: PreprocessSpec = PreprocessSpec()) -> 
                         ct.flipped[a]) for a in range(3)]
     # Read only the stored index range the samples need (a view), then shift the sample positions into it.
     window = []
-    for a, (_, positions, _) in enumerate(plans):
+    for a, (_, positions) in enumerate(plans):
         first = int(max(np.floor(positions.min()), 0)) if len(positions) else 0
         last = int(min(np.floor(positions.max()) + 2, volume.shape[a])) if len(positions) else 1
         window.append((first, last))
@@ -237,39 +303,38 @@ def preprocess_volume(ct: CTVolume, spec: PreprocessSpec = PreprocessSpec()) -> 
     out = np.zeros((1, *spec.shape), dtype=np.float16, order=order)
     filled = tuple(plans[to_ras[d]][0] for d in range(3))
     out[0][filled] = volume.transpose([memory.index(to_ras[d]) for d in range(3)])
-    return out, tuple(plans[to_ras[d]][2] for d in range(3))
+    return out, tuple(output_spacing(ct.spacing[to_ras[d]], spec.spacing[d]) for d in range(3))
 
 
-def reference_preprocess(ct: CTVolume, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """The straightforward chain (whole HU volume, reorient, ``scipy.ndimage.zoom`` order 1, window, pad/crop).
+def monai_chain(spec: PreprocessSpec = PreprocessSpec(),
+                rescale: tuple[float, float] | None = None) -> Any:
+    """CT-Data's MONAI chain (``preprocess.py`` lines 28-40, at ``spec``'s geometry and window): ``path -> float16
+    (1, X, Y, Z)`` array. The yardstick :func:`preprocess_volume` is checked (1e-3) and timed against.
 
-    Slow on purpose: the yardstick :func:`preprocess_volume` is checked (1e-3) and timed against.
+    Args:
+        rescale: ``(slope, intercept)`` applied to the loaded values (which carry the header's rescale already),
+            for CT-RATE volumes whose HU rescale is in the metadata only; None: CT-Data's chain as it is.
     """
-    import nibabel as nib
-    from scipy import ndimage
+    from monai.transforms import (CastToTyped, CenterSpatialCropd, Compose, EnsureChannelFirstd, Lambdad, LoadImaged,
+                                  Orientationd, ScaleIntensityRanged, Spacingd, SpatialPadd)
 
-    hu = ct.stored.astype(np.float32) * ct.slope + ct.intercept
-    ornt = np.array([[a, -1 if f else 1] for a, f in zip(ct.ras_axis, ct.flipped)], dtype=float)
-    hu = nib.orientations.apply_orientation(hu, ornt)
-    spacing_ras = [0.0, 0.0, 0.0]
-    for axis, ras in enumerate(ct.ras_axis):
-        spacing_ras[ras] = ct.spacing[axis]
-    sizes = [resampled_size(n, s, t) for n, s, t in zip(hu.shape, spacing_ras, spec.spacing)]
-    zoomed = ndimage.zoom(hu, [m / n for m, n in zip(sizes, hu.shape)], order=1, mode="nearest", grid_mode=False)
-    zoomed = np.clip((zoomed - spec.hu_min) / (spec.hu_max - spec.hu_min), 0.0, 1.0)
-    out = np.zeros(spec.shape, dtype=np.float32)
-    src, dst = [], []
-    for n, t in zip(zoomed.shape, spec.shape):
-        if n >= t:
-            start = n // 2 - t // 2
-            src.append(slice(start, start + t))
-            dst.append(slice(0, t))
-        else:
-            before = (t - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(before, before + n))
-    out[tuple(dst)] = zoomed[tuple(src)]
-    return out[None].astype(np.float16)
+    hu = [] if rescale is None else [Lambdad(keys="image", func=lambda x: x * rescale[0] + rescale[1])]
+    chain = Compose([
+        LoadImaged(keys="image"),
+        EnsureChannelFirstd(keys="image"),
+        *hu,
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=spec.spacing, mode="trilinear", align_corners=True),
+        ScaleIntensityRanged(keys="image", a_min=spec.hu_min, a_max=spec.hu_max, b_min=0.0, b_max=1.0, clip=True),
+        SpatialPadd(keys="image", spatial_size=spec.shape),
+        CenterSpatialCropd(keys="image", roi_size=spec.shape),
+        CastToTyped(keys="image", dtype=np.float16),
+    ])
+
+    def run(path: str | os.PathLike) -> np.ndarray:
+        return np.asarray(chain({"image": str(path)})["image"])
+
+    return run
 
 
 def save_preprocessed(path: str | os.PathLike, image: np.ndarray, compress: bool = False) -> None:
@@ -322,7 +387,7 @@ def _effective_spacing_of(job: VolumeJob, spec: PreprocessSpec) -> tuple[float, 
     import nibabel as nib
 
     image = nib.load(job.nifti)
-    zooms = list(np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0)))
+    zooms = [float(z) for z in np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0))]
     if job.xy_spacing is not None:
         zooms[0], zooms[1] = job.xy_spacing[1], job.xy_spacing[0]
     if job.z_spacing is not None:
@@ -330,7 +395,7 @@ def _effective_spacing_of(job: VolumeJob, spec: PreprocessSpec) -> tuple[float, 
     ras = [int(a) for a in nib.orientations.io_orientation(image.affine)[:, 0]]
     out = [0.0, 0.0, 0.0]
     for axis, d in enumerate(ras):
-        out[d] = _axis_plan(image.shape[axis], float(zooms[axis]), spec.spacing[d], spec.shape[d], False)[2]
+        out[d] = output_spacing(zooms[axis], spec.spacing[d])
     return tuple(out)
 
 
@@ -366,7 +431,8 @@ def preprocess_dataset(data_root: str | os.PathLike, manifest_path: str | os.Pat
     Args:
         data_root: the CT-RATE ``dataset`` folder (see ``nbsupport.ct_clip.data``).
         manifest_path: CSV to write (its ``.meta.json`` sidecar records the data root).
-        output_dir: folder for the npz files, relative to ``data_root``; '' = ``preprocessed``.
+        output_dir: folder for the npz files, relative to ``data_root``; '' = ``preprocessed/<spec.folder_name()>``
+            (an existing npz is reused only if made with the same settings).
         limit: only the first ``limit`` volumes of each source split (a quick look at a huge dataset).
 
     Returns:
@@ -380,7 +446,7 @@ def preprocess_dataset(data_root: str | os.PathLike, manifest_path: str | os.Pat
     volumes = ct_data.scan_dataset(root)
     if limit is not None:
         volumes = volumes.groupby("source_split", group_keys=False).head(limit).reset_index(drop=True)
-    out_folder = output_dir or ct_data.PREPROCESSED_FOLDER
+    out_folder = output_dir or f"{ct_data.PREPROCESSED_FOLDER}/{spec.folder_name()}"
     relative_out = [f"{out_folder}/{v}.npz" for v in volumes.volume]
     jobs = [VolumeJob(volume=r.volume, nifti=str(root / r.nifti), output=str(root / rel),
                       slope=r.rescale_slope, intercept=r.rescale_intercept,

@@ -37,11 +37,8 @@ class CTClipTrainingTask(ManifestTask):
 
     CONFIG = TrainConfig
     SPEC = CTClipSpec
-    cfg: TrainConfig
-    spec: CTClipSpec
 
-    def __init__(self, config: dict[str, Any], manifest: str, data_root: str, spec_json: str):
-        super().__init__(config, manifest, data_root, spec_json)
+    def setup(self) -> None:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._sentence_cache: list[torch.Tensor] = []  # train reports' per-sentence features (frozen tower)
         self._generator = torch.Generator().manual_seed(self.cfg.seed)

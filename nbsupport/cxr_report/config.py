@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.cxr_report.data import CXR_SCHEMA, DEFAULT_PROMPT
 from nbsupport.cxr_report.model import LORA_TARGETS
-from nbsupport.manifest import ManifestSchema
 from nbsupport.paths import resolve_path
 from nbsupport.runs import RunFolder, find_checkpoint
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 
 SYSTEM = "cxr_report"
 # torchvision's ImageNet DenseNet-121, as published: https://download.pytorch.org/models/densenet121-a639ec97.pth
@@ -25,12 +24,7 @@ DENSENET121_IMAGENET = "weights/densenet121-a639ec97.pth"
 DEFAULT_MANIFEST = "data_manifests/chexpert_plus_demo.csv"
 
 
-class _CxrReport:
-    """What every cxr_report stage shares: its system name, manifest schema and demo manifest."""
-
-    SYSTEM: ClassVar[str] = SYSTEM
-    SCHEMA: ClassVar[ManifestSchema | None] = CXR_SCHEMA
-    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+_CxrReport = system_stage(SYSTEM, CXR_SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,25 +7,19 @@ The splits come with the dataset (the CSV's ``split`` column), so no stage has s
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Literal
 
 from nbsupport.config import param
-from nbsupport.manifest import ManifestSchema
 from nbsupport.prs_med.data import PRSMED_SCHEMA
 from nbsupport.prs_med.model import PRSMedSpec
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, system_stage
 
 SYSTEM = "prs_med"
 SCHEMA = PRSMED_SCHEMA
 DEFAULT_MANIFEST = "data_manifests/prs_med_demo.csv"
 
 
-class PRSMedStage:
-    """What every prs_med stage shares: the system, the MMRS/PosMed manifest schema and the demo manifest."""
-
-    SYSTEM: ClassVar[str] = SYSTEM
-    SCHEMA: ClassVar[ManifestSchema] = SCHEMA
-    DEFAULT_MANIFEST: ClassVar[str] = DEFAULT_MANIFEST
+PRSMedStage = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +36,27 @@ class TrainConfig(PRSMedStage, TrainStage):
     """02_train: SAM-style encoder + LLaVA-style VLM (LoRA) + prompted mask decoder, the official loss."""
 
     PROFILES = {
-        "smoke": {"vlm": "tiny", "image_size": 64, "sam_hidden": 32, "sam_out_channels": 32, "vision_size": 64,
-                  "vision_patch": 16, "vision_hidden": 32, "decoder_hidden": 32, "epochs": 2, "batch_size": 10,
-                  "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
+        "smoke": {"vlm_path": "tiny", "image_size": 64, "sam_hidden": 32, "sam_out_channels": 32, "vision_size": 64,
+                  "vision_patch": 16, "vision_hidden": 32, "mask_decoder": "simple", "decoder_hidden": 32, "epochs": 2,
+                  "batch_size": 10, "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
         # 737 s of CPU time for all four notebooks (train, image-only baseline, test evaluation) on the 650-image demo
         # set; image tokens before the answer + the position loss on them (our additions, benchmarks/RESULTS.md)
-        "demo": {"vlm": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
-                 "projector": "spatial", "epochs": 6, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 0.75,
-                 "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2, "image_tokens_at": "before_answer",
-                 "lambda_position": 1.0, "answer_loss_to_vision": False},
-        "full": {"sam_path": "weights/sam-vit-base", "vlm": "weights/llava-med-v1.5-mistral-7b-hf", "image_size": 1024,
-                 "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8, "lr": 1e-4,
-                 "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
+        "demo": {"vlm_path": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
+                 "projector": "spatial", "mask_decoder": "simple", "epochs": 6, "batch_size": 8, "lr": 2e-3,
+                 "vision_lr_scale": 0.75, "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2,
+                 "image_tokens_at": "before_answer", "lambda_position": 1.0, "answer_loss_to_vision": False},
+        # TinySAM's vit_t image encoder and the official mask decoder, as PRS-Med (model_v7.py:77-82)
+        "full": {"sam_ckpt": "weights/tinysam_42.3.pth", "vlm_path": "weights/llava-med-v1.5-mistral-7b",
+                 "image_size": 1024, "decoder_hidden": 512, "lora_dropout": 0.1, "epochs": 20, "batch_size": 8,
+                 "lr": 1e-4, "weight_decay": 0.01, "num_workers": 4, "train_baseline": False},
     }
 
-    sam_path: str = param("", "local transformers SAM folder (SamModel/SamVisionModel); '' = random-init SAM ViT")
-    vlm: str = param("smollm2-135m", "'tiny' (random, smoke), 'smollm2-135m' (packaged) or a local HF LLaVA folder")
+    # PRS-Med's flag name (seanhuvaya/prs_med_mmrs calls it --vision_encoder_checkpoint, same default file)
+    sam_ckpt: str = param("", "SAM-family image encoder: TinySAM tinysam_42.3.pth (full), SAM sam_vit_*.pth, PRS-Med's "
+                          "image_encoder.pth or a Hugging Face SAM folder / hub id in the local cache; "
+                          "'' = random-init SAM ViT (sam_hidden, sam_layers, ...)")
+    vlm_path: str = param("smollm2-135m", "'tiny' (random, smoke), 'smollm2-135m' (packaged), or the LLaVA-Med v1.5 folder "
+                                     "as downloaded (the seed's --vlm_path) / an HF LLaVA folder")
     vlm_num_layers: int = param(0, "keep the first N decoder layers of the assembled VLM's LM (0 = all)")
     image_size: int = param(1024, "square model input in pixels (SAM: 1024)")
     sam_hidden: int = param(64, "random-init SAM ViT width")
@@ -75,6 +74,9 @@ class TrainConfig(PRSMedStage, TrainStage):
     lora_r: int = param(16, "LoRA rank on q/k/v/o of the language model")
     lora_alpha: int = param(16, "LoRA alpha")
     lora_dropout: float = param(0.05, "LoRA dropout")
+    mask_decoder: Literal["official", "simple"] = param(
+        "official", "'official': PRS-Med's PromptedMaskDecoder (mask_decoder_v5.py); 'simple': our plain-block "
+        "variant, with which the CPU profiles were tuned")
     decoder_hidden: int = param(128, "prompt-MLP width of the mask decoder (official 512)")
     epochs: int = param(20, "training epochs")
     lr: float = param(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
@@ -93,17 +95,21 @@ class TrainConfig(PRSMedStage, TrainStage):
     eval_batch_size: int = param(16, "images per forward pass in evaluation")
     train_baseline: bool = param(True, "also train the image-only baseline (same decoder, no question)")
 
+    # the seed's flag names (PRS-Med --sam_ckpt, --vlm_path)
+    RENAMED = {"sam_path": "sam_ckpt", "vlm": "vlm_path"}
+
     def spec(self) -> PRSMedSpec:
-        """The network these settings describe."""
-        return PRSMedSpec(image_size=self.image_size, sam_path=self.sam_path, sam_hidden=self.sam_hidden,
+        """The network these settings describe (``sam_ckpt`` is the spec's ``sam_path``)."""
+        return PRSMedSpec(image_size=self.image_size, sam_path=self.sam_ckpt, sam_hidden=self.sam_hidden,
                           sam_layers=self.sam_layers, sam_patch=self.sam_patch, sam_out_channels=self.sam_out_channels,
-                          vlm=self.vlm, vlm_num_layers=self.vlm_num_layers, vision_size=self.vision_size,
+                          vlm=self.vlm_path, vlm_num_layers=self.vlm_num_layers, vision_size=self.vision_size,
                           vision_patch=self.vision_patch, vision_hidden=self.vision_hidden,
                           vision_layers=self.vision_layers, vision_stem=self.vision_stem,
                           projector=self.projector, image_tokens_at=self.image_tokens_at,
                           position_head=self.lambda_position > 0, answer_loss_to_vision=self.answer_loss_to_vision,
                           lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-                          lora_dropout=self.lora_dropout, decoder_hidden=self.decoder_hidden, seed=self.seed)
+                          lora_dropout=self.lora_dropout, decoder_hidden=self.decoder_hidden,
+                          mask_decoder=self.mask_decoder, seed=self.seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,10 @@ embedding -> three residual :class:`BasicBlock` (256 -> 256 -> 128 -> 64) -> 1x1
 Our additions, off by default so that the default call is the official one: ``prompt_mask`` (ignore padded prompt
 tokens in the cross-attention; the official call attends to all of them, ``v5:335``), ``output_size`` (the side of
 the logits when it is not 16 x the grid) and ``return_attention``.
+
+:class:`SimpleMaskDecoder` is our simplified decoder (plain conv blocks and FFN, logits clamped to +-10), the one the
+CPU profiles (``smoke``, ``demo``) were tuned with; :func:`build_mask_decoder` picks one of the two by name (the
+``mask_decoder`` option, ``"official"`` in ``full``).
 """
 from __future__ import annotations
 
@@ -53,7 +57,9 @@ class FFN(nn.Module):
     """fc1 -> ReLU -> + input -> fc2 -> ReLU -> LayerNorm (``v5:232-254``).
 
     ``norm1`` is created but never used by the original (``v5:239``); it is kept because ``mask_decoder.pth`` holds
-    it (it receives no gradient: a DDP wrapper needs ``find_unused_parameters`` or a frozen ``norm1``).
+    it, and frozen: it would get no gradient, and DDP refuses a trainable parameter without one (PRS-Med's
+    ``train_ddp.py:296`` passes ``find_unused_parameters=True`` instead, which walks the graph every step). Training
+    is the same either way: the optimiser skips a parameter without a gradient.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -62,6 +68,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(out_features, in_features)
         self.norm = nn.LayerNorm(in_features, eps=1e-5)
         self.norm1 = nn.LayerNorm(in_features, eps=1e-5)
+        self.norm1.requires_grad_(False)
         for fc in (self.fc2, self.fc1):  # v5:240-243
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
@@ -174,3 +181,92 @@ def load_prompted_mask_decoder(path: str | os.PathLike, log: Log | None = print)
     decoder = PromptedMaskDecoder(int(prompt_dim), int(image_dim), int(hidden_dim))
     load_into(decoder, state, path, log=log)
     return decoder
+
+
+# ---------------------------------------------------------------------------------------------- the simple option
+class _ConvBlock(nn.Module):
+    """conv3x3 -> InstanceNorm (no affine) -> ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class SimpleMaskDecoder(nn.Module):
+    """Our simplified prompted mask decoder (the ``"simple"`` option): the official data flow with plain blocks.
+
+    Prompt MLP H -> hidden -> C (LN + ReLU); image tokens (LN) cross-attend to the prompt tokens (8 heads) + residual
+    -> LN -> TransformerEncoderLayer(C, 16 heads, ff 2 * hidden) -> + a plain FFN -> + image residual -> three
+    conv3x3/InstanceNorm/ReLU blocks (C -> C -> C/2 -> C/4) -> 1x1 conv -> bilinear to the input size -> logits clamped
+    to +-10. Where the official :class:`PromptedMaskDecoder` differs: residual BasicBlocks, an FFN with residual + LN,
+    a LayerNorm after the prompt MLP, the encoder layer's feed-forward 2 * C, Xavier / ones initialisation,
+    ``align_corners=True`` and no clamp.
+
+    Args:
+        prompt_dim: VLM hidden size H (4096 for LLaVA-Med). image_dim: encoder channels C (256 for SAM).
+        hidden_dim: prompt-MLP width (512 in the official code).
+    """
+
+    def __init__(self, prompt_dim: int, image_dim: int, hidden_dim: int, cross_heads: int = 8,
+                 transformer_heads: int = 16):
+        super().__init__()
+        self.prompt_mlp = nn.Sequential(nn.Linear(prompt_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(),
+                                        nn.Linear(hidden_dim, image_dim), nn.LayerNorm(image_dim), nn.ReLU())
+        self.image_norm = nn.LayerNorm(image_dim)
+        self.cross_attn = nn.MultiheadAttention(image_dim, cross_heads, batch_first=True)
+        self.post_norm = nn.LayerNorm(image_dim)
+        self.transformer = nn.TransformerEncoderLayer(image_dim, transformer_heads, dim_feedforward=2 * hidden_dim,
+                                                      batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(image_dim, image_dim), nn.ReLU(), nn.Linear(image_dim, image_dim))
+        self.blocks = nn.Sequential(_ConvBlock(image_dim, image_dim), _ConvBlock(image_dim, image_dim // 2),
+                                    _ConvBlock(image_dim // 2, image_dim // 4))
+        self.head = nn.Conv2d(image_dim // 4, 1, 1)
+
+    def forward(self, image_embeddings: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
+                output_size: int, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            image_embeddings: (B, C, g, g). prompt: (B, T, H). prompt_mask: (B, T), 1 for real tokens.
+            output_size: side of the returned logits (the model input size).
+        Returns:
+            (logits (B, 1, S, S) clamped to +-10, cross-attention (B, g*g, T) averaged over heads or None).
+        """
+        b, c, gh, gw = image_embeddings.shape
+        tokens = image_embeddings.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        keys = self.prompt_mlp(prompt)
+        padding = None if prompt_mask is None else ~prompt_mask.bool()
+        attended, weights = self.cross_attn(self.image_norm(tokens), keys, keys, key_padding_mask=padding,
+                                            need_weights=return_attention, average_attn_weights=True)
+        x = self.post_norm(tokens + attended)
+        x = self.transformer(x)
+        x = x + self.ffn(x)
+        x = x.transpose(1, 2).reshape(b, c, gh, gw) + image_embeddings
+        x = self.head(self.blocks(x))
+        logits = F.interpolate(x, size=(output_size, output_size), mode="bilinear", align_corners=False)
+        return logits.clamp(-10, 10), weights
+
+
+MASK_DECODERS = ("official", "simple")
+
+
+def build_mask_decoder(kind: str, prompt_dim: int, image_dim: int, hidden_dim: int) -> nn.Module:
+    """The mask decoder named by ``kind``: ``"official"`` (:class:`PromptedMaskDecoder`) or ``"simple"``
+    (:class:`SimpleMaskDecoder`). Both take ``(image_embeddings, prompt, prompt_mask, output_size,
+    return_attention=...)`` and return ``(logits, cross-attention or None)``.
+
+    Raises:
+        ValueError: another ``kind``, or (official) encoder channels the decoder's heads and blocks cannot split:
+            ``image_dim`` must be divisible by 16 (16 heads in the encoder layer, ``v5:292``; C/4 in the last block).
+    """
+    if kind == "simple":
+        return SimpleMaskDecoder(prompt_dim, image_dim, hidden_dim)
+    if kind != "official":
+        raise ValueError(f"mask_decoder must be one of {list(MASK_DECODERS)}, got {kind!r}")
+    if image_dim % 16:
+        raise ValueError(f"mask_decoder='official' needs image-encoder channels divisible by 16 (16 attention heads, "
+                         f"mask_decoder_v5.py:292), got {image_dim}")
+    return PromptedMaskDecoder(prompt_dim, image_dim, hidden_dim)

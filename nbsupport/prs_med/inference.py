@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nbsupport.metrics import most_frequent_position_baseline, parse_position, position_accuracy, segmentation_metrics
+from nbsupport.metrics import (
+    most_frequent_position_baseline, paired_bootstrap_diff, parse_position, segmentation_metrics, with_ci95,
+)
 from nbsupport.progress import progress
 from nbsupport.prs_med.data import PositionQADataset, collate_qa, image_to_tensor, position_of, read_mask
 from nbsupport.prs_med.model import ImageOnlySegmenter, PRSMedNet, PRSMedOutput
@@ -37,7 +39,9 @@ class SplitEvaluation:
     predictions: pd.DataFrame  # PREDICTION_COLUMNS + task, position, mask_position, ... per row
     pred_masks: list[np.ndarray]
     per_task: pd.DataFrame
-    overall: dict[str, float]
+    overall: dict[str, Any]  # the "all" row of the per-task scores, each metric with its "<metric>_ci95"
+    scores: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per task + "all", with _ci95
+    comparisons: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # paired_comparisons
 
 
 def _prediction_record(row: pd.Series, said: str, pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
@@ -89,30 +93,82 @@ def evaluate_split(model: PRSMedNet, manifest: pd.DataFrame, split: str, root: P
     if baseline is not None:
         predictions["image_only_dice"] = base_dice
     train_positions = list(manifest.loc[manifest.split == "train", "position"]) or list(part["position"])
-    per_task = per_task_table(predictions, manifest)
-    overall = {k: float(v) for k, v in per_task.loc["all"].items() if isinstance(v, (int, float, np.number))}
+    scores = task_scores(predictions, manifest)
+    overall = dict(scores["all"])  # "n" stays a count (int): metrics.json gives intervals to metrics only
     overall["most_frequent_position"] = most_frequent_position_baseline(train_positions, part["position"])["position"]
-    return SplitEvaluation(part, predictions, masks, per_task, overall)
+    return SplitEvaluation(part, predictions, masks, score_table(scores), overall, scores,
+                           paired_comparisons(predictions, overall["most_frequent_position"]))
 
 
-def per_task_table(predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+def _nanmean(values: np.ndarray) -> float:
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def per_case_scores(predictions: pd.DataFrame, most_frequent: str) -> dict[str, np.ndarray]:
+    """Each metric of the per-task table as one value per row of ``predictions`` (NaN where undefined, e.g. HD95
+    with an empty mask): the metric is their NaN-mean, and the bootstrap resamples them.
+
+    Position accuracy compares the position parsed from the generated answer with the true one (an answer naming
+    none is wrong); the most-frequent baseline answers ``most_frequent`` for every row.
+    """
+    said = [parse_position(p) for p in predictions["pred_answer"]]
+    truth = [parse_position(t) for t in predictions["position"]]
+    bad = [i for i, t in enumerate(truth) if t is None]
+    if bad:
+        raise ValueError(f"true position {predictions['position'].iloc[bad[0]]!r} (row {bad[0]}) names no position")
+    values = {"dice": predictions["dice"], "iou": predictions["iou"], "hd95_px": predictions["hd95"],
+              "position_accuracy": [s == t for s, t in zip(said, truth)],
+              "mask_position_accuracy": predictions["mask_position_correct"],
+              "answer_mask_agreement": predictions["answer_mask_agree"],
+              "baseline_most_frequent_position_accuracy": [t == most_frequent for t in truth]}
+    if "image_only_dice" in predictions:
+        values["baseline_image_only_dice"] = predictions["image_only_dice"]
+    return {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+
+
+def task_scores(predictions: pd.DataFrame, manifest: pd.DataFrame, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per task and overall ("all"): n, Dice, IoU, HD95 (px), position accuracy of the answers, of the mask's
-    implied position, how often the two agree, and the baselines' numbers on the same rows."""
+    implied position, how often the two agree, and the baselines' numbers on the same rows; each metric with its
+    seeded 95 % bootstrap interval over the rows (``<metric>_ci95``). The most-frequent-position baseline takes
+    the task's own training positions (all training positions for "all")."""
     train_positions = list(manifest.loc[manifest.split == "train", "position"]) or list(predictions["position"])
-    rows = {}
+    scores = {}
     groups = [(task, g) for task, g in predictions.groupby("task", sort=True)] + [("all", predictions)]
     for task, g in groups:
         task_train = [p for p, t in zip(manifest.position, manifest.task) if t == task and p] if task != "all" else []
-        mf = most_frequent_position_baseline(task_train or train_positions, list(g["position"]))
-        row = {"n": len(g), "dice": g["dice"].mean(), "iou": g["iou"].mean(), "hd95_px": g["hd95"].mean(),
-               "position_accuracy": position_accuracy(list(g["pred_answer"]), list(g["position"]))["accuracy"],
-               "mask_position_accuracy": float(g["mask_position_correct"].mean()),
-               "answer_mask_agreement": float(g["answer_mask_agree"].mean()),
-               "baseline_most_frequent_position_accuracy": mf["accuracy"]}
-        if "image_only_dice" in g:
-            row["baseline_image_only_dice"] = g["image_only_dice"].mean()
-        rows[task] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
+        most_frequent = most_frequent_position_baseline(task_train or train_positions, list(g["position"]))
+        per_case = per_case_scores(g, most_frequent["position"])
+        point = {"n": len(g)} | {k: _nanmean(v) for k, v in per_case.items()}
+        scores[task] = with_ci95(point, per_case, seed=seed)
+    return scores
+
+
+def score_table(scores: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The numbers of :func:`task_scores` as a table, one row per task (intervals left out)."""
+    return pd.DataFrame.from_dict({task: {k: v for k, v in row.items() if not k.endswith("_ci95")}
+                                   for task, row in scores.items()}, orient="index")
+
+
+def per_task_table(predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """:func:`task_scores` as a table (see there)."""
+    return score_table(task_scores(predictions, manifest))
+
+
+def paired_comparisons(predictions: pd.DataFrame, most_frequent: str, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The model against its baselines on the same rows, as paired bootstrap differences ``{"diff", "ci95"}``:
+    Dice minus the image-only decoder's Dice (where it was trained) and position accuracy minus always answering
+    ``most_frequent`` (the most frequent training position)."""
+    per_case = per_case_scores(predictions, most_frequent)
+    pairs = {"position_accuracy_minus_most_frequent_position":
+             ("position_accuracy", "baseline_most_frequent_position_accuracy")}
+    if "baseline_image_only_dice" in per_case:
+        pairs = {"dice_minus_image_only_dice": ("dice", "baseline_image_only_dice")} | pairs
+    out = {}
+    for name, (a, b) in pairs.items():
+        diff, low, high = paired_bootstrap_diff(per_case[a], per_case[b], seed=seed)
+        out[name] = {"diff": diff, "ci95": [None if np.isnan(v) else v for v in (low, high)]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- one image
@@ -164,9 +220,8 @@ def attention_over_image(model: PRSMedNet, out: Any, input_ids: torch.Tensor, la
     attention to the image-token positions, reshaped to the vision tower's patch grid.
     """
     tok = model.tokenizer
-    grid = model.spec.image_size // model.spec.sam_patch if not model.spec.sam_path else None
     cross = out.cross_attention[0]  # (g*g, T)
-    side = grid or round(cross.shape[0] ** 0.5)
+    side = round(cross.shape[0] ** 0.5)  # the encoder's square grid
     is_image = input_ids == model.image_token_id
     is_answer = labels != -100
     words = [tok.decode([int(t)]).strip() for t in input_ids]

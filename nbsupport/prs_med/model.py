@@ -2,16 +2,19 @@
 
 The parts follow the official ``LLMSeg`` (huyquoctrinh/PRS-Med) as summarised in the project's reference:
 
-* image encoder: a SAM ViT (``transformers.SamVisionModel``; a local SAM checkpoint folder in ``full``, a small
-  random-init one in ``demo``/``smoke``), ImageNet-normalised input, output (B, C, g, g); trained.
+* image encoder (:class:`nbsupport.prs_med.sam_encoders.SamImageEncoder`): TinySAM's ``vit_t`` from
+  ``tinysam_42.3.pth`` in ``full`` (``model_v7.py:79-82``; any SAM-family checkpoint ``load_sam_image_encoder``
+  reads), a small random-init SAM ViT in ``demo``/``smoke``; ImageNet-normalised input, output (B, C, g, g), C = 256
+  and g = S/16 for the published encoders; trained (``model_v7.py:87``).
 * VLM: ``transformers.LlavaForConditionalGeneration`` (a converted LLaVA-Med folder in ``full``; in ``demo`` a tiny
   random CLIP tower + projector in front of the packaged SmolLM2-135M; a tiny random Llama in ``smoke``), LoRA
   ``r=16`` on ``q/k/v/o_proj`` of the language model. Prompt: ``"<image>\\n### User: {question} \\n### Assistant:
   \\n{answer}"``, teacher-forced in training; the last hidden state of every token (B, T, H) prompts the decoder.
-* :class:`PromptedMaskDecoder`: prompt MLP H -> hidden -> C (LN + ReLU); image tokens (LN) cross-attend to the
-  prompt tokens (MHA, 8 heads) + residual -> LN -> TransformerEncoderLayer(C, 16 heads, ff 2*hidden) -> FFN ->
-  + image residual -> 3 conv blocks (C -> C -> C/2 -> C/4, conv3x3/IN/ReLU) -> 1x1 conv -> bilinear to the input
-  size -> logits clamped to +-10.
+* mask decoder (``spec.mask_decoder``): the official :class:`~nbsupport.prs_med.decoder.PromptedMaskDecoder` in
+  ``full``, our :class:`~nbsupport.prs_med.decoder.SimpleMaskDecoder` in ``demo``/``smoke`` (see
+  :mod:`nbsupport.prs_med.decoder`). Both are given the prompt's attention mask, so padded prompt tokens are not
+  attended to (our addition: the official call attends to every token, ``mask_decoder_v5.py:335``, which makes a
+  sample's mask depend on the longest question in its batch).
 * modality classifier: AdaptiveAvgPool -> Linear(C -> 6) on the image embedding.
 * loss: :func:`structure_loss` (weighted BCE + weighted IoU) + lambda_txt * LM loss + 0.5 * modality CE early on.
 """
@@ -27,6 +30,8 @@ from torch import nn
 
 from nbsupport.metrics import POSITIONS
 from nbsupport.prs_med.data import IMAGENET_MEAN, IMAGENET_STD, N_MODALITY_CLASSES
+from nbsupport.prs_med.decoder import build_mask_decoder
+from nbsupport.prs_med.sam_encoders import SamImageEncoder, encoder_parameter_counts, load_sam_image_encoder
 from nbsupport.spec import ModelSpec
 
 IMAGE_TOKEN = "<image>"
@@ -46,11 +51,16 @@ class PRSMedSpec(ModelSpec):
     """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json``.
 
     JSON and fingerprint as :class:`nbsupport.spec.ModelSpec`'s defaults (indent 2, sorted keys, every field), which
-    is what the checkpoints written so far record.
+    is what the checkpoints written so far record; ``mask_decoder`` is written only when it is not ``"simple"``, the
+    decoder every earlier spec had, so their fingerprints stay.
     """
 
+    LATER_FIELDS = {"mask_decoder": "simple"}
+
     image_size: int = 1024  # model input (pixels); SAM's 1024 in full
-    sam_path: str = ""  # local transformers SAM folder (SamModel or SamVisionModel); '' = random init below
+    # The config's sam_ckpt (a TinySAM / SAM checkpoint file or Hugging Face SAM folder, load_sam_image_encoder);
+    # '' = the random-init SAM ViT below. Named sam_path since the first specs: the name is in every fingerprint.
+    sam_path: str = ""
     sam_hidden: int = 64
     sam_layers: int = 2
     sam_heads: int = 4
@@ -74,6 +84,7 @@ class PRSMedSpec(ModelSpec):
     decoder_hidden: int = 128
     modality_classes: int = N_MODALITY_CLASSES
     seed: int = 0
+    mask_decoder: str = "simple"  # 'official' (PromptedMaskDecoder, PRS-Med's) or 'simple' (SimpleMaskDecoder, ours)
 
 
 # ============================================================================================== losses
@@ -97,80 +108,51 @@ def structure_loss(logits: torch.Tensor, mask: torch.Tensor, kernel: int = 31) -
     return (wbce + wiou).mean()
 
 
-# ============================================================================================== decoder
-class _ConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm = nn.InstanceNorm2d(cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.conv(x)))
-
-
-class PromptedMaskDecoder(nn.Module):
-    """Mask logits from image features prompted by the VLM's hidden states.
-
-    Args:
-        prompt_dim: VLM hidden size H (4096 for LLaVA-Med). image_dim: encoder channels C (256 for SAM).
-        hidden_dim: prompt-MLP width (512 in the official code).
-    """
-
-    def __init__(self, prompt_dim: int, image_dim: int, hidden_dim: int, cross_heads: int = 8,
-                 transformer_heads: int = 16):
-        super().__init__()
-        self.prompt_mlp = nn.Sequential(nn.Linear(prompt_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(),
-                                        nn.Linear(hidden_dim, image_dim), nn.LayerNorm(image_dim), nn.ReLU())
-        self.image_norm = nn.LayerNorm(image_dim)
-        self.cross_attn = nn.MultiheadAttention(image_dim, cross_heads, batch_first=True)
-        self.post_norm = nn.LayerNorm(image_dim)
-        self.transformer = nn.TransformerEncoderLayer(image_dim, transformer_heads, dim_feedforward=2 * hidden_dim,
-                                                      batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(image_dim, image_dim), nn.ReLU(), nn.Linear(image_dim, image_dim))
-        self.blocks = nn.Sequential(_ConvBlock(image_dim, image_dim), _ConvBlock(image_dim, image_dim // 2),
-                                    _ConvBlock(image_dim // 2, image_dim // 4))
-        self.head = nn.Conv2d(image_dim // 4, 1, 1)
-
-    def forward(self, image_embeddings: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
-                output_size: int, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """
-        Args:
-            image_embeddings: (B, C, g, g). prompt: (B, T, H). prompt_mask: (B, T), 1 for real tokens.
-            output_size: side of the returned logits (the model input size).
-        Returns:
-            (logits (B, 1, S, S) clamped to +-10, cross-attention (B, g*g, T) averaged over heads or None).
-        """
-        b, c, gh, gw = image_embeddings.shape
-        tokens = image_embeddings.flatten(2).transpose(1, 2)  # (B, g*g, C)
-        keys = self.prompt_mlp(prompt)
-        padding = None if prompt_mask is None else ~prompt_mask.bool()
-        attended, weights = self.cross_attn(self.image_norm(tokens), keys, keys, key_padding_mask=padding,
-                                            need_weights=return_attention, average_attn_weights=True)
-        x = self.post_norm(tokens + attended)
-        x = self.transformer(x)
-        x = x + self.ffn(x)
-        x = x.transpose(1, 2).reshape(b, c, gh, gw) + image_embeddings
-        x = self.head(self.blocks(x))
-        logits = F.interpolate(x, size=(output_size, output_size), mode="bilinear", align_corners=False)
-        return logits.clamp(-10, 10), weights
-
-
 # ============================================================================================== parts
-def build_image_encoder(spec: PRSMedSpec) -> nn.Module:
-    """A ``SamVisionModel``: from ``spec.sam_path`` (a local transformers SAM folder) or random init."""
-    from transformers import SamVisionConfig, SamVisionModel
+TINYSAM_URL = "https://github.com/xinghaochen/TinySAM/releases/download/3.0/tinysam_42.3.pth"  # TinySAM README.md:77
+
+
+def resolve_sam_ckpt(sam_ckpt: str) -> str:
+    """A local path for ``sam_ckpt``: a checkpoint file (relative paths from the project root), or a Hugging Face SAM
+    folder or hub id in the local HF cache (``facebook/sam-vit-base``).
+
+    Raises:
+        FileNotFoundError: a missing checkpoint file, naming it and where TinySAM's is published.
+    """
+    from nbsupport.models import resolve_pretrained
+    from nbsupport.paths import resolve_path
+
+    path = resolve_path(sam_ckpt)
+    if path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        if not path.is_file():
+            raise FileNotFoundError(f"sam_ckpt: {path} does not exist. PRS-Med's image encoder is TinySAM's "
+                                    f"tinysam_42.3.pth ({TINYSAM_URL}); put it at {path} or pass its path as sam_ckpt")
+        return str(path)
+    return resolve_pretrained(sam_ckpt, "sam_ckpt (SAM image encoder)")
+
+
+def build_image_encoder(spec: PRSMedSpec) -> SamImageEncoder:
+    """The image encoder: every tensor of the checkpoint ``spec.sam_path`` (the config's ``sam_ckpt``; prints the
+    load line), or with no checkpoint a random-init SAM ViT of the spec's ``sam_*`` sizes (smoke / demo).
+
+    Raises:
+        ValueError: a SAM ViT checkpoint whose input size (its position embedding's) is not ``spec.image_size``.
+    """
+    from transformers import SamVisionConfig
 
     if spec.sam_path:
-        from nbsupport.models import resolve_pretrained
-
-        path = resolve_pretrained(spec.sam_path, "SAM image encoder")
-        return SamVisionModel.from_pretrained(path, local_files_only=True)
+        encoder = load_sam_image_encoder(resolve_sam_ckpt(spec.sam_path))
+        if encoder.image_size is not None and encoder.image_size != spec.image_size:
+            raise ValueError(f"sam_ckpt {spec.sam_path}: a SAM ViT takes {encoder.image_size} px images only (its "
+                             f"position embedding is that size), but image_size={spec.image_size}; set "
+                             f"image_size={encoder.image_size}")
+        return encoder
     grid = spec.image_size // spec.sam_patch
     config = SamVisionConfig(hidden_size=spec.sam_hidden, num_hidden_layers=spec.sam_layers,
                              num_attention_heads=spec.sam_heads, image_size=spec.image_size, patch_size=spec.sam_patch,
                              output_channels=spec.sam_out_channels, window_size=min(spec.sam_window, grid),
                              global_attn_indexes=[spec.sam_layers - 1], mlp_dim=4 * spec.sam_hidden)
-    return SamVisionModel(config)
+    return SamImageEncoder.from_config(config)
 
 
 def _tiny_vision_config(spec: PRSMedSpec) -> Any:
@@ -243,8 +225,8 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration with LoRA on the language model, tokenizer with an ``<image>`` token).
 
     ``tiny`` / ``smollm2-135m``: a LLaVA model assembled from a random CLIP tower, a random projector and the
-    causal LM's weights; otherwise ``spec.vlm`` is a local folder of a HF-format LLaVA (e.g. a converted
-    LLaVA-Med v1.5). The vision tower and projector train fully in the assembled case (they start random); the
+    causal LM's weights; otherwise ``spec.vlm`` is the published LLaVA-Med v1.5 folder as downloaded, or an HF-format
+    LLaVA folder (:func:`nbsupport.prs_med.llava_med.load_llava_med`). The vision tower and projector train fully in the assembled case (they start random); the
     language model trains only through LoRA.
     """
     from peft import LoraConfig, get_peft_model
@@ -282,13 +264,10 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
         vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         del lm
     else:
-        from transformers import AutoTokenizer
+        from nbsupport.prs_med.llava_med import load_llava_med
 
-        path = resolve_pretrained(spec.vlm, "LLaVA VLM")
-        vlm = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        # the published LLaVA-Med v1.5 folder as downloaded (converted once, cached) or an HF-format LLaVA folder
+        vlm, tokenizer = load_llava_med(resolve_pretrained(spec.vlm, "LLaVA VLM"))
     for p in vlm.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
@@ -325,8 +304,9 @@ class PRSMedNet(nn.Module):
         self.vlm, self.tokenizer = build_vlm(spec)
         torch.manual_seed(spec.seed + 1)
         text_config = self.llava.config.text_config
-        channels = self.image_encoder.config.output_channels
-        self.mask_decoder = PromptedMaskDecoder(text_config.hidden_size, channels, spec.decoder_hidden)
+        channels = self.image_encoder.out_channels
+        self.mask_decoder = build_mask_decoder(spec.mask_decoder, text_config.hidden_size, channels,
+                                               spec.decoder_hidden)
         self.modality_classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                                  nn.Linear(channels, spec.modality_classes))
         # Training batches this network has been trained on. A buffer, so it is saved in every checkpoint and comes
@@ -441,7 +421,7 @@ class PRSMedNet(nn.Module):
                 answer tokens). At 1 every answer token counts the same, and the one or two tokens that depend on
                 the image are a tenth of a template sentence whose other words do not.
         """
-        image_embeddings = self.image_encoder(pixel_values=images).last_hidden_state  # (B, C, g, g)
+        image_embeddings = self.image_encoder(images)  # (B, C, g, g)
         # The LlavaModel under the LoRA wrapper (LoRA is injected in place): hidden states without the vocabulary
         # projection, which is then applied to the answer positions only -- on SmolLM2 the 49k-word head costs as
         # much as seven decoder layers per token, and most tokens are image or question tokens.
@@ -506,13 +486,13 @@ class ImageOnlySegmenter(nn.Module):
         torch.manual_seed(spec.seed)
         self.image_encoder = build_image_encoder(spec)
         torch.manual_seed(spec.seed + 1)
-        channels = self.image_encoder.config.output_channels
-        self.mask_decoder = PromptedMaskDecoder(prompt_dim, channels, spec.decoder_hidden)
+        self.mask_decoder = build_mask_decoder(spec.mask_decoder, prompt_dim, self.image_encoder.out_channels,
+                                               spec.decoder_hidden)
         self.prompt = nn.Parameter(torch.zeros(1, 1, prompt_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> mask logits (B, 1, S, S)."""
-        emb = self.image_encoder(pixel_values=images).last_hidden_state
+        emb = self.image_encoder(images)
         logits, _ = self.mask_decoder(emb, self.prompt.expand(images.shape[0], -1, -1), None, images.shape[-1])
         return logits
 
@@ -522,17 +502,12 @@ def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[s
     """Parameters of each part in the ``full`` configuration, built on the meta device (no weights loaded).
 
     LLaVA-Med v1.5 = CLIP ViT-L/14 at 336 px + 2-layer MLP projector + Mistral-7B (vocab 32000 + image token);
-    SAM ViT-B image encoder at 1024 px (output 256 x 64 x 64); the official decoder (prompt 4096 -> 512 -> 256);
-    LoRA r on q/k/v/o of the 32 Mistral layers (A: r x in, B: out x r per projection).
+    TinySAM ``vit_t`` image encoder (output 256 x 64 x 64 at 1024 px; its count includes the classifier head
+    ``tinysam_42.3.pth`` holds, which is frozen); the official decoder (prompt 4096 -> 512 -> 256; its unused
+    ``ffn.norm1`` frozen); LoRA r on q/k/v/o of the 32 Mistral layers (A: r x in, B: out x r per projection).
+    ``trainable``: encoder without its head, LoRA, decoder without ``ffn.norm1``, modality classifier.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        MistralConfig,
-        SamVisionConfig,
-        SamVisionModel,
-    )
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768)
@@ -542,12 +517,12 @@ def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[s
                          projector_hidden_act="gelu", vision_feature_layer=-2)
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
-        sam = SamVisionModel(SamVisionConfig())  # ViT-B defaults: hidden 768, 12 layers, 1024 px, 256 channels
-        decoder = PromptedMaskDecoder(text.hidden_size, 256, decoder_hidden)
+        decoder = build_mask_decoder("official", text.hidden_size, 256, decoder_hidden)
         classifier = nn.Linear(256, N_MODALITY_CLASSES)
+    encoder = encoder_parameter_counts()
 
-    def count(m: nn.Module) -> int:
-        return sum(p.numel() for p in m.parameters())
+    def count(m: nn.Module, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
 
     lm = llava.model.language_model
     lora = 0
@@ -555,7 +530,7 @@ def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[s
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
             lora += lora_r * (module.in_features + module.out_features)
     counts = {
-        "sam_image_encoder": count(sam),
+        "sam_image_encoder": encoder["tinysam_vit_t"],
         "vlm_vision_tower": count(llava.model.vision_tower),
         "vlm_projector": count(llava.model.multi_modal_projector),
         "vlm_language_model": count(lm) + (0 if config.tie_word_embeddings else count(llava.lm_head)),
@@ -564,8 +539,8 @@ def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[s
         "modality_classifier": count(classifier),
     }
     counts["total"] = sum(counts.values())
-    counts["trainable"] = (counts["sam_image_encoder"] + counts["lora_adapters"] + counts["mask_decoder"]
-                           + counts["modality_classifier"])
+    counts["trainable"] = (encoder["tinysam_vit_t_without_head"] + counts["lora_adapters"]
+                           + count(decoder, trainable_only=True) + counts["modality_classifier"])
     return counts
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,15 +27,20 @@ from nbsupport.prs_med.task import ImageOnlyTrainingTask, PRSMedTrainingTask
 from nbsupport.prs_med.views import (
     attention_figures,
     attention_viewer_cases,
+    comparisons_table,
     examples_figure,
     prediction_vs_truth_figure,
     predictions_figure,
+    scores_table,
     single_image_figure,
     viewer_cases,
     write_attention_viewer,
     write_case_viewer,
 )
-from nbsupport.runs import RunFolder, atomic_write_json, atomic_write_text, read_json
+from nbsupport.predict import (
+    PredictError, PredictSummary, check_outputs_free, expand_inputs, for_each_input, run_config, training_run,
+)
+from nbsupport.runs import RunFolder, atomic_path, atomic_write_json, atomic_write_text, read_json
 from nbsupport.spec import ParameterCount, count_parameters
 from nbsupport.train import TrainSettings
 
@@ -86,6 +92,8 @@ class TrainOutcome:
     predictions: pd.DataFrame
     curves: Any
     examples: Any
+    table: pd.DataFrame | None = None  # test metrics per task as "0.80 (0.74–0.85)" (views.scores_table)
+    comparisons: pd.DataFrame | None = None  # model minus baselines, paired (views.comparisons_table)
 
 
 def loop_settings(cfg: TrainConfig, manifest: pd.DataFrame) -> TrainSettings:
@@ -118,16 +126,39 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
                                 cfg.threshold, cfg.max_new_tokens, baseline=baseline)
     atomic_write_text(run.file("test_predictions.csv"), evaluation.predictions.to_csv(index=False))
     atomic_write_text(run.file("test_per_task.csv"), evaluation.per_task.to_csv())
-    metrics = {f"{test_split}_{k}": v for k, v in evaluation.overall.items()}
-    metrics.update({"steps": result.steps, "best_val_dice": result.best_metric, "parameters": parameters.to_dict(),
-                    "per_task": json.loads(evaluation.per_task.to_json(orient="index"))})
+    metrics = split_metrics(evaluation, test_split)
+    metrics.update({"steps": result.steps, "best_val_dice": result.best_metric, "parameters": parameters.to_dict()})
     run.write_metrics(cfg.STAGE, metrics)
+    write_headline(run, cfg.STAGE, evaluation, test_split)
     curves = plot_training_curves(result.history)
     run.save_figure(curves, "02_training_curves")
     examples = predictions_figure(evaluation, root, n=6)
     run.save_figure(examples, "02_test_predictions")
     return TrainOutcome(result.history, checkpoint, test_split, parameters, evaluation.per_task,
-                        evaluation.predictions, curves, examples)
+                        evaluation.predictions, curves, examples, scores_table(evaluation),
+                        comparisons_table(evaluation))
+
+
+def split_metrics(evaluation: SplitEvaluation, split: str) -> dict[str, Any]:
+    """What metrics.json holds of a scored split: ``<split>_<metric>`` and ``<split>_<metric>_ci95`` overall, the
+    paired differences to the baselines (``<split>_dice_minus_image_only_dice: {"diff", "ci95"}``, ...) and the
+    per-task scores with their intervals."""
+    return ({f"{split}_{k}": v for k, v in evaluation.overall.items()}
+            | {f"{split}_{k}": v for k, v in evaluation.comparisons.items()}
+            | {"per_task": evaluation.scores})
+
+
+def write_headline(run: RunFolder, stage: str, evaluation: SplitEvaluation, split: str) -> None:
+    """The run's headline: the split's Dice (with its interval) next to the image-only decoder's on the same
+    images; without a trained baseline, position accuracy next to always answering the most frequent position."""
+    o = evaluation.overall
+    if "baseline_image_only_dice" in o:
+        run.write_headline(stage, f"{split} Dice", o["dice"], "image-only decoder Dice", o["baseline_image_only_dice"],
+                           ci95=o["dice_ci95"])
+    else:
+        run.write_headline(stage, f"{split} position accuracy", o["position_accuracy"],
+                           f"always '{o['most_frequent_position']}'", o["baseline_most_frequent_position_accuracy"],
+                           ci95=o["position_accuracy_ci95"])
 
 
 def train_image_only(cfg: TrainConfig, run: RunFolder, root: Path, model: PRSMedNet,
@@ -179,6 +210,8 @@ class InferResult:
     root: Path
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # what 03_case_viewer.html shows
     viewer_path: Path | None = None  # 03_case_viewer.html
+    table: pd.DataFrame | None = None  # metrics per task as "0.80 (0.74–0.85)" (views.scores_table)
+    comparisons: pd.DataFrame | None = None  # model minus baselines, paired (views.comparisons_table)
 
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
@@ -192,8 +225,8 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     path = run.file("predictions.csv")
     atomic_write_text(path, evaluation.predictions.to_csv(index=False))
     atomic_write_text(run.file("per_task.csv"), evaluation.per_task.to_csv())
-    run.write_metrics(cfg.STAGE, {f"{cfg.split}_{k}": v for k, v in evaluation.overall.items()}
-                      | {"per_task": json.loads(evaluation.per_task.to_json(orient="index"))})
+    run.write_metrics(cfg.STAGE, split_metrics(evaluation, cfg.split))
+    write_headline(run, cfg.STAGE, evaluation, cfg.split)
     fig = predictions_figure(evaluation, root, n=cfg.n_examples)
     run.save_figure(fig, "03_predictions")
     single, single_fig = None, None
@@ -202,10 +235,77 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
         single = answer_image(model, image, cfg.question, cfg.threshold, cfg.max_new_tokens)
         single_fig = single_image_figure(image, single["mask"], cfg.question, single["answer"])
         run.save_figure(single_fig, "03_single_image")
-    result = InferResult(evaluation.predictions, path, evaluation.per_task, fig, single, single_fig, evaluation, root)
+    result = InferResult(evaluation.predictions, path, evaluation.per_task, fig, single, single_fig, evaluation, root,
+                         table=scores_table(evaluation), comparisons=comparisons_table(evaluation))
     result.viewer_cases = viewer_cases(result)
     result.viewer_path = write_case_viewer(result.viewer_cases, run, cfg.split)
     return result
+
+
+# ============================================================================================ your own files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ANSWERS_TABLE = "answers.csv"  # one row per input image: image, question, answer, positions, mask file
+
+
+def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
+                  device: str = "auto", overwrite: bool = False, question: str | None = None) -> PredictSummary:
+    """Answer ``question`` about each image among ``inputs`` (files, or folders searched for PNG, JPEG, BMP, TIFF)
+    and segment the finding, with the trained run's own preprocessing: the model input size from the run's
+    ``model_spec.json``, ImageNet normalisation as in training, and the mask threshold and answer length the run's
+    02_train recorded in ``config.json``. No manifest is needed.
+
+    Writes under ``out_dir``, per image ``<stem>_mask.png`` (0/255 at the image's own size) and
+    ``<stem>_answer.json`` (question, answer, the position it names, the position of the mask), plus
+    ``answers.csv`` over all images. Refuses to overwrite any of them unless ``overwrite``; an image that cannot be
+    read is reported in the summary and the others go on.
+
+    Example: ``predict_files("outputs/runs/R/prs_med", ["scans/"], "answers/", question="Where is the tumour?")``.
+    """
+    if not question or not question.strip():
+        raise PredictError("prs_med answers a question about each image: pass --question \"Where is the lesion?\"")
+    run_dir, best = training_run(checkpoint)
+    trained = run_config(run_dir)
+    files = expand_inputs(inputs, IMAGE_SUFFIXES)
+    out = Path(out_dir)
+    stems = [f.name.rsplit(".", 1)[0] for f in files]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise PredictError(f"several inputs are named {repeated[0]!r} (e.g. "
+                           f"{', '.join(str(f) for f, s in zip(files, stems) if s == repeated[0])}); their outputs "
+                           "would collide: predict them into separate -o folders")
+    targets = {f: (out / f"{s}_mask.png", out / f"{s}_answer.json") for f, s in zip(files, stems)}
+    check_outputs_free([p for pair in targets.values() for p in pair] + [out / ANSWERS_TABLE], overwrite)
+    model = load_trained_model(best, resolve_device(device))
+    rows: list[dict[str, Any]] = []
+
+    def answer_one(path: Path) -> list[Path]:
+        image = read_image(path)
+        said = answer_image(model, image, question, float(trained["threshold"]), int(trained["max_new_tokens"]))
+        mask_path, answer_path = targets[path]
+        row = {"image": str(path), "question": question, "answer": said["answer"], "position": said["position"],
+               "mask_position": said["mask_position"], "mask": mask_path.name}
+        write_mask_png(mask_path, said["mask"])
+        atomic_write_json(answer_path, row)
+        rows.append(row)
+        return [mask_path, answer_path]
+
+    summary = for_each_input(files, answer_one, out, desc="answer + segment")
+    if rows:
+        table = out / ANSWERS_TABLE
+        atomic_write_text(table, pd.DataFrame(rows).to_csv(index=False))
+        summary.written.append(table)
+    return summary
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A bool (H, W) mask as an 8-bit PNG, 255 inside the finding and 0 elsewhere."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise ValueError(f"{path}: the mask could not be encoded as PNG")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(encoded.tobytes())
 
 
 # ============================================================================================ 04 attention
@@ -266,4 +366,4 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
 
 __all__ = ["AttentionConfig", "AttentionResult", "InferConfig", "InferResult", "PreprocessConfig",
            "PreprocessResult", "TrainConfig", "TrainOutcome", "attention_maps", "load_trained_model", "predict",
-           "preprocess", "train"]
+           "predict_files", "preprocess", "train"]

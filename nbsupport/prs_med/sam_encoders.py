@@ -59,6 +59,10 @@ HF_SAM_KEY = "vision_encoder.patch_embed.projection.weight"  # transformers SamV
 class SamImageEncoder(nn.Module):
     """One SAM-family image encoder behind one call: pixels (B, 3, S, S) -> image embedding (B, C, S/16, S/16).
 
+    TinyViT's classifier head (``norm_head``, ``head``) is part of ``tinysam_42.3.pth`` but not of the image
+    embedding, so it is frozen: it would get no gradient, and DDP refuses a trainable parameter without one (PRS-Med's
+    ``train_ddp.py:296`` sets ``find_unused_parameters=True`` instead; the optimiser skips it either way).
+
     Attributes:
         encoder: the network holding the published tensors (:class:`TinyViT` or transformers' ``SamVisionModel``).
         kind: ``"tinyvit"`` or ``"sam_vit"``.
@@ -75,6 +79,9 @@ class SamImageEncoder(nn.Module):
             self.image_size: int | None = size if isinstance(size, int) else int(size[0])
         else:
             self.image_size = None
+            encoder.norm_head.requires_grad_(False)
+            encoder.head.requires_grad_(False)
+        self.register_load_state_dict_pre_hook(_read_unwrapped_names)
 
     @classmethod
     def from_config(cls, config: TinyViTConfig | Any) -> SamImageEncoder:
@@ -96,6 +103,15 @@ class SamImageEncoder(nn.Module):
         if self.kind == "tinyvit":
             return self.encoder(pixels)
         return self.encoder(pixel_values=pixels).last_hidden_state
+
+
+def _read_unwrapped_names(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load hook: a SAM ViT's tensors named as the bare ``SamVisionModel`` names them (``vision_encoder.*``, without
+    ``encoder.``) are read as this wrapper's. prs_med checkpoints written before the wrapper existed hold the
+    random-init SAM ViT of the smoke / demo profiles under those names, and keep loading."""
+    legacy = prefix + "vision_encoder."
+    for key in [k for k in state if k.startswith(legacy)]:
+        state[prefix + "encoder." + key[len(prefix):]] = state.pop(key)
 
 
 def load_sam_image_encoder(sam_ckpt: str | os.PathLike, log: Log | None = print) -> SamImageEncoder:

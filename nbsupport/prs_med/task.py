@@ -33,11 +33,8 @@ class PRSMedTrainingTask(ManifestTask):
 
     CONFIG = TrainConfig
     SPEC = PRSMedSpec
-    cfg: TrainConfig
-    spec: PRSMedSpec
 
-    def __init__(self, config: Mapping[str, Any], manifest: str, data_root: str, spec_json: str):
-        super().__init__(config, manifest, data_root, spec_json)
+    def setup(self) -> None:
         n_train = len(self.split("train"))
         # The modality loss is on for the first cls_epochs epochs; the trainer counts steps, so convert.
         self.cls_steps = self.cfg.cls_epochs * max(1, n_train // self.cfg.batch_size)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from nbsupport.metrics import format_ci, format_with_ci
 from nbsupport.prs_med.data import read_image, read_mask
 from nbsupport.runs import RunFolder
 
@@ -32,6 +33,21 @@ def _rows_per_task(manifest: pd.DataFrame, n: int) -> list[Any]:
     """Index labels of up to ``n`` rows of ``manifest``, the same number from each task (tasks sorted)."""
     per_task = max(1, n // max(1, manifest.task.nunique()))
     return list(manifest.groupby("task", sort=True).head(per_task).index[:n])
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def scores_table(evaluation: "SplitEvaluation", digits: int = 3) -> pd.DataFrame:
+    """02/03: per task and overall, n and each metric as ``0.800 (0.740–0.850)`` (its 95 % bootstrap interval)."""
+    rows = {task: {"n": int(scores["n"])} | format_with_ci(scores, digits)
+            for task, scores in evaluation.scores.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def comparisons_table(evaluation: "SplitEvaluation", digits: int = 3) -> pd.DataFrame:
+    """02/03: the model minus each baseline on the same rows, with the paired 95 % bootstrap interval."""
+    rows = {name: {"difference": format_ci(c["diff"], c["ci95"], digits)}
+            for name, c in evaluation.comparisons.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model minus baseline")
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -7,10 +7,10 @@ evaluation, attention of a pixel), ``scoring`` (competition metric), ``views`` (
 and ``pipeline`` (the four verbs).
 """
 from nbsupport.seg2d.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
-from nbsupport.seg2d.inference import PostProcess, baseline_scores, evaluate_split
-from nbsupport.seg2d.pipeline import attention_maps, load_trained_model, predict, preprocess, train
+from nbsupport.seg2d.inference import BASELINE_LABELS, PostProcess, baseline_scores, evaluate_split
+from nbsupport.seg2d.pipeline import attention_maps, load_trained_model, predict, predict_files, preprocess, train
 from nbsupport.seg2d.views import attention_viewer_cases, viewer_cases
 
-__all__ = ["AttentionConfig", "InferConfig", "PostProcess", "PreprocessConfig", "TrainConfig", "attention_maps",
+__all__ = ["AttentionConfig", "BASELINE_LABELS", "InferConfig", "PostProcess", "PreprocessConfig", "TrainConfig", "attention_maps",
            "attention_viewer_cases", "baseline_scores", "evaluate_split", "load_trained_model", "predict",
-           "preprocess", "train", "viewer_cases"]
+           "predict_files", "preprocess", "train", "viewer_cases"]

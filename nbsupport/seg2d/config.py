@@ -10,19 +10,14 @@ from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.seg2d.data import SEG2D_SCHEMA
-from nbsupport.stages import PreprocessStage, TrainedModelStage, TrainStage, check_split_fractions
+from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
 
 SYSTEM = "seg2d"
 SCHEMA = SEG2D_SCHEMA
 DEFAULT_MANIFEST = "data_manifests/uwmgi_demo.csv"
 
 
-class _Seg2D:
-    """What every seg2d stage has in common: the system, its manifest schema and its demo manifest."""
-
-    SYSTEM = SYSTEM
-    SCHEMA = SCHEMA
-    DEFAULT_MANIFEST = DEFAULT_MANIFEST
+_Seg2D = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +46,15 @@ class TrainConfig(_Seg2D, TrainStage):
         # chosen on val (benchmarks/RESULTS.md, "seg2d demo accuracy")
         "demo": {"width": "small", "image_size": 160, "epochs": 8, "batch_size": 8, "lr": 2e-3,
                  "scheduler": "warmup_cosine", "postprocess": "val_tuned"},
-        "full": {"arch": "upernet", "model_name_or_path": "openmmlab/upernet-convnext-small", "image_size": 384,
-                 "epochs": 6, "batch_size": 32, "lr": 2e-4, "weight_decay": 1e-4, "scheduler": "multistep",
-                 "num_workers": 4},
+        # The seed's recipe (JaeL17/Medical-Image-Segmentation at 5309879): run_train.sh:8-14 (model, batch 32,
+        # weight decay 1e-4, AdamW, MultiStepLR, 100 epochs, lr 2e-4), model.py:95-97 (amsgrad=True), model.py:102
+        # (one milestone at max_epochs // 2, gamma 0.1), utils.py:20 (288 x 288), utils.py:128-133 (augmentations),
+        # trainer.py:57-65 (fp32, no gradient clipping), trainer.py:33 (12 loader workers: the augmentations cost
+        # ~10-20 ms per 288 px slice on one CPU core). What stays different, and why: the README's recipe table.
+        "full": {"arch": "upernet", "model_name_or_path": "openmmlab/upernet-convnext-small", "image_size": 288,
+                 "epochs": 100, "batch_size": 32, "lr": 2e-4, "weight_decay": 1e-4, "optimizer": "adamw",
+                 "amsgrad": True, "scheduler": "multistep", "milestones": (0.5,), "gamma": 0.1, "grad_clip": None,
+                 "mixed_precision": "no", "augment": True, "num_workers": 12},
     }
 
     arch: Literal["segformer", "dpt", "beit", "upernet"] = param("segformer", "model family (seed --base_model)")
@@ -65,8 +66,15 @@ class TrainConfig(_Seg2D, TrainStage):
     lr: float = param(2e-4, "peak learning rate (seed --lr)")
     weight_decay: float = param(1e-4, "weight decay (seed --weight_decay)")
     optimizer: Literal["adamw", "adam", "sgd"] = param("adamw", "optimizer (seed --optimizer)")
+    amsgrad: bool = param(False, "AMSGrad variant of adam / adamw (the seed's Adam and AdamW use it)")
     scheduler: Literal["constant", "warmup_cosine", "multistep"] = param("multistep", "seed --scheduler_name")
-    augment: bool = param(False, "random left-right flips and intensity jitter (flips hide the organs' side)")
+    milestones: tuple[float, ...] = param((0.5,), "multistep: the lr is multiplied by gamma at these fractions "
+                                                  "of the training (seed: one, at epochs // 2)")
+    gamma: float = param(0.1, "multistep decay factor per milestone (seed: 0.1)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
+        "auto", "auto: bf16 on CUDA, fp32 on CPU; 'no': fp32 everywhere (the seed's Lightning precision 32)")
+    augment: bool = param(False, "the seed's training augmentations: flips, shift/scale/rotate, brightness/contrast, "
+                                 "coarse dropout (flips hide the organs' side)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
     min_area: int = param(64, "predicted regions smaller than this (pixels at the slice's own size) are dropped")
     postprocess: Literal["fixed", "val_tuned"] = param(

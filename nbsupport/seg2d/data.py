@@ -40,6 +40,7 @@ from nbsupport.manifest import (
 from nbsupport.demo import DEMO_MARKER, read_demo_marker
 from nbsupport.paths import resolve_path
 from nbsupport.progress import progress
+from nbsupport.seg2d.augment import seed_augmentation
 from nbsupport.stages import check_split_fractions
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
@@ -50,6 +51,9 @@ MANIFEST_COLUMNS = (
     *RLE_COLUMNS, "has_labels", "split",
 )
 NORMALIZATION_PERCENTILE = 99.5
+# Model inputs are held at this precision (SliceDataset keeps a whole split in memory); prediction on single files
+# rounds through it too, so that it sees exactly what training and evaluation saw.
+MODEL_INPUT_DTYPE = np.float16
 KAGGLE_LAYOUT = "train.csv + train/case{N}/case{N}_day{D}/scans/slice_{SSSS}_{W}_{H}_{pxW}_{pxH}.png"
 # Kaggle's hidden test set has the same tree under test/ and no labels.
 SCAN_FOLDERS = ("train", "test")
@@ -177,6 +181,21 @@ class SliceFile(NamedTuple):
     height: int
     pixel_spacing_w: float
     pixel_spacing_h: float
+
+
+def kaggle_slice_id(path: str | os.PathLike) -> str | None:
+    """``case123_day20_slice_0001`` for an image at ``.../case123/case123_day20/scans/slice_0001_*.png`` (the Kaggle
+    layout, train/ or test/), else None."""
+    path = Path(path)
+    day_dir, case_dir = path.parent.parent.name, path.parent.parent.parent.name
+    m_day, m_case = _CASE_DAY_DIR.match(day_dir), _CASE_DIR.match(case_dir)
+    if path.parent.name != "scans" or not m_day or not m_case or m_day.group(1) != m_case.group(1):
+        return None
+    try:
+        parse_slice_filename(path)
+    except ValueError:
+        return None
+    return f"{day_dir}_{path.name.rsplit('_', 4)[0]}"
 
 
 def parse_slice_filename(path: str | os.PathLike) -> SliceFile:
@@ -375,7 +394,7 @@ def _scan_slices(root: Path, scan_folder: str) -> tuple[list[dict[str, Any]], li
         except ValueError as err:
             problems.append(ManifestProblem(None, "image", str(err).replace(str(image), relative), file=None))
             continue
-        slice_id = f"{day_dir}_{image.name.rsplit('_', 4)[0]}"
+        slice_id = kaggle_slice_id(image)  # not None: folders and filename were checked above
         if slice_id in seen:
             problems.append(ManifestProblem(None, "image", f"second image for slice {slice_id} "
                                             f"(first: {seen[slice_id]})", file=relative))
@@ -565,8 +584,9 @@ class SliceDataset(Dataset):
         manifest: rows of ``build_manifest`` / ``read_manifest`` (e.g. one split).
         data_root: the folder the manifest's ``image`` paths are relative to.
         image_size: side S of the square model input in pixels.
-        augment: random horizontal flips and a +-10% intensity scale per item. Off by default: a flip moves the
-            stomach to the other side, which a model may otherwise rely on.
+        augment: the seed's training augmentations per item (:func:`nbsupport.seg2d.augment.seed_augmentation`:
+            flips, shift/scale/rotate, brightness/contrast, coarse dropout), drawn from torch's RNG. Off by
+            default: a flip moves the stomach to the other side, which a model may otherwise rely on.
     """
 
     def __init__(self, manifest: pd.DataFrame, data_root: str | os.PathLike, image_size: int, augment: bool = False,
@@ -580,8 +600,9 @@ class SliceDataset(Dataset):
         self.data_root = resolve_path(data_root)
         self.image_size = size = int(image_size)
         self.augment = augment
+        self._augmentation = seed_augmentation(size) if augment else None
         n = len(self.manifest)
-        self.images = np.zeros((n, size, size), dtype=np.float16)
+        self.images = np.zeros((n, size, size), dtype=MODEL_INPUT_DTYPE)
         self._mask_bits = 3 * size * size
         self.packed_masks = np.zeros((n, (self._mask_bits + 7) // 8), dtype=np.uint8)
         records = self.manifest.to_dict("records")
@@ -620,9 +641,10 @@ class SliceDataset(Dataset):
         index = int(index)
         image = torch.from_numpy(self.images[index].astype(np.float32))[None]
         masks = torch.from_numpy(self.masks(index).astype(np.float32))
-        if self.augment:
-            # torch's generator (not numpy's) so DataLoader workers draw different flips.
-            if torch.rand(()) < 0.5:
-                image, masks = image.flip(-1), masks.flip(-1)
-            image = image * (0.9 + 0.2 * torch.rand(()))
+        if self._augmentation is not None:
+            # One seed per item from torch's generator, which the trainer seeds and restores on resume and which
+            # differs between DataLoader workers (MONAI's own default is the OS's entropy: runs would not repeat).
+            self._augmentation.set_random_state(seed=int(torch.randint(2**31 - 1, ()).item()))
+            out = self._augmentation({"image": image, "masks": masks})
+            image, masks = out["image"], out["masks"]
         return {"image": image, "masks": masks, "index": index}

@@ -3,7 +3,8 @@
 Probabilities are predicted at model resolution and resized back to each slice's own size
 (:func:`predict_probabilities`); :class:`PostProcess` turns them into masks (a threshold and a minimum region area
 per class, fixed or chosen on the val split by :func:`choose_postprocess`); :func:`evaluate_split` scores the masks
-with the competition metric, :func:`baseline_scores` no-skill predictors on the same slices.
+with the competition metric and a 95 % bootstrap interval over cases, :func:`compare_with_baselines` the model
+with no-skill predictors on the same slices (paired bootstrap of the difference).
 """
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nbsupport.metrics import format_ci, paired_bootstrap_diff, with_ci95
 from nbsupport.progress import progress
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d.data import CLASSES
 from nbsupport.seg2d.model import Seg2DModelSpec, Seg2DNet
-from nbsupport.seg2d.scoring import competition_score
+from nbsupport.seg2d.scoring import CaseParts, case_parts, competition_score, pooled_score
 
 POSTPROCESS_FILE = "postprocess.json"  # in the run folder, next to model_spec.json
 # The grid `postprocess="val_tuned"` searches, per class, on the val split.
 TUNED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 TUNED_MIN_AREAS = (0, 32, 64, 128, 256, 512)
+# The no-skill predictors every evaluation is compared with, and how the run index names them.
+BASELINE_LABELS = {"all_background": "all-background prediction", "mean_mask": "mean-mask prediction"}
 
 
 # ============================================================================================ prediction
@@ -46,15 +50,25 @@ def predict_probabilities(model: Seg2DNet, manifest: pd.DataFrame, root: Path, i
             yield seg_data.restore_slice_size(p, int(height), int(width))
 
 
+@torch.no_grad()
+def slice_probabilities(model: Seg2DNet, image: np.ndarray, device: torch.device) -> np.ndarray:
+    """(3, H, W) float32 class probabilities of one raw slice (H, W), at its own size, preprocessed exactly as
+    :class:`~nbsupport.seg2d.data.SliceDataset` does (per-slice percentile scaling, area resize to the model's
+    input size, held at ``MODEL_INPUT_DTYPE``)."""
+    size = model.spec.image_size
+    x = seg_data.slice_to_model_input(image, size).astype(seg_data.MODEL_INPUT_DTYPE).astype(np.float32)
+    probs = model(torch.from_numpy(x)[None, None].to(device)).sigmoid().float().cpu().numpy()[0]
+    return seg_data.restore_slice_size(probs, *image.shape)
+
+
 def predict_slices(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int,
                    threshold: float | Sequence[float], device: torch.device, batch_size: int = 16,
                    min_area: int | Sequence[int] = 0) -> list[np.ndarray]:
     """Masks (3, H, W) bool per manifest row, at the slice's own size (probabilities resized, then thresholded,
     then regions under ``min_area`` pixels removed). ``threshold`` and ``min_area``: one value for every class,
     or one per class in ``CLASSES`` order."""
-    thresholds, min_areas = _per_class(threshold, "threshold"), _per_class(min_area, "min_area")
-    return [np.stack([remove_small_regions(p[c] > thresholds[c], min_areas[c]) for c in range(len(CLASSES))])
-            for p in predict_probabilities(model, manifest, root, image_size, device, batch_size)]
+    post = PostProcess(_per_class(threshold, "threshold"), _per_class(min_area, "min_area"), "given")
+    return [post.masks(p) for p in predict_probabilities(model, manifest, root, image_size, device, batch_size)]
 
 
 def _per_class(value: Any, name: str) -> tuple[Any, ...]:
@@ -95,6 +109,11 @@ class PostProcess:
     @classmethod
     def fixed(cls, threshold: float, min_area: int) -> "PostProcess":
         return cls(_per_class(threshold, "threshold"), _per_class(min_area, "min_area"), "fixed")
+
+    def masks(self, probabilities: np.ndarray) -> np.ndarray:
+        """(C, H, W) probabilities -> bool (C, H, W) masks: each class thresholded, then its small regions dropped."""
+        return np.stack([remove_small_regions(probabilities[c] > self.thresholds[c], self.min_areas[c])
+                         for c in range(len(CLASSES))])
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "val_dice": self.val_dice,
@@ -172,14 +191,16 @@ class SplitEvaluation:
     manifest: pd.DataFrame
     pred: list[np.ndarray]  # per slice (3, H, W) bool
     truth: list[np.ndarray] | None
-    scores: dict[str, float]
-    per_class: pd.DataFrame
+    scores: dict[str, Any]  # dice, hausdorff, score, dice_<class>, each with its <metric>_ci95 [low, high]; n_cases
+    per_class: pd.DataFrame  # Dice per class, "0.80 (0.74–0.85)"
+    parts: list[CaseParts] | None = None  # per case: what the intervals resample
 
 
 def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_size: int,
                    threshold: float | Sequence[float], device: torch.device, batch_size: int = 16,
                    min_area: int | Sequence[int] = 0) -> SplitEvaluation:
-    """Predict a split and score it: per-class Dice at full resolution and the competition score."""
+    """Predict a split and score it: per-class Dice at full resolution and the competition score, each with its
+    95 % bootstrap interval over cases (see :func:`scores_with_ci95`)."""
     manifest = manifest.reset_index(drop=True)
     pred = predict_slices(model, manifest, root, image_size, threshold, device, batch_size, min_area)
     has_labels = "has_labels" not in manifest or bool(manifest["has_labels"].all())
@@ -187,14 +208,25 @@ def evaluate_split(model: Seg2DNet, manifest: pd.DataFrame, root: Path, image_si
         return SplitEvaluation(manifest, pred, None, {}, pd.DataFrame())
     truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
     score = competition_score(list(manifest["id"]), pred, truth)
-    per_class = pd.DataFrame({"dice": score["dice_per_class"]}).rename_axis("class")
+    parts = case_parts(list(manifest["id"]), pred, truth)
     scores = {"dice": score["dice"], "hausdorff": score["hausdorff"], "score": score["score"]}
     scores.update({f"dice_{c}": float(v) for c, v in score["dice_per_class"].items()})
-    return SplitEvaluation(manifest, pred, truth, scores, per_class)
+    scores = {**scores_with_ci95(scores, parts), "n_cases": len(parts)}  # the cases the intervals resample
+    per_class = pd.DataFrame({"Dice (95% CI)": {c: format_ci(scores[f"dice_{c}"], scores[f"dice_{c}_ci95"], 3)
+                                                for c in CLASSES}}).rename_axis("class")
+    return SplitEvaluation(manifest, pred, truth, scores, per_class, parts)
 
 
-def baseline_scores(manifest: pd.DataFrame, truth: list[np.ndarray] | None = None) -> dict[str, dict[str, float]]:
-    """Competition scores of two no-skill predictors on a split: all background, and the mean mask.
+def scores_with_ci95(scores: dict[str, Any], parts: Sequence[CaseParts]) -> dict[str, Any]:
+    """``scores`` (keys of :func:`nbsupport.seg2d.scoring.pooled_score`) with ``<metric>_ci95`` after each: the
+    seeded 95 % percentile bootstrap over cases (:func:`nbsupport.metrics.with_ci95`), the score recomputed on each
+    resample of whole cases."""
+    return with_ci95(scores, pooled_score, list(parts))
+
+
+def baseline_predictions(manifest: pd.DataFrame, truth: list[np.ndarray] | None = None
+                         ) -> dict[str, list[np.ndarray]]:
+    """Masks of two no-skill predictors for a split's slices: all background, and the mean mask.
 
     The mean mask predicts, on every slice, the pixels that are foreground in at least half of the split's own
     slices (all resized to that slice's size). It sees the evaluated masks, so it is an optimistic baseline.
@@ -205,7 +237,6 @@ def baseline_scores(manifest: pd.DataFrame, truth: list[np.ndarray] | None = Non
     """
     import cv2
 
-    ids = list(manifest["id"])
     if truth is None:
         truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
     mean_by_shape: dict[tuple[int, ...], np.ndarray] = {}
@@ -215,8 +246,54 @@ def baseline_scores(manifest: pd.DataFrame, truth: list[np.ndarray] | None = Non
             acc += t if t.shape == shape else np.stack(
                 [cv2.resize(c.astype(np.uint8), (shape[2], shape[1]), interpolation=cv2.INTER_NEAREST) for c in t])
         mean_by_shape[shape] = acc / len(truth) >= 0.5
-    return {"all_background": competition_score(ids, [np.zeros_like(t) for t in truth], truth),
-            "mean_mask": competition_score(ids, [mean_by_shape[t.shape] for t in truth], truth)}
+    return {"all_background": [np.zeros_like(t) for t in truth],
+            "mean_mask": [mean_by_shape[t.shape] for t in truth]}
+
+
+def baseline_scores(manifest: pd.DataFrame, truth: list[np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Competition scores (:func:`competition_score`) of the :func:`baseline_predictions` on a split."""
+    if truth is None:
+        truth = [seg_data.masks_for_row(r) for r in manifest.itertuples()]
+    ids = list(manifest["id"])
+    return {name: competition_score(ids, pred, truth) for name, pred in baseline_predictions(manifest, truth).items()}
+
+
+@dataclasses.dataclass
+class BaselineComparison:
+    """The model next to the no-skill predictors on the same slices."""
+
+    scores: dict[str, dict[str, Any]]  # per baseline: dice, hausdorff, score, dice_<class>, each with its _ci95
+    best: str  # the baseline with the highest Dice
+    differences: dict[str, dict[str, Any]]  # "dice_minus_<best>" / "score_minus_<best>": {"diff", "ci95"}
+    table: pd.DataFrame  # Dice, Hausdorff and score of each baseline and the model, "0.80 (0.74–0.85)"
+
+    def metrics(self, prefix: str) -> dict[str, Any]:
+        """What metrics.json records: ``<prefix>_baselines``, ``<prefix>_best_baseline`` and the differences."""
+        return {f"{prefix}_baselines": self.scores, f"{prefix}_best_baseline": self.best,
+                **{f"{prefix}_{k}": v for k, v in self.differences.items()}}
+
+
+def compare_with_baselines(evaluation: SplitEvaluation, model_name: str = "model") -> BaselineComparison:
+    """Score the no-skill predictors on the evaluated slices (with intervals over cases) and the model's Dice and
+    score minus the best one's (highest Dice), with the paired bootstrap interval of each difference: both sides
+    resampled with the same cases (:func:`nbsupport.metrics.paired_bootstrap_diff`)."""
+    if evaluation.truth is None or evaluation.parts is None:
+        raise ValueError("compare_with_baselines needs an evaluation with ground truth")
+    ids = list(evaluation.manifest["id"])
+    parts, scores = {}, {}
+    for name, pred in baseline_predictions(evaluation.manifest, evaluation.truth).items():
+        parts[name] = case_parts(ids, pred, evaluation.truth)
+        scores[name] = scores_with_ci95(pooled_score(parts[name]), parts[name])
+    best = max(scores, key=lambda name: scores[name]["dice"] or 0.0)
+    differences = {}
+    for key in ("dice", "score"):
+        diff, low, high = paired_bootstrap_diff((evaluation.parts,), (parts[best],),
+                                                metric=lambda p, key=key: pooled_score(p)[key])
+        differences[f"{key}_minus_{best}"] = {"diff": diff, "ci95": [low, high]}
+    rows = {**scores, model_name: evaluation.scores}
+    table = pd.DataFrame({name: {k: format_ci(s[k], s.get(f"{k}_ci95"), 3) for k in ("dice", "hausdorff", "score")}
+                          for name, s in rows.items()}).T
+    return BaselineComparison(scores, best, differences, table)
 
 
 def most_organ_slices(masks: list[np.ndarray], n: int) -> list[int]:

@@ -3,12 +3,14 @@
 Each verb takes the stage's frozen config (:mod:`nbsupport.seg2d.config`) and its run folder, does one thing,
 records what it measured in ``metrics.json``, writes the views the run folder promises (03/04: the offline viewer
 pages) and returns a small result object with the tables, figures and viewer cases a notebook shows.
-:func:`load_trained_model` rebuilds a trained network on a device.
+:func:`load_trained_model` rebuilds a trained network on a device; :func:`predict_files` applies it to a user's own
+slice files (``nbsupport predict seg2d``).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,18 @@ import torch
 
 from nbsupport.checkpoints import load_model, load_weights
 from nbsupport.device import resolve_device
+from nbsupport.dicom import read_dicom_image
 from nbsupport.manifest import write_manifest
 from nbsupport.paths import resolve_path
-from nbsupport.runs import RunFolder, atomic_write_text
+from nbsupport.predict import (PredictError, PredictSummary, check_outputs_free, expand_inputs, for_each_input,
+                               run_config, training_run)
+from nbsupport.runs import RunFolder, atomic_path, atomic_write_text
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d.config import SYSTEM, AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
 from nbsupport.seg2d.data import CLASSES
-from nbsupport.seg2d.inference import (POSTPROCESS_FILE, PostProcess, SplitEvaluation, baseline_scores,
-                                       evaluate_split, most_organ_slices, query_attention, tune_postprocess)
+from nbsupport.seg2d.inference import (BASELINE_LABELS, POSTPROCESS_FILE, BaselineComparison, PostProcess,
+                                       SplitEvaluation, compare_with_baselines, evaluate_split, most_organ_slices,
+                                       query_attention, slice_probabilities, tune_postprocess)
 from nbsupport.seg2d.model import Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec
 from nbsupport.seg2d.task import Seg2DTrainingTask
 from nbsupport.seg2d.views import (attention_figures, attention_viewer_cases, prediction_figure,
@@ -75,11 +81,11 @@ class TrainOutcome:
     history: list[dict[str, Any]]
     checkpoint: Path
     test_split: str  # "test", or "val" when the manifest has no test cases
-    test_metrics: dict[str, float]
-    per_class: pd.DataFrame
+    test_metrics: dict[str, Any]  # what metrics.json records: each test metric with its _ci95, the comparisons
+    per_class: pd.DataFrame  # Dice per class with its interval
     curves: Any
     examples: Any
-    baselines: pd.DataFrame  # Dice / Hausdorff / score of the model next to no-skill predictors, same slices
+    baselines: pd.DataFrame  # Dice / Hausdorff / score (95 % CI) of the model next to no-skill predictors
 
 
 def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
@@ -102,7 +108,8 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     atomic_write_text(run.file(POSTPROCESS_FILE), post.to_json())
     evaluation = evaluate_split(model, manifest[manifest.split == test_split], root, cfg.image_size,
                                 post.thresholds, resolve_device(cfg.device), min_area=post.min_areas)
-    metrics = {f"{test_split}_{k}": v for k, v in evaluation.scores.items()}
+    comparison = compare_with_baselines(evaluation, f"{cfg.arch} (this run)")
+    metrics = _scored_split_metrics(run, cfg.STAGE, test_split, evaluation, comparison)
     metrics["postprocess"] = post.to_dict()
     metrics.update({"n_params": n_params, "steps": result.steps, "best_val_dice": result.best_metric,
                     "arch": cfg.arch})
@@ -112,7 +119,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     examples = prediction_figure(evaluation, root, n=4)
     run.save_figure(examples, "02_test_predictions")
     return TrainOutcome(result.history, best, test_split, metrics, evaluation.per_class, curves, examples,
-                        _baseline_table(evaluation, f"{cfg.arch} (this run)"))
+                        comparison.table)
 
 
 def _postprocess_after_training(cfg: TrainConfig, model: Seg2DNet, manifest: pd.DataFrame, root: Path,
@@ -125,13 +132,16 @@ def _postprocess_after_training(cfg: TrainConfig, model: Seg2DNet, manifest: pd.
     return PostProcess.fixed(cfg.threshold, cfg.min_area)
 
 
-def _baseline_table(evaluation: SplitEvaluation, name: str) -> pd.DataFrame:
-    """Dice, Hausdorff and score of the trained model (row ``name``) next to the no-skill predictors."""
-    keys = ("dice", "hausdorff", "score")
-    baselines = baseline_scores(evaluation.manifest, evaluation.truth)
-    table = {baseline: {k: s[k] for k in keys} for baseline, s in baselines.items()}
-    table[name] = {k: evaluation.scores[k] for k in keys}
-    return pd.DataFrame(table).T
+def _scored_split_metrics(run: RunFolder, stage: str, split: str, evaluation: SplitEvaluation,
+                          comparison: BaselineComparison) -> dict[str, Any]:
+    """A scored split's metrics.json entries (``<split>_<metric>`` with ``_ci95``, the baselines and the paired
+    differences), after writing the run's headline: the split's Dice next to the best no-skill baseline's (none
+    when no slice has an organ in truth or prediction, so that Dice is undefined)."""
+    scores, best = evaluation.scores, comparison.best
+    if scores["dice"] is not None and comparison.scores[best]["dice"] is not None:
+        run.write_headline(stage, f"{split} Dice", scores["dice"], BASELINE_LABELS[best],
+                           comparison.scores[best]["dice"], ci95=scores["dice_ci95"])
+    return {**{f"{split}_{k}": v for k, v in scores.items()}, **comparison.metrics(split)}
 
 
 # ============================================================================================ 03 infer
@@ -171,7 +181,8 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     path = run.file("submission.csv")
     atomic_write_text(path, submission.to_csv(index=False))
     if evaluation.scores:
-        run.write_metrics(cfg.STAGE, {f"{cfg.split}_{k}": v for k, v in evaluation.scores.items()})
+        comparison = compare_with_baselines(evaluation)
+        run.write_metrics(cfg.STAGE, _scored_split_metrics(run, cfg.STAGE, cfg.split, evaluation, comparison))
     fig = prediction_figure(evaluation, root, n=cfg.n_examples)
     run.save_figure(fig, "03_predictions")
     result = InferResult(submission, path, evaluation.scores, fig, evaluation, root)
@@ -187,6 +198,93 @@ def _slices_to_predict(cfg: InferConfig) -> tuple[pd.DataFrame, Path]:
         return seg_data.build_manifest(root, val_fraction=0.0, test_fraction=0.0, seed=cfg.seed), root
     manifest, root = cfg.load_manifest()
     return manifest[manifest.split == cfg.split], root
+
+
+# Inputs predict_files reads: Kaggle's 16-bit slice PNGs and single-frame DICOM slices.
+PREDICT_SUFFIXES = (".png", ".dcm", ".dicom")
+
+
+def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  *, device: str = "auto", overwrite: bool = False) -> PredictSummary:
+    """Masks for your own slices with a trained run, no manifest: ``nbsupport predict seg2d --run R -i IN -o OUT``.
+
+    Each input is a slice PNG (16-bit, as Kaggle ships them) or a single-frame DICOM slice (its stored values after
+    the Modality LUT, no window: what the PNGs hold), or a folder searched recursively for them, e.g. Kaggle's
+    ``test/`` tree. Every slice gets the run's own preprocessing (the model spec's input size, per-slice percentile
+    scaling) and post-processing (``postprocess.json`` next to the checkpoints, else 02_train's ``threshold`` and
+    ``min_area``).
+
+    Writes, under ``out_dir``: ``masks/<id>_<class>.png`` (0/255, the slice's own size) per slice and class, and
+    ``submission.csv`` (``id,class,predicted``, Kaggle's RLE) for every slice predicted. ``<id>`` is the Kaggle id
+    (``case123_day20_slice_0001``) for a file in the Kaggle layout, else the file name without its suffix.
+
+    Args:
+        checkpoint: the trained run folder (``outputs/runs/<id>/seg2d``) or one of its checkpoint folders.
+        inputs: files and folders.
+        out_dir: where to write; existing outputs are refused unless ``overwrite``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+    """
+    run_dir, checkpoint_dir = training_run(checkpoint)
+    trained = run_config(run_dir)
+    files = expand_inputs(inputs, PREDICT_SUFFIXES)
+    ids = _prediction_ids(files)
+    out = resolve_path(out_dir)
+    mask_paths = {path: [out / "masks" / f"{ids[path]}_{c}.png" for c in CLASSES] for path in files}
+    submission_path = out / "submission.csv"
+    check_outputs_free([submission_path, *(m for paths in mask_paths.values() for m in paths)], overwrite)
+    torch_device = resolve_device(device)
+    model = load_trained_model(checkpoint_dir, torch_device)
+    if model.spec.image_size != trained["image_size"]:
+        raise PredictError(f"{run_dir}: model_spec.json says image_size {model.spec.image_size}, config.json "
+                           f"{trained['image_size']}; the run folder is inconsistent")
+    tuned = run_dir / POSTPROCESS_FILE
+    post = (PostProcess.from_file(tuned) if tuned.exists()
+            else PostProcess.fixed(trained["threshold"], trained["min_area"]))
+    rows: list[pd.DataFrame] = []
+
+    def predict_one(path: Path) -> list[Path]:
+        masks = post.masks(slice_probabilities(model, _read_input_slice(path), torch_device))
+        for mask, target in zip(masks, mask_paths[path]):
+            _write_mask_png(mask, target, overwrite)
+        rows.append(submission_table([ids[path]], [masks]))
+        return mask_paths[path]
+
+    summary = for_each_input(files, predict_one, out, desc="seg2d predict")
+    if rows:
+        atomic_write_text(submission_path, pd.concat(rows).to_csv(index=False))
+        summary.written.append(submission_path)
+    return summary
+
+
+def _prediction_ids(files: Sequence[Path]) -> dict[Path, str]:
+    """Each input's id (Kaggle id, else the file name without suffix); two inputs with one id are an error."""
+    ids: dict[Path, str] = {}
+    first: dict[str, Path] = {}
+    for path in files:
+        stem = path.stem if path.suffix.lower() in PREDICT_SUFFIXES else path.name
+        name = seg_data.kaggle_slice_id(path) or stem
+        if name in first:
+            raise PredictError(f"{first[name]} and {path} would both be written as {name!r}; predict them into "
+                               "separate -o folders")
+        ids[path], first[name] = name, path
+    return ids
+
+
+def _read_input_slice(path: Path) -> np.ndarray:
+    """A raw slice (H, W): a Kaggle 16-bit PNG as stored, or a DICOM slice's modality values (no VOI window)."""
+    if path.suffix.lower() == ".png":
+        return seg_data.read_slice(path)
+    return read_dicom_image(path, window=None)[0]
+
+
+def _write_mask_png(mask: np.ndarray, path: Path, overwrite: bool) -> None:
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise ValueError(f"could not encode the mask for {path.name} as PNG")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(encoded.tobytes())
 
 
 def submission_table(ids: Any, pred: list[np.ndarray]) -> pd.DataFrame:

@@ -17,6 +17,7 @@ Masks here are row-major (H, W) booleans per slice and class; RLE decoding belon
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -107,6 +108,46 @@ def _none_if_nan(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
+def _score_parts(ids: Sequence[str], pred: Any, target: Any, n_classes: int, mode: str
+                 ) -> tuple[np.ndarray, dict[tuple[int, int], list[float]]]:
+    """Dice per (slice, class), (N, C) in the order of ``ids``, and the 3D Hausdorff row of each case-day, keyed
+    by ``(case, day)`` (per class, or one value in ``"mlebench"`` mode), after checking ids and shapes."""
+    n = len(ids)
+    parsed = [parse_slice_id(i) for i in ids]
+    seen: dict[str, int] = {}
+    for i, sid in enumerate(ids):
+        if sid in seen:
+            raise ValueError(f"slice id {sid} appears twice (positions {seen[sid]} and {i})")
+        seen[sid] = i
+    pred_slices = _slices(pred, n, n_classes, "pred", ids)
+    target_slices = _slices(target, n, n_classes, "target", ids)
+    for i, (p, t) in enumerate(zip(pred_slices, target_slices)):
+        if p.shape != t.shape:
+            raise ValueError(f"slice {ids[i]}: pred shape {p.shape} != target shape {t.shape}")
+
+    # Dice per (slice, class); both-empty -> NaN -> skipped
+    dice = np.array([[dice_2d(p[c], t[c]) for c in range(n_classes)]
+                     for p, t in zip(pred_slices, target_slices)]).reshape(n, n_classes)
+
+    # 3D Hausdorff per case-day (x class), slices in slice order
+    by_case_day: dict[tuple[int, int], list[int]] = {}
+    for i in sorted(range(n), key=lambda k: parsed[k]):
+        by_case_day.setdefault((parsed[i].case, parsed[i].day), []).append(i)
+    hd_rows: dict[tuple[int, int], list[float]] = {}
+    for case_day, idx in by_case_day.items():
+        shapes = {target_slices[i].shape[1:] for i in idx}
+        if len(shapes) > 1:
+            raise ValueError(f"{parsed[idx[0]].case_day}: slices differ in (H, W) {sorted(shapes)}; cannot stack them into a volume")
+        pv = np.stack([pred_slices[i] for i in idx], axis=1)  # (C, D, H, W)
+        tv = np.stack([target_slices[i] for i in idx], axis=1)
+        if mode == "mlebench":
+            pu, tu = pv.any(axis=0), tv.any(axis=0)
+            hd_rows[case_day] = [1.0 if tu.any() and pu.sum() > 10 * tu.sum() else hausdorff_3d(pu, tu)]
+        else:
+            hd_rows[case_day] = [hausdorff_3d(pv[c], tv[c]) for c in range(n_classes)]
+    return dice, hd_rows
+
+
 def competition_score(ids: Sequence[str], pred: Any, target: Any, class_names: Sequence[str] = UWMGI_CLASSES,
                       mode: Literal["per_class", "mlebench"] = "per_class") -> dict[str, Any]:
     """Score predicted masks against ground truth as the UW-Madison GI tract competition does.
@@ -131,42 +172,8 @@ def competition_score(ids: Sequence[str], pred: Any, target: Any, class_names: S
     ids = [str(i) for i in ids]
     names = [str(c) for c in class_names]
     n, n_classes = len(ids), len(names)
-    parsed = [parse_slice_id(i) for i in ids]
-    seen: dict[str, int] = {}
-    for i, sid in enumerate(ids):
-        if sid in seen:
-            raise ValueError(f"slice id {sid} appears twice (positions {seen[sid]} and {i})")
-        seen[sid] = i
-    pred_slices = _slices(pred, n, n_classes, "pred", ids)
-    target_slices = _slices(target, n, n_classes, "target", ids)
-    for i, (p, t) in enumerate(zip(pred_slices, target_slices)):
-        if p.shape != t.shape:
-            raise ValueError(f"slice {ids[i]}: pred shape {p.shape} != target shape {t.shape}")
-
-    # Dice per (slice, class); both-empty -> NaN -> skipped
-    dice = np.array([[dice_2d(p[c], t[c]) for c in range(n_classes)]
-                     for p, t in zip(pred_slices, target_slices)]).reshape(n, n_classes)
-
-    # 3D Hausdorff per case-day (x class), slices in slice order
-    by_case_day: dict[str, list[int]] = {}
-    for i in sorted(range(n), key=lambda k: parsed[k]):
-        by_case_day.setdefault(parsed[i].case_day, []).append(i)
-    hd_rows: list[list[float]] = []
-    for case_day, idx in by_case_day.items():
-        shapes = {target_slices[i].shape[1:] for i in idx}
-        if len(shapes) > 1:
-            raise ValueError(f"{case_day}: slices differ in (H, W) {sorted(shapes)}; cannot stack them into a volume")
-        pv = np.stack([pred_slices[i] for i in idx], axis=1)  # (C, D, H, W)
-        tv = np.stack([target_slices[i] for i in idx], axis=1)
-        if mode == "mlebench":
-            pu, tu = pv.any(axis=0), tv.any(axis=0)
-            if tu.any() and pu.sum() > 10 * tu.sum():
-                hd_rows.append([1.0])
-            else:
-                hd_rows.append([hausdorff_3d(pu, tu)])
-        else:
-            hd_rows.append([hausdorff_3d(pv[c], tv[c]) for c in range(n_classes)])
-    hd = np.array(hd_rows, dtype=float).reshape(len(by_case_day), -1)
+    dice, hd_rows = _score_parts(ids, pred, target, n_classes, mode)
+    hd = np.array(list(hd_rows.values()), dtype=float).reshape(len(hd_rows), -1)
 
     mean_dice = _nanmean(dice.ravel())
     mean_hd = _nanmean(hd.ravel())
@@ -179,5 +186,46 @@ def competition_score(ids: Sequence[str], pred: Any, target: Any, class_names: S
         "hausdorff_per_class": ({name: _none_if_nan(_nanmean(hd[:, c])) for c, name in enumerate(names)}
                                 if mode == "per_class" else {}),
         "n_slices": n,
-        "n_case_days": len(by_case_day),
+        "n_case_days": len(hd_rows),
     }
+
+
+# ---------------------------------------------------------------------------------------------- per-case parts
+@dataclasses.dataclass(frozen=True)
+class CaseParts:
+    """One patient case's share of the competition score, the unit a bootstrap over cases draws.
+
+    Slices of one case (all its days) are correlated, and splits assign whole cases, so the case rather than the
+    slice or the case-day is the independent unit.
+    """
+
+    case: int
+    dice: np.ndarray  # (slices, C): Dice per slice and class; NaN where both masks are empty
+    hausdorff: np.ndarray  # (case-days, C): normalised 3D Hausdorff per case-day and class; NaN where both empty
+
+
+def case_parts(ids: Sequence[str], pred: Any, target: Any,
+               class_names: Sequence[str] = UWMGI_CLASSES) -> list[CaseParts]:
+    """The per-slice Dice and per-case-day Hausdorff of :func:`competition_score` (``"per_class"`` mode), grouped
+    by case in ascending case number; :func:`pooled_score` of all of them is the competition score."""
+    ids = [str(i) for i in ids]
+    dice, hd_rows = _score_parts(ids, pred, target, len(class_names), "per_class")
+    cases = [parse_slice_id(i).case for i in ids]
+    parts = []
+    for case in sorted(set(cases)):
+        rows = [i for i, c in enumerate(cases) if c == case]
+        days = [hd for (hd_case, _), hd in hd_rows.items() if hd_case == case]
+        parts.append(CaseParts(case, dice[rows], np.array(days, dtype=float).reshape(len(days), -1)))
+    return parts
+
+
+def pooled_score(parts: Sequence[CaseParts], class_names: Sequence[str] = UWMGI_CLASSES) -> dict[str, float | None]:
+    """``score``, ``dice``, ``hausdorff`` and ``dice_<class>`` of a set of cases (repeats allowed, as in a bootstrap
+    resample): every slice's Dice and every case-day's Hausdorff pooled, as :func:`competition_score` does."""
+    dice = np.concatenate([p.dice for p in parts])
+    hd = np.concatenate([p.hausdorff for p in parts])
+    mean_dice, mean_hd = _nanmean(dice.ravel()), _nanmean(hd.ravel())
+    out = {"dice": _none_if_nan(mean_dice), "hausdorff": _none_if_nan(mean_hd),
+           "score": _none_if_nan(DICE_WEIGHT * mean_dice + HAUSDORFF_WEIGHT * (1.0 - mean_hd))}
+    out.update({f"dice_{name}": _none_if_nan(_nanmean(dice[:, c])) for c, name in enumerate(class_names)})
+    return out

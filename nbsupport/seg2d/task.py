@@ -21,11 +21,8 @@ class Seg2DTrainingTask(ManifestTask):
 
     CONFIG = TrainConfig
     SPEC = Seg2DModelSpec
-    cfg: TrainConfig
-    spec: Seg2DModelSpec
 
-    def __init__(self, config: dict[str, Any], manifest: str, data_root: str, spec_json: str):
-        super().__init__(config, manifest, data_root, spec_json)
+    def setup(self) -> None:
         self.loss = BCEDiceLoss()
 
     def build_model(self) -> Seg2DNet:

@@ -7,6 +7,8 @@ Layouts read by the same adapter (one case per folder under the data root):
   with an optional ``spacing`` array (mm, ``(D, H, W)`` order) in ``data.npz``;
 * the public code's: ``<root>/<case>/data.nii.gz`` + ``label.nii.gz``, any orientation, spacing from the affine.
 
+New images to segment (``predict_files``) may also be a DICOM series folder (:func:`nbsupport.dicom.read_dicom_series`).
+
 The report table is ``<root>/*_report.xlsx`` (or ``.csv``) with the columns of the public code's sample file
 (``REPORT_COLUMNS``); ``Unit No`` is the case folder's name.
 
@@ -38,6 +40,7 @@ CANONICAL_AXCODES = "IPL"
 ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's RAS+ convention, stated explicitly
 LAYOUTS = {"npz": ("data.npz", "label.npz"), "nifti": ("data.nii.gz", "label.nii.gz")}
 REPORT_VARIANTS = ("true", "flipped", "empty")  # the text ablation: the report as written, side swapped, none
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npz")  # image files a folder of new cases is searched for
 SURGERY_PHRASES = {"bcs": "breast conserving surgery", "mastectomy": "total mastectomy surgery",
                    "unknown": "unknown type surgery"}
 
@@ -184,11 +187,16 @@ def _npz_array(path: Path, preferred: str) -> tuple[np.ndarray, np.ndarray | Non
 
 
 def read_volume(path: str | os.PathLike, kind: str = "data") -> tuple[np.ndarray, np.ndarray]:
-    """(array as stored, voxel->RAS affine) of ``data``/``label`` in either layout.
+    """(array as stored, voxel->RAS affine) of ``data``/``label`` in either layout, or of a DICOM series (a folder,
+    or one ``.dcm`` multi-frame file: HU, slices along their normal, :func:`nbsupport.dicom.read_dicom_series`).
 
     npz arrays are ``(D, H, W)`` in IPL; their affine is built from ``spacing`` (default 1 mm).
     """
     path = Path(path)
+    if path.is_dir() or path.name.lower().endswith(".dcm"):
+        from nbsupport.dicom import read_dicom_series
+
+        return read_dicom_series(path)
     if path.name.endswith(".npz"):
         array, spacing = _npz_array(path, kind)
         if array.ndim != 3:
@@ -210,6 +218,17 @@ def read_volume(path: str | os.PathLike, kind: str = "data") -> tuple[np.ndarray
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {array.shape}")
     return array, np.asarray(img.affine, dtype=np.float64)
+
+
+def volume_id(path: str | os.PathLike) -> str:
+    """What a new image's outputs are named by: a DICOM series folder's name; a file's name without its suffix,
+    except ``data.nii.gz`` / ``data.npz`` of the case layout, named by their case folder."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    stem = next((path.name[: -len(s)] for s in (*VOLUME_SUFFIXES, ".dcm") if path.name.lower().endswith(s)),
+                path.stem)
+    return path.parent.name if stem == "data" and path.parent.name else stem
 
 
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -1,20 +1,27 @@
 """LLMSeg (tvseg/MM-LLM-RO ``ContextUNETR``): a MONAI 3-D UNet whose five encoder scales are fused with report tokens.
 
-Architecture, as the public code builds it:
+Architecture, as the public code builds it (file:line at tvseg/MM-LLM-RO 00ab6f8):
 
 * image encoder: 5 x ``UnetrBasicBlock(kernel 3, stride 2, residual, instance norm)`` with channels
-  ``fs, fs, 2fs, 4fs, 8fs`` -> scales 1/2 ... 1/32 (volume sides must be divisible by 32);
+  ``fs, fs, 2fs, 4fs, 8fs`` -> scales 1/2 ... 1/32 (volume sides must be divisible by 32), run one after the other
+  on the *unfused* features (model/contextunet.py:259-263);
 * text encoder (frozen): a causal LM whose output at a ``<SEG>`` token is the report feature, or (``demo``) a
   sentence encoder (MiniLM) mean-pooled; ``n_prompts`` learnable context prompts of ``context_length`` embeddings
   are put in front of the report tokens, so each prompt yields one feature: text tokens ``(B, n_prompts, hidden)``;
 * fusion ("interactive alignment") per scale: ``Linear(hidden -> C_i)`` then a two-way transformer (SAM's, here
   MONAI's copy in ``monai.networks.nets.vista3d``; depth 2, mlp ``fs * 2**i``, attention downsample 2, zero
-  positional encoding) with the text tokens as queries and the flattened voxels as keys; the updated voxel
-  features replace the skip (and bottleneck) features;
-* decoder: 4 x ``UnetrUpBlock`` (transposed conv x2, concat skip, residual block) then a transposed conv x2 to
-  2 output channels (background, target) at full resolution.
+  positional encoding) with the text tokens as queries and the flattened voxels as keys, applied to every scale
+  *after* the whole encoder has run (contextunet.py:272-273, ``interactive_alignment`` 221-247); the updated voxel
+  features replace the skip (and bottleneck) features the decoders read (contextunet.py:276-279);
+* decoder: 4 x ``UnetrUpBlock`` (transposed conv x2, concat skip, conv block): a residual block in the first
+  (8fs -> 4fs, ``res_block=True``, contextunet.py:130-134), a plain ``UnetBasicBlock`` in the other three (no
+  ``res_block`` argument, contextunet.py:136-152, whose default is False, model/modules.py:144 and 171-188); then a
+  transposed conv x2 to 2 output channels (background, target) at full resolution (``UnetOutUpBlock``,
+  contextunet.py:155-158, modules.py:198-219).
 
-``use_text=False`` gives the image-only ablation: the same UNet with the fusion skipped.
+``wiring="fused_chain"`` is this package's first variant, kept so that its checkpoints (and the demo, where it is
+chosen) rebuild as trained: each scale's fused output feeds the next encoder block, and all four decoders use
+residual blocks. ``use_text=False`` gives the image-only ablation: the same UNet with the fusion skipped.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ from nbsupport.spec import ModelSpec
 
 SEG_TOKEN = "<SEG>"
 TextEncoderKind = Literal["sentence", "causal", "tiny_sentence", "tiny_causal"]
+Wiring = Literal["llmseg", "fused_chain"]
+WIRINGS = ("llmseg", "fused_chain")
 
 
 # ============================================================================================ spec
@@ -40,13 +49,14 @@ class LLMSegSpec(ModelSpec):
     """Everything needed to rebuild a trained network (written as ``model_spec.json`` next to its checkpoints).
 
     The JSON and fingerprint are those of the specs the first release wrote (one line, sorted keys): the ``roi``
-    only sets the inference window, so it is not fingerprinted; ``text_readout`` came later and is left out while it
-    holds its default ``"mean"`` (pinned by ``tests/test_spec_fingerprints.py``).
+    only sets the inference window, so it is not fingerprinted; ``text_readout`` and ``wiring`` came later and are
+    left out while they hold the value the earlier specs implied (``"mean"``, ``"fused_chain"``), and read back as it
+    where a file lacks them (pinned by ``tests/test_spec_fingerprints.py``).
     """
 
     JSON_INDENT = None
     NOT_FINGERPRINTED = ("roi",)
-    LATER_FIELDS = {"text_readout": "mean"}
+    LATER_FIELDS = {"text_readout": "mean", "wiring": "fused_chain"}
 
     feature_size: int = 48
     n_prompts: int = 2
@@ -72,6 +82,10 @@ class LLMSegSpec(ModelSpec):
     # "tokens" (our addition): no readout at all; the fusion's text tokens are the encoder's per-token hidden states of
     # the report (each prompt: report tokens + [SEP], as seen through that prompt's context), padding masked out of the
     # two-way attention, so the side word is a token of its own (92 % of its variance over reports is the side).
+    # "llmseg": the public code's network (encode every scale, then fuse each; a residual block in the first decoder
+    # only). "fused_chain": this package's first variant (each fused scale feeds the next encoder block; residual
+    # blocks in all four decoders), what every spec written before this field rebuilds as.
+    wiring: Wiring = "llmseg"
 
 
 # ============================================================================================ text encoders
@@ -326,10 +340,14 @@ class LLMSeg(nn.Module):
                 self.position = nn.ModuleList(PositionEmbeddingRandom(c // 2) for c in chans)
             elif spec.image_pe != "zeros":
                 raise ValueError(f"image_pe must be 'zeros' or 'random', got {spec.image_pe!r}")
-        # decoder: 8fs->4fs (+skip 4fs), 4fs->2fs (+2fs), 2fs->fs (+fs), fs->fs (+fs), then x2 to 2 classes
+        if spec.wiring not in WIRINGS:
+            raise ValueError(f"wiring must be one of {WIRINGS}, got {spec.wiring!r}")
+        # decoder: 8fs->4fs (+skip 4fs), 4fs->2fs (+2fs), 2fs->fs (+fs), fs->fs (+fs), then x2 to 2 classes; the
+        # public code's first decoder alone has a residual block (contextunet.py:130-152)
+        residual = (True, True, True, True) if spec.wiring == "fused_chain" else (True, False, False, False)
         self.decoders = nn.ModuleList(
             UnetrUpBlock(3, chans[i], chans[i - 1], kernel_size=3, upsample_kernel_size=2, norm_name="instance",
-                         res_block=True) for i in range(4, 0, -1))
+                         res_block=res) for i, res in zip(range(4, 0, -1), residual))
         self.out = nn.ConvTranspose3d(fs, 2, kernel_size=2, stride=2)
 
     def encode_reports(self, reports: Sequence[str]) -> torch.Tensor | ReportTokens | None:
@@ -371,13 +389,14 @@ class LLMSeg(nn.Module):
                 text = ReportTokens(text.tokens.expand(image.shape[0], -1, -1), text.mask.expand(image.shape[0], -1))
         elif text is not None and text.shape[0] != image.shape[0]:
             text = text.expand(image.shape[0], -1, -1) if text.shape[0] == 1 else text
+        chained = text is not None and self.spec.wiring == "fused_chain"
         skips = []
         x = image
         for i, enc in enumerate(self.encoders):
-            x = enc(x)
-            if text is not None:
-                x = self.fuse(i, x, text)
+            x = self.fuse(i, enc(x), text) if chained else enc(x)
             skips.append(x)
+        if text is not None and not chained:  # LLMSeg: the encoder ran on unfused features; now fuse every scale
+            skips = [self.fuse(i, features, text) for i, features in enumerate(skips)]
         x = skips[-1]
         for dec, skip in zip(self.decoders, reversed(skips[:-1])):
             x = dec(x, skip)

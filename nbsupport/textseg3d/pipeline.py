@@ -2,7 +2,8 @@
 
 Each verb takes the stage's frozen config and its run folder, does one thing, records what it measured in
 ``metrics.json``, writes the views the run folder promises, and returns a small result object with the tables,
-figures and viewer cases a notebook shows. :func:`load_trained_model` rebuilds a trained network on a device.
+figures and viewer cases a notebook shows. :func:`load_trained_model` rebuilds a trained network on a device;
+:func:`predict_files` (``nbsupport predict textseg3d``) segments a user's own volumes with a trained run.
 """
 from __future__ import annotations
 
@@ -19,18 +20,31 @@ from nbsupport.checkpoints import SPEC_FILE, load_model
 from nbsupport.device import resolve_device
 from nbsupport.manifest import write_manifest
 from nbsupport.paths import resolve_path
+from nbsupport.predict import (
+    PredictError,
+    PredictSummary,
+    check_outputs_free,
+    expand_inputs,
+    for_each_input,
+    run_config,
+    training_run,
+)
 from nbsupport.runs import RunFolder, atomic_write_text
 from nbsupport.spec import count_parameters
 from nbsupport.textseg3d import data as ts_data
 from nbsupport.textseg3d import views
 from nbsupport.textseg3d.config import SYSTEM, AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
 from nbsupport.textseg3d.inference import (
+    ABLATION_NAMES,
     CaseEvaluation,
+    ablation_table,
+    dice_results,
     evaluate_cases,
     fusion_attention,
     predict_volume,
     result_table,
     save_prediction_nifti,
+    write_mask_nifti,
     write_result_csv,
 )
 from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, build_llmseg
@@ -39,6 +53,9 @@ from nbsupport.textseg3d.transforms import eval_transforms
 from nbsupport.train import TrainResult
 
 TOKEN_READOUT_SCALE = 2  # 04_attention, token readout, scale -1: one row per report word at the 1/8 scale
+# 02_train's metrics.json names for the ablation rows, <split>_dice_<name>, as the first release wrote them
+TRAIN_METRIC_NAMES = {"true": "LLMSeg_true_report", "flipped": "LLMSeg_flipped_report",
+                      "empty": "LLMSeg_empty_report", "image_only": "image_only_UNet"}
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> LLMSeg:
@@ -94,14 +111,15 @@ class TrainOutcome:
     checkpoint: Path
     image_only_checkpoint: Path | None
     test_split: str
-    scores: pd.DataFrame  # model x report variant -> mean Dice on the test split
+    scores: pd.DataFrame  # model x report variant -> mean Dice, IoU, HD95 on the test split
+    table: pd.DataFrame  # the same, each as "mean (95 % interval)"
     curves: Any
 
 
 def model_spec(cfg: TrainConfig, use_text: bool = True) -> LLMSegSpec:
     """The network 02_train builds: LLMSeg, or with ``use_text=False`` the same UNet without the text path."""
     return LLMSegSpec(feature_size=cfg.feature_size, n_prompts=cfg.n_prompts, context_length=cfg.context_length,
-                      num_heads=cfg.num_heads, use_text=use_text, center_text=cfg.center_text,
+                      num_heads=cfg.num_heads, wiring=cfg.wiring, use_text=use_text, center_text=cfg.center_text,
                       image_pe=cfg.image_pe,
                       text_readout=cfg.text_readout if "sentence" in cfg.text_encoder else "mean",
                       text_encoder=cfg.text_encoder,
@@ -127,16 +145,27 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
                                                   root, manifest)
         histories["image only"] = base_result.history
     test_split = "test" if (manifest.split == "test").any() else "val"
-    scores = _test_scores(manifest[manifest.split == test_split], root, best, image_only_best,
-                          resolve_device(cfg.device))
-    metrics = {f"{test_split}_dice_{name.replace(', ', '_').replace(' ', '_').replace('-', '_')}": float(v["dice"])
-               for name, v in scores.iterrows()}
+    evaluations = _test_evaluations(manifest[manifest.split == test_split], root, best, image_only_best,
+                                    resolve_device(cfg.device))
+    scores = pd.DataFrame({ABLATION_NAMES[k]: ev.metrics[["dice", "iou", "hd95"]].mean()
+                           for k, ev in evaluations.items()}).T
+    keys = {variant: f"{test_split}_dice_{TRAIN_METRIC_NAMES[variant]}" for variant in evaluations}
+    metrics = dice_results(evaluations, keys, test_split)
     metrics.update({"steps": result.steps, "best_val": result.best_metric, "trainable": counts.trainable,
                     "frozen": counts.frozen})
     run.write_metrics(cfg.STAGE, metrics)
+    write_dice_headline(run, cfg.STAGE, metrics, keys)
     curves = plot_training_curves(_merge_histories(histories))
     run.save_figure(curves, "02_training_curves")
-    return TrainOutcome(result.history, best, image_only_best, test_split, scores, curves)
+    return TrainOutcome(result.history, best, image_only_best, test_split, scores, ablation_table(evaluations), curves)
+
+
+def write_dice_headline(run: RunFolder, stage: str, metrics: dict[str, Any], keys: dict[str, str]) -> None:
+    """The run's headline: Dice with the true report (its interval) next to Dice with the side flipped, the baseline
+    that shows whether the report's side steers the segmentation."""
+    true, flipped = keys["true"], keys["flipped"]
+    run.write_headline(stage, "Dice, true report", metrics[true], "Dice, side-flipped report", metrics[flipped],
+                       ci95=metrics[f"{true}_ci95"])
 
 
 def _train_one(cfg: TrainConfig, spec: LLMSegSpec, out_dir: Path, root: Path,
@@ -156,18 +185,16 @@ def _train_one(cfg: TrainConfig, spec: LLMSegSpec, out_dir: Path, root: Path,
     return result, Path(result.best_checkpoint or result.last_checkpoint)
 
 
-def _test_scores(part: pd.DataFrame, root: Path, best: Path, image_only_best: Path | None,
-                 device: torch.device) -> pd.DataFrame:
-    """Mean Dice, IoU and HD95 of the held-out cases: LLMSeg with each report variant, then the image-only UNet."""
+def _test_evaluations(part: pd.DataFrame, root: Path, best: Path, image_only_best: Path | None,
+                      device: torch.device) -> dict[str, CaseEvaluation]:
+    """Per-case Dice, IoU and HD95 of the held-out cases: LLMSeg with each report variant, then the image-only
+    UNet (key ``image_only``)."""
     model = load_trained_model(best, device)
-    rows = {}
-    for variant in ts_data.REPORT_VARIANTS:
-        ev = evaluate_cases(model, part, root, variant, device)
-        rows[f"LLMSeg, {variant} report"] = ev.metrics[["dice", "iou", "hd95"]].mean()
+    evaluations = {variant: evaluate_cases(model, part, root, variant, device) for variant in ts_data.REPORT_VARIANTS}
     if image_only_best is not None:
-        ev = evaluate_cases(load_trained_model(image_only_best, device), part, root, "true", device)
-        rows["image-only UNet"] = ev.metrics[["dice", "iou", "hd95"]].mean()
-    return pd.DataFrame(rows).T
+        evaluations["image_only"] = evaluate_cases(load_trained_model(image_only_best, device), part, root, "true",
+                                                   device)
+    return evaluations
 
 
 def _merge_histories(histories: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -188,14 +215,11 @@ class InferResult:
     result: pd.DataFrame  # result.csv of the true report
     result_path: Path
     ablation: pd.DataFrame  # model/report -> Dice, IoU, HD95
+    ablation_table: pd.DataFrame  # the same, each as "mean (95 % interval)"
     figure: Any
     evaluations: dict[str, CaseEvaluation]
     viewer_html: Path | None = None  # 03_case_viewer.html
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # for viz.slice_viewer
-
-
-ABLATION_NAMES = {"true": "LLMSeg, true report", "flipped": "LLMSeg, side flipped", "empty": "LLMSeg, empty report",
-                  "image_only": "image-only UNet"}
 
 
 def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
@@ -230,18 +254,20 @@ def _predict_split(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: torc
             write_result_csv(table, run.file(f"result_{name}.csv"))
     ablation = pd.DataFrame({ABLATION_NAMES[k]: ev.metrics[["dice", "iou", "hd95"]].mean()
                              for k, ev in evaluations.items()}).T
-    run.write_metrics(cfg.STAGE, {f"{cfg.split}_dice_{k}": float(ev.metrics["dice"].mean())
-                                  for k, ev in evaluations.items()})
+    keys = {variant: f"{cfg.split}_dice_{variant}" for variant in evaluations}
+    metrics = dice_results(evaluations, keys, cfg.split)
+    run.write_metrics(cfg.STAGE, metrics)
+    write_dice_headline(run, cfg.STAGE, metrics, keys)
     atomic_write_text(run.file("ablation.csv"), ablation.to_csv())
     fig = views.ablation_figure(part, root, evaluations, cfg.n_examples)
     run.save_figure(fig, "03_ablation")
-    return InferResult(tables["true"], result_path, ablation, fig, evaluations)
+    return InferResult(tables["true"], result_path, ablation, ablation_table(evaluations), fig, evaluations)
 
 
 def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: torch.device) -> InferResult:
     """Segment one image file given only its report text; writes ``<case>.nii.gz`` with the input's affine."""
     image_path = resolve_path(cfg.input_image)
-    case_id = image_path.parent.name
+    case_id = ts_data.volume_id(image_path)
     data = eval_transforms(with_label=False)({"image": str(image_path)})
     prob = predict_volume(model, data["image"][None], cfg.input_report, model.spec.roi, cfg.overlap,
                           cfg.sw_batch_size, device)
@@ -252,7 +278,86 @@ def predict_new_case(cfg: InferConfig, run: RunFolder, model: LLMSeg, device: to
     run.save_figure(fig, "03_new_case")
     table = pd.DataFrame([{"case": case_id, "voxels": int(pred.sum()), "prediction": str(out)}])
     ev = CaseEvaluation("true", [case_id], [cfg.input_report], [pred], pd.DataFrame())
-    return InferResult(table, out, pd.DataFrame(), fig, {"true": ev})
+    return InferResult(table, out, pd.DataFrame(), pd.DataFrame(), fig, {"true": ev})
+
+
+# ============================================================================================ your own files
+def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], out_dir: str | os.PathLike, *,
+                  device: str = "auto", overwrite: bool = False, report: str | None = None) -> PredictSummary:
+    """Segment new volumes with a trained run, guided by ``report``; no manifest needed.
+
+    Args:
+        checkpoint: the training run folder (``outputs/runs/<id>/textseg3d``; its best checkpoint) or a checkpoint
+            folder.
+        inputs: NIfTI (``.nii``, ``.nii.gz``) or npz volumes, DICOM series folders, or folders holding them.
+        out_dir: where ``<id>.nii.gz`` (the target mask, uint8, in the input's voxel order with its affine) and,
+            for a DICOM input, ``<id>_seg.dcm`` (a DICOM-SEG referencing the source series) are written; ``<id>``
+            is :func:`nbsupport.textseg3d.data.volume_id`.
+        report: the report text (a prompt like ``"N0, cT2, breast conserving surgery, left side"``), the same
+            for every input; ``""`` is the empty report. Required unless the run is the image-only UNet.
+
+    The run's own preprocessing is applied: the same load, canonical orientation and HU window as 02_train's
+    validation, the sliding window of the model's ``roi``, and the overlap and window batch of the run's 03_infer
+    (else of the 02_train profile's defaults). Existing outputs are refused unless ``overwrite``; a file that cannot
+    be read is named in the summary with its reason and the others go on.
+
+    Example: ``predict_files("outputs/runs/R/textseg3d", ["ct.nii.gz", "ct_series/"], "masks/",
+    report="N0, cT2, breast conserving surgery, left side")``.
+    """
+    run_dir, checkpoint_dir = training_run(checkpoint)
+    overlap, sw_batch_size = _inference_window(run_dir)
+    spec_path = checkpoint_dir.parent.parent / SPEC_FILE
+    if not spec_path.is_file():
+        raise PredictError(f"{spec_path} is missing: {checkpoint_dir} is not a textseg3d checkpoint")
+    if report is None and LLMSegSpec.from_json(spec_path.read_text()).use_text:
+        raise PredictError("textseg3d segments what the report describes: pass --report \"...\" (\"\" for the "
+                           "empty report)")
+    files = expand_inputs(inputs, ts_data.VOLUME_SUFFIXES, series_folders=True)
+    names = [ts_data.volume_id(f) for f in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PredictError(f"several inputs would write the same output name(s) {twice}: "
+                           + ", ".join(str(f) for f, n in zip(files, names) if n in twice))
+    out = resolve_path(out_dir)
+    planned = {f: [out / f"{n}.nii.gz"] + ([out / f"{n}_seg.dcm"] if _is_dicom(f) else [])
+               for f, n in zip(files, names)}
+    check_outputs_free([p for paths in planned.values() for p in paths], overwrite)
+    torch_device = resolve_device(device)
+    model = load_trained_model(checkpoint_dir, torch_device)
+
+    def predict_one(path: Path) -> list[Path]:
+        data = eval_transforms(with_label=False)({"image": str(path)})
+        prob = predict_volume(model, data["image"][None], report or "", model.spec.roi, overlap, sw_batch_size,
+                              torch_device)
+        affine = np.asarray(data["image"].meta["original_affine"])
+        stored = ts_data.from_canonical((prob.argmax(0) == 1).numpy().astype(np.uint8), affine)
+        written = [write_mask_nifti(stored, affine, planned[path][0], overwrite=overwrite)]
+        if len(planned[path]) > 1:
+            from nbsupport.dicom_seg import Segment, write_dicom_seg
+
+            written.append(write_dicom_seg(stored, path, planned[path][1], [Segment("CTV", TARGET_DESCRIPTION)],
+                                           algorithm="textseg3d", series_description="textseg3d target volume",
+                                           overwrite=overwrite))
+        return written
+
+    return for_each_input(files, predict_one, out, desc="textseg3d predict")
+
+
+TARGET_DESCRIPTION = "clinical target volume predicted by textseg3d from the report"
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(".dcm")
+
+
+def _inference_window(run_dir: Path) -> tuple[float, int]:
+    """(overlap, windows per pass) the run's 03_infer used, else the defaults of its 02_train profile."""
+    trained = run_config(run_dir, "02_train")
+    try:
+        infer = run_config(run_dir, "03_infer")
+    except PredictError:
+        infer = InferConfig.from_params({"profile": trained.get("profile", "full")}).to_dict()
+    return float(infer["overlap"]), int(infer["sw_batch_size"])
 
 
 # ============================================================================================ 04 attention

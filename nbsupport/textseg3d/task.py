@@ -3,7 +3,7 @@ training cases with the public code's DiceCE loss, scored by the whole-volume Di
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,13 +33,10 @@ class TextSeg3DTrainingTask(ManifestTask):
 
     CONFIG = TrainConfig
     SPEC = LLMSegSpec
-    cfg: TrainConfig
-    spec: LLMSegSpec
 
-    def __init__(self, config: Mapping[str, Any], manifest: str, data_root: str, spec_json: str):
+    def setup(self) -> None:
         from monai.losses import DiceCELoss
 
-        super().__init__(config, manifest, data_root, spec_json)
         # the public code's loss (tvseg/MM-LLM-RO main.py:112 at 596e28a, without --squared_dice)
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
         self._train_dataset: Any = None

@@ -28,8 +28,9 @@ HU_WINDOW = (-1000.0, 1000.0)  # public code: ScaleIntensityRanged(-1000..1000 -
 
 
 class LoadCaseVolumed(MapTransform):
-    """Read ``image``/``label`` paths of either layout (npz or NIfTI) into channel-first MetaTensors with their
-    voxel->RAS affine, so that ``Orientationd`` can bring both to the canonical orientation."""
+    """Read ``image``/``label`` paths of either layout (npz or NIfTI, or a DICOM series) into channel-first
+    MetaTensors with their voxel->RAS affine, so that ``Orientationd`` can bring both to the canonical orientation;
+    ``meta["original_affine"]`` keeps the affine as stored (outputs are written back with it)."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
@@ -42,7 +43,7 @@ class LoadCaseVolumed(MapTransform):
             array, affine = read_volume(d[key], "label" if key == "label" else "data")
             values = (array > 0).astype(np.float32) if key == "label" else array.astype(np.float32)
             d[key] = MetaTensor(torch.from_numpy(values)[None], affine=torch.from_numpy(affine),
-                                meta={"filename_or_obj": str(d[key])})
+                                meta={"filename_or_obj": str(d[key]), "original_affine": affine})
         return d
 
 

@@ -34,3 +34,22 @@ def test_config_shares_the_manifest_default_and_the_split_check():
     train = ct_clip.TrainConfig.from_params({"profile": "smoke", "grad_accum": 2, "resume": True})
     settings = train.train_settings(monitor="train_loss")
     assert (settings.grad_accum, settings.resume, settings.epochs, settings.warmup_steps) == (2, True, 3, 0)
+
+
+def test_full_uses_every_visible_gpu_with_the_seeds_10_volumes_each():
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    full = ct_clip.TrainConfig.from_params({"profile": "full"})
+    assert full.num_processes == max(gpus, 1) and full.batch_size == 10 * full.num_processes  # not a fixed 6 x 10
+    two = ct_clip.TrainConfig.from_params({"profile": "full", "num_processes": 2})
+    assert (two.num_processes, two.batch_size) == (2, 20)
+    assert ct_clip.TrainConfig.from_params({"profile": "full", "batch_size": 12}).batch_size == 12
+    spec = full.model_spec()  # the seed's parts (CT-Data training/main.py:189-239)
+    assert (spec.image_arch, spec.image_blocks, spec.text_pooling, spec.max_text_length, spec.embed_dim) == \
+        ("i3resnet", (3, 8, 36, 3), "latent_attention", 512, 1280)
+    assert spec.text_encoder.endswith("LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned")
+    assert spec.text_encoder_weights.endswith("pytorch_model.bin") and spec.image_weights.endswith("epoch_99.pt")
+    for profile in ("smoke", "demo"):  # CPU profiles keep MiniLM / the tiny BERT and the small CNN
+        small = ct_clip.TrainConfig.from_params({"profile": profile}).model_spec()
+        assert small.image_arch == "resnet" and not small.text_encoder_weights and not small.image_weights

@@ -32,3 +32,19 @@ def test_verbs_write_the_viewer_pages_themselves(tiny_manifest, tmp_path):
 
     model = ct_clip.load_trained_model(outcome.checkpoint, device="meta")
     assert {p.device for p in model.parameters()} | {b.device for b in model.buffers()} == {torch.device("meta")}
+
+
+def test_the_trained_model_computes_on_the_device_it_was_loaded_on(tiny_manifest, tmp_path):
+    """The device rule, checkable without a GPU: on "meta" the image path and the projections run with every tensor
+    there (a tensor left on the CPU would make torch refuse to mix devices). The text tower cannot run on meta:
+    transformers' attention tests its padding mask's values (``.all()``), which meta tensors do not hold."""
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "max_steps": 1,
+                                           "epochs": 1, "batch_size": 2, "run_dir": str(tmp_path / "r" / "ct_clip")})
+    outcome = ct_clip.train(cfg, RunFolder.for_stage(cfg))
+    model = ct_clip.load_trained_model(outcome.checkpoint, device="meta")
+    image_emb = model.encode_image(torch.zeros(2, 1, *model.spec.input_size, device="meta"))
+    text_emb = model.project_text(torch.zeros(3, model.text_encoder.hidden, device="meta"))
+    logits = model.logits(image_emb, text_emb)
+    assert {t.device.type for t in (image_emb, text_emb, logits)} == {"meta"}
+    assert tuple(logits.shape) == (2, 3) and tuple(image_emb.shape) == (2, model.spec.embed_dim)

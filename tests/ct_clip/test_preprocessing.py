@@ -1,9 +1,10 @@
 """Preprocessing on volumes with known content and anisotropic spacing: shape, spacing, HU window, orientation,
-agreement with the straightforward scipy reference, the many-volume runner (skip, redo, failures) and its command
-line."""
+agreement with the seed's MONAI chain (CT-Data preprocess.py), the many-volume runner (skip, redo, failures)
+and its command line."""
 from __future__ import annotations
 
 import gzip
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -71,15 +72,105 @@ def test_metadata_spacing_overrides_the_header(tmp_path):
     assert out_spacing == pytest.approx((2.0, 2.0, 4.0), rel=0.03)
 
 
-@pytest.mark.parametrize("lps", [False, True], ids=["ras", "lps"])
-def test_fast_path_equals_the_scipy_reference(lps):
-    rng = np.random.default_rng(0)
-    stored = rng.integers(0, 3000, size=(70, 64, 30)).astype(np.int16)
-    ct = ct_pre.CTVolume(np.asfortranarray(stored), 1.0, -1024.0, (0.7, 0.9, 3.0), (0, 1, 2), (lps, lps, False))
-    spec = ct_pre.PreprocessSpec(spacing=(1.25, 1.25, 2.0), shape=(32, 60, 40))  # crops x, pads y and z
-    fast, _ = ct_pre.preprocess_volume(ct, spec)
-    reference = ct_pre.reference_preprocess(ct, spec)
-    assert np.abs(fast.astype(np.float32) - reference.astype(np.float32)).max() <= 1e-3
+def _affine(spacing, axes=(0, 1, 2), flips=(False, False, False), degrees=0.0) -> np.ndarray:
+    """Stored axis a runs along world axis ``axes[a]`` (towards L/P/I where flipped), rotated about S by ``degrees``."""
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for a, (w, f, s) in enumerate(zip(axes, flips, spacing)):
+        affine[w, a] = -s if f else s
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
+    affine[:3, 3] = [-31.0, 17.5, -80.0]
+    return affine
+
+
+def _write_header_scaled(path, stored: np.ndarray, affine: np.ndarray, slope: float, intercept: float,
+                         endianness: str = "<") -> None:
+    """A gzipped NIfTI whose header carries the HU rescale (scl_slope / scl_inter, bytes 112-119), as MONAI's
+    LoadImaged applies it; nibabel itself would reset the scaling of int16 data it writes."""
+    header = nib.Nifti1Header(endianness=endianness)
+    header.set_data_dtype(stored.dtype)
+    raw = bytearray(nib.Nifti1Image(stored, affine, header).to_bytes())
+    raw[112:120] = np.array([slope, intercept], dtype=f"{endianness}f4").tobytes()
+    path.write_bytes(gzip.compress(bytes(raw), 1))
+
+
+def _random_ct(shape, seed: int) -> np.ndarray:
+    """Stored values (HU + 1024, int16) of smooth anatomy plus noise, spanning and exceeding the -1000..1500 window."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    hu = 1800 * np.cos(3 * grids[0] + 1) * np.sin(2 * grids[1] + 0.5) + 600 * grids[2] + rng.normal(0, 150, shape)
+    return np.clip(hu + 1024, -1000, 4000).astype(np.int16)
+
+
+# (stored axes -> world axes, flips, rotation about S, voxel size): RAS, LPS as DICOM exports (the demo data's
+# other half), transposed storage, an oblique (rotated) affine, and an axis within MONAI's 1e-3 mm of the target.
+GEOMETRIES = {
+    "ras": ((0, 1, 2), (False, False, False), 0.0, (0.9, 0.8, 3.0)),
+    "lps": ((0, 1, 2), (True, True, False), 0.0, (0.9, 0.8, 3.0)),
+    "transposed-lpi": ((1, 0, 2), (True, True, True), 0.0, (0.8, 0.9, 3.0)),
+    "oblique-lps": ((0, 1, 2), (True, True, False), 7.0, (0.9, 0.8, 3.0)),
+    "spacing-kept": ((0, 1, 2), (True, False, False), 0.0, (1.2504, 0.7, 2.5)),
+}
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES), ids=list(GEOMETRIES))
+def test_fast_path_equals_the_seeds_monai_chain(tmp_path, geometry):
+    """CT-Data's chain (MONAI LoadImaged -> Orientationd RAS -> Spacingd trilinear align_corners -> window ->
+    pad / centre crop -> float16) on the same file, to 1e-3: the grid (size, exact target spacing, first voxel on
+    the first voxel, border padding), orientation and window all have to agree. 64 x 64 x 40 voxels with a z
+    size that rounds a half ((40 - 1) * 3 / 2 + 1 = 59.5 -> 60); the spec crops x and z and pads y."""
+    axes, flips, degrees, spacing = GEOMETRIES[geometry]
+    stored = _random_ct((64, 64, 40), seed=len(geometry))
+    _write_header_scaled(tmp_path / "ct.nii.gz", stored, _affine(spacing, axes, flips, degrees), 1.0, -1024.0)
+    spec = ct_pre.PreprocessSpec(spacing=(1.25, 1.25, 2.0), shape=(40, 48, 56))
+    seed = ct_pre.monai_chain(spec)(tmp_path / "ct.nii.gz")
+    ct = ct_pre.load_ct(tmp_path / "ct.nii.gz")  # the header's rescale, as LoadImaged
+    assert (ct.slope, ct.intercept) == (1.0, -1024.0)
+    ours, out_spacing = ct_pre.preprocess_volume(ct, spec)
+    assert ours.shape == seed.shape == (1, 40, 48, 56) and ours.dtype == seed.dtype == np.float16
+    assert 0.05 < (seed > 0).mean() and (seed == 1).any() and (seed == 0).any()  # window edges reached
+    assert np.abs(ours.astype(np.float32) - seed.astype(np.float32)).max() <= 1e-3
+    expected = [1.25, 1.25, 2.0] if geometry != "spacing-kept" else [1.2504, 1.25, 2.0]
+    assert out_spacing == pytest.approx(expected)
+
+
+def test_metadata_rescale_equals_the_chain_given_the_same_hu(tmp_path):
+    """CT-RATE keeps the rescale in its metadata CSV: ours with the metadata values equals the seed's chain with
+    that rescale applied after loading (the demo volumes are stored this way)."""
+    stored = _random_ct((48, 52, 30), seed=7)
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(nib.Nifti1Image(stored, _affine((0.9, 0.8, 3.0), flips=(True, True, False)))
+                                   .to_bytes(), 1))
+    spec = ct_pre.PreprocessSpec(spacing=(1.25, 1.25, 2.0), shape=(32, 40, 48))
+    seed = ct_pre.monai_chain(spec, rescale=(1.0, -1024.0))(path)
+    ours, _ = ct_pre.preprocess_volume(ct_pre.load_ct(path, slope=1.0, intercept=-1024.0), spec)
+    assert np.abs(ours.astype(np.float32) - seed.astype(np.float32)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("isal", ["installed", "absent"])
+def test_volume_decodes_the_same_with_or_without_isal(tmp_path, monkeypatch, isal):
+    """ISA-L inflates when importable, zlib otherwise; either way the stored voxels are the file's."""
+    if isal == "absent":
+        monkeypatch.setitem(sys.modules, "isal", None)  # `from isal import ...` now raises ImportError
+    stored = _random_ct((30, 20, 10), seed=1)
+    _write_header_scaled(tmp_path / "ct.nii.gz", stored, _affine((0.9, 0.8, 3.0)), 2.0, -1000.0, endianness=">")
+    ct = ct_pre.load_ct(tmp_path / "ct.nii.gz")
+    assert ct.stored.dtype == np.dtype(">i2")  # a view of the big-endian bytes as they are
+    np.testing.assert_array_equal(ct.stored, stored)
+    assert (ct.slope, ct.intercept) == (2.0, -1000.0)
+
+
+def test_corrupt_gzip_is_reported_with_the_file_name(tmp_path):
+    stored, spacing = _phantom()
+    data = gzip.compress(nib.Nifti1Image(stored, np.diag([*spacing, 1.0])).to_bytes(), 1)
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(data[:200] + bytes(b ^ 0xFF for b in data[200:260]) + data[260:])
+    with pytest.raises(ValueError, match="ct.nii.gz: cannot decompress"):
+        ct_pre.load_ct(path)
+    path.write_bytes(data[:-8] + b"\0" * 8)  # intact deflate stream, wrong CRC
+    with pytest.raises(ValueError, match="ct.nii.gz: cannot decompress"):
+        ct_pre.load_ct(path)
 
 
 def test_transposed_storage_is_reoriented():
@@ -137,3 +228,10 @@ def test_cluster_command_line_writes_the_manifest_and_skips_done_volumes(tmp_pat
     assert (pd.read_csv(tmp_path / "status.csv").status == "skipped").all()
     image = ct_data.read_preprocessed(root / frame.image[0])
     assert image.shape == (1, 64, 64, 48)
+    # other settings: another folder, every volume made again (never a 64x64x48 volume passed off as 32x32x24)
+    other = argv[:argv.index("--shape")] + ["--shape", "32", "32", "24"] + argv[argv.index("--shape") + 4:]
+    assert ct_pre.main(other) == 0
+    assert (pd.read_csv(tmp_path / "status.csv").status == "done").all()
+    second = pd.read_csv(manifest)
+    assert second.image[0] != frame.image[0]
+    assert ct_data.read_preprocessed(root / second.image[0]).shape == (1, 32, 32, 24)

@@ -334,3 +334,19 @@ def test_full_size_llava_med_on_the_meta_device() -> None:
     assert count(llava.model.vision_tower) == 303_507_456
     assert count(llava.model.multi_modal_projector) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert llava.config.image_seq_length == 576
+
+
+def test_prs_med_builds_its_vlm_from_the_published_folder(published, tmp_path, monkeypatch, capsys) -> None:
+    """`vlm` (the seed's --vlm_path) naming the folder as downloaded: the PRS-Med VLM is LLaVA-Med with LoRA."""
+    import dataclasses
+
+    from nbsupport.prs_med.model import PRSMedSpec, build_vlm
+
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "cache"))
+    folder, reference, vocab = published
+    vlm, tokenizer = build_vlm(dataclasses.replace(PRSMedSpec(), vlm=str(folder)))
+    printed = capsys.readouterr().out
+    assert f"{folder}: loaded" in printed and "(0 missing, 0 unexpected)" in printed
+    trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert tokenizer.convert_tokens_to_ids("<image>") == vlm.config.image_token_index

@@ -1,11 +1,15 @@
-"""The PRS-Med network: structure loss, prompted mask decoder, prompts, full-size parameter counts, learning."""
+"""The PRS-Med network: structure loss, prompted mask decoders, prompts, the published image encoders wired in,
+full-size parameter counts, learning."""
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
+from nbsupport.prs_med.decoder import PromptedMaskDecoder, SimpleMaskDecoder
 from nbsupport.prs_med.model import (
-    PromptedMaskDecoder,
     PRSMedNet,
     PRSMedSpec,
     full_parameter_counts,
@@ -13,6 +17,8 @@ from nbsupport.prs_med.model import (
     prompt_text,
     structure_loss,
 )
+from nbsupport.prs_med.sam_encoders import encoder_parameter_counts
+from prs_med_layouts import SAM_OTHER_PARTS, SAM_TINY, random_tensors, sam_vit_layout, write_tinysam_checkpoint
 
 TINY = PRSMedSpec(image_size=32, sam_hidden=16, sam_layers=1, sam_heads=2, sam_patch=4, sam_out_channels=16,
                   vlm="tiny", vision_size=32, vision_patch=16, vision_hidden=16, vision_layers=1, decoder_hidden=16)
@@ -34,9 +40,9 @@ def test_structure_loss_prefers_the_right_mask_and_weighs_boundaries() -> None:
     assert structure_loss(edge, mask) > structure_loss(far, mask)
 
 
-def test_prompted_mask_decoder_shapes_and_ignores_padding() -> None:
+def test_simple_mask_decoder_shapes_and_ignores_padding() -> None:
     torch.manual_seed(0)
-    decoder = PromptedMaskDecoder(prompt_dim=24, image_dim=16, hidden_dim=32).eval()
+    decoder = SimpleMaskDecoder(prompt_dim=24, image_dim=16, hidden_dim=32).eval()
     image = torch.randn(2, 16, 4, 4)
     prompt = torch.randn(2, 5, 24)
     valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -169,11 +175,15 @@ def test_full_parameter_counts_on_the_meta_device() -> None:
     assert 7.2e9 < counts["vlm_language_model"] < 7.3e9
     assert 3.0e8 < counts["vlm_vision_tower"] < 3.1e8  # CLIP ViT-L/14-336: 303 M
     assert counts["vlm_projector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
-    assert 8.9e7 < counts["sam_image_encoder"] < 9.0e7  # SAM ViT-B image encoder: 89.7 M
+    # TinySAM vit_t with the classifier head tinysam_42.3.pth holds (frozen); the official decoder (test_decoder.py)
+    assert counts["sam_image_encoder"] == encoder_parameter_counts()["tinysam_vit_t"] == 6_065_532
+    assert counts["mask_decoder"] == 5_366_465
     # r x (in + out) per projection: q 4096->4096, k and v 4096->1024 (8 KV heads), o 4096->4096; 32 layers
     assert counts["lora_adapters"] == 32 * 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
     assert counts["modality_classifier"] == 256 * 6 + 6
     assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "trainable"))
+    # trainable: the encoder without its head, the decoder without its unused ffn.norm1 (2 x 256)
+    assert counts["trainable"] == 5_743_892 + counts["lora_adapters"] + 5_366_465 - 512 + 256 * 6 + 6
 
 
 @pytest.mark.slow
@@ -241,3 +251,58 @@ def test_image_tokens_before_the_answer_and_the_position_head() -> None:
     assert public(images, **public.encode(["Q?"] * 2)).position_logits is None
     with pytest.raises(ValueError, match="image_tokens_at"):
         PRSMedNet(dataclasses.replace(TINY, image_tokens_at="end"))
+
+
+def test_tinysam_checkpoint_with_the_official_decoder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """sam_ckpt = a tinysam_42.3.pth-layout file: every encoder tensor loaded (one load line), its channels size the
+    decoder and the modality classifier, and one training pass gives every trainable tensor a gradient, which is
+    what DDP needs; the parameters no forward uses (TinyViT's classifier head, the decoder's ffn.norm1) are frozen."""
+    path = tmp_path / "weights" / "tinysam_42.3.pth"
+    n = write_tinysam_checkpoint(path)
+    model = PRSMedNet(dataclasses.replace(TINY, sam_path=str(path), mask_decoder="official"))
+    assert f"{path}: loaded {n} of {n} tensors (0 missing, 0 unexpected)\n" in capsys.readouterr().out
+    stored = torch.load(path, weights_only=True)
+    own = model.image_encoder.encoder.state_dict()
+    assert all(torch.equal(v, stored["image_encoder." + k]) for k, v in own.items())
+    assert model.image_encoder.kind == "tinyvit" and isinstance(model.mask_decoder, PromptedMaskDecoder)
+    assert model.modality_classifier[-1].in_features == 16 == model.image_encoder.out_channels
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("vlm.")}
+    assert frozen == {"image_encoder.encoder.norm_head.weight", "image_encoder.encoder.norm_head.bias",
+                      "image_encoder.encoder.head.weight", "image_encoder.encoder.head.bias",
+                      "mask_decoder.ffn.norm1.weight", "mask_decoder.ffn.norm1.bias"}
+    enc = model.encode(["Where is it?", "Which part holds the polyp?"], ["center", "It is in the top left."])
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32), **enc)
+    assert out.mask_logits.shape == (2, 1, 32, 32)
+    (structure_loss(out.mask_logits, torch.zeros(2, 1, 32, 32)) + out.lm_loss + out.modality_logits.sum()).backward()
+    # (the VLM is not this test's: the assembled tiny CLIP tower's post_layernorm is trainable and unused as well)
+    without = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert [n for n in without if not n.startswith("vlm.")] == []
+
+
+def test_a_sam_vit_checkpoint_takes_its_own_image_size_only(tmp_path: Path) -> None:
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(random_tensors(sam_vit_layout(**SAM_TINY), "image_encoder.") | random_tensors(SAM_OTHER_PARTS), path)
+    with pytest.raises(ValueError, match=r"sam_vit_b_01ec64\.pth: a SAM ViT takes 128 px images only.*image_size=128"):
+        PRSMedNet(dataclasses.replace(TINY, sam_path=str(path)))
+    with pytest.raises(FileNotFoundError, match=r"tinysam_42\.3\.pth does not exist.*releases/download/3\.0"):
+        PRSMedNet(dataclasses.replace(TINY, sam_path=str(tmp_path / "tinysam_42.3.pth")))
+    with pytest.raises(ValueError, match="channels divisible by 16"):
+        PRSMedNet(dataclasses.replace(TINY, sam_out_channels=24, mask_decoder="official"))
+
+
+def test_checkpoints_written_before_the_encoder_wrapper_still_load() -> None:
+    """Earlier PRSMedNet checkpoints hold the random-init SAM ViT as the bare transformers SamVisionModel
+    (``image_encoder.vision_encoder.*``); they load into today's wrapped encoder, tensor for tensor."""
+    from transformers import SamVisionConfig, SamVisionModel
+
+    torch.manual_seed(5)  # the encoder the code before the wrapper built for TINY
+    earlier = SamVisionModel(SamVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                             patch_size=4, output_channels=16, window_size=4, global_attn_indexes=[0],
+                                             mlp_dim=64)).eval()
+    model = PRSMedNet(TINY).eval()
+    result = model.load_state_dict({"image_encoder." + k: v for k, v in earlier.state_dict().items()}, strict=False)
+    assert result.unexpected_keys == [] and not any(k.startswith("image_encoder.") for k in result.missing_keys)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.image_encoder(pixels), earlier(pixel_values=pixels).last_hidden_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,20 +14,9 @@ from nbsupport.runs import RunFolder
 
 
 @pytest.mark.slow
-def test_the_verbs_write_what_the_run_folder_promises(tmp_path: Path) -> None:
-    root = demo_data.write_demo_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, image_size=32,
-                                        tasks=("polyp_endoscopy",))
-    common = {"profile": "smoke", "manifest": str(tmp_path / "m.csv"), "run_dir": str(tmp_path / "run" / "prs_med")}
-    small = {"image_size": 32, "vision_size": 32, "max_steps": 1, "batch_size": 2, "max_new_tokens": 3}
-    stages = [config.PreprocessConfig.from_params({**common, "data_root": str(root), "n_examples": 1}),
-              config.TrainConfig.from_params({**common, **small}),
-              config.InferConfig.from_params({**common, "max_new_tokens": 3, "n_examples": 1}),
-              config.AttentionConfig.from_params({**common, "max_new_tokens": 3})]
-    run = RunFolder.for_stage(stages[0])
-    pipeline.preprocess(stages[0], run)
-    outcome = pipeline.train(stages[1], run)
-    inferred = pipeline.predict(stages[2], run)
-    attention = pipeline.attention_maps(stages[3], run)
+def test_the_verbs_write_what_the_run_folder_promises(smoke_run: Any) -> None:
+    run, outcome, inferred = smoke_run.run, smoke_run.outcome, smoke_run.inferred
+    attention = pipeline.attention_maps(smoke_run.stages[3], RunFolder.for_stage(smoke_run.stages[3]))
 
     assert inferred.viewer_path == run.path / "03_case_viewer.html" and inferred.viewer_path.is_file()
     assert len(inferred.viewer_cases) == 2 and "model answer:" in inferred.viewer_cases[0]["text"]
@@ -39,3 +29,59 @@ def test_the_verbs_write_what_the_run_folder_promises(tmp_path: Path) -> None:
     model = pipeline.load_trained_model(outcome.checkpoint, device="cpu")
     assert not model.training and {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
     assert int(model.trained_batches) == 1
+
+
+@pytest.mark.slow
+def test_every_test_metric_has_its_interval_and_the_run_its_headline(smoke_run: Any) -> None:
+    metrics = json.loads((smoke_run.run.path / "metrics.json").read_text())
+    for stage in ("02_train", "03_infer"):
+        scored = {k: v for k, v in metrics[stage].items() if k.startswith("test_") and isinstance(v, float)}
+        assert {"test_dice", "test_position_accuracy", "test_baseline_image_only_dice"} <= set(scored)
+        for key in scored:
+            low, high = metrics[stage][f"{key}_ci95"]
+            assert low is None or low <= scored[key] <= high, (stage, key)
+        for task_scores in metrics[stage]["per_task"].values():
+            assert "dice_ci95" in task_scores and "position_accuracy_ci95" in task_scores
+        paired = metrics[stage]["test_dice_minus_image_only_dice"]
+        assert paired["diff"] == pytest.approx(scored["test_dice"] - scored["test_baseline_image_only_dice"])
+        assert len(paired["ci95"]) == 2 and "test_position_accuracy_minus_most_frequent_position" in metrics[stage]
+    headline = json.loads((smoke_run.run.path / "headline.json").read_text())
+    assert headline["stage"] == "03_infer" and headline["metric"] == "test Dice"
+    assert headline["value"] == metrics["03_infer"]["test_dice"]
+    assert headline["ci95"] == metrics["03_infer"]["test_dice_ci95"]
+    assert headline["baseline_value"] == metrics["03_infer"]["test_baseline_image_only_dice"]
+    table = smoke_run.inferred.table
+    assert list(table.index) == ["polyp_endoscopy", "all"] and " (" in table.loc["all", "position_accuracy"]
+    assert list(smoke_run.inferred.comparisons.index)[0] == "dice_minus_image_only_dice"
+
+
+@pytest.mark.slow
+def test_02_train_on_a_tinysam_checkpoint_with_the_official_decoder(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The smoke profile with ``sam_ckpt`` = a tinysam_42.3.pth-layout file and ``mask_decoder='official'`` trains,
+    evaluates and trains the image-only baseline; every load of the file prints the one line, nothing missing or
+    unexpected."""
+    from prs_med_layouts import TINY_VIT, write_tinysam_checkpoint
+
+    from nbsupport.prs_med.tinysam import TinyViT
+
+    root = demo_data.write_demo_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, image_size=32,
+                                        tasks=("polyp_endoscopy",))
+    ckpt = tmp_path / "weights" / "tinysam_42.3.pth"
+    n = write_tinysam_checkpoint(ckpt)
+    common = {"profile": "smoke", "manifest": str(tmp_path / "m.csv"), "run_dir": str(tmp_path / "run" / "prs_med")}
+    preprocess = config.PreprocessConfig.from_params({**common, "data_root": str(root), "n_examples": 1})
+    run = RunFolder.for_stage(preprocess)
+    pipeline.preprocess(preprocess, run)
+    train = config.TrainConfig.from_params({**common, "image_size": 32, "vision_size": 32, "max_steps": 2,
+                                            "batch_size": 2, "max_new_tokens": 3, "sam_ckpt": str(ckpt),
+                                            "mask_decoder": "official"})
+    capsys.readouterr()
+    pipeline.train(train, run)
+    loads = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{ckpt}:")]
+    assert loads and set(loads) == {f"{ckpt}: loaded {n} of {n} tensors (0 missing, 0 unexpected)"}
+    spec = json.loads((run.path / "model_spec.json").read_text())
+    assert (spec["sam_path"], spec["mask_decoder"]) == (str(ckpt), "official")
+    metrics = json.loads((run.path / "metrics.json").read_text())["02_train"]
+    assert metrics["parameters"]["sam_image_encoder"] == sum(p.numel() for p in TinyViT(TINY_VIT).parameters())
+    assert metrics["steps"] == 2 and "test_baseline_image_only_dice" in metrics

@@ -22,3 +22,23 @@ def test_warmup_is_one_epoch_at_most_100_steps_and_only_for_warmup_cosine() -> N
     cfg = TrainConfig.from_params({"profile": "smoke"})  # warmup_cosine, batch 8
     assert (cfg.warmup_steps(64), cfg.warmup_steps(4), cfg.warmup_steps(8000)) == (8, 1, 100)
     assert TrainConfig.from_params({"scheduler": "multistep"}).warmup_steps(64) == 0
+
+
+def test_full_is_the_seeds_recipe_and_demo_smoke_keep_theirs() -> None:
+    from nbsupport.train import lr_factor
+
+    full = TrainConfig.from_params({"profile": "full"})
+    settings = full.train_settings()
+    assert (full.arch, full.model_name_or_path) == ("upernet", "openmmlab/upernet-convnext-small")
+    assert (full.image_size, full.epochs, full.batch_size, full.lr, full.weight_decay) == (288, 100, 32, 2e-4, 1e-4)
+    assert (settings.optimizer, settings.amsgrad, settings.scheduler, settings.gamma) == ("adamw", True, "multistep", 0.1)
+    assert settings.grad_clip is None and settings.mixed_precision == "no" and full.augment
+    # MultiStepLR(milestones=[max_epochs // 2]) stepped per epoch: with 962 steps per epoch the lr drops after
+    # epoch 50 exactly
+    total = 100 * 962
+    assert lr_factor(settings, total, 50 * 962 - 1) == 1.0 and lr_factor(settings, total, 50 * 962) == 0.1
+    assert lr_factor(settings, total, total - 1) == pytest.approx(0.1)
+    for profile in ("demo", "smoke"):
+        kept = TrainConfig.from_params({"profile": profile})
+        assert not kept.augment and kept.train_settings().grad_clip == 1.0
+        assert (kept.scheduler, kept.amsgrad, kept.mixed_precision) == ("warmup_cosine", False, "auto")

@@ -1,6 +1,7 @@
 """seg2d end to end in-process on the smoke profile: the trained model beats no-skill baselines on held-out cases."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,17 @@ def test_predict_writes_the_case_viewer_itself(smoke_run: dict) -> None:
 
 
 def test_load_trained_model_puts_every_tensor_on_the_device(smoke_run: dict) -> None:
+    """On the meta device (no GPU needed) a tensor left on the CPU would make the forward pass fail."""
+    import torch
+
     model = seg2d.load_trained_model(smoke_run["run_dir"] / "checkpoints" / "best", device="meta")
     assert not model.training
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    size = model.spec.image_size
+    with torch.no_grad():
+        logits, attentions = model(torch.zeros(2, 1, size, size, device="meta"), output_attentions=True)
+    assert logits.device.type == "meta" and tuple(logits.shape) == (2, 3, size, size)
+    assert {a.device.type for a in attentions} == {"meta"}
 
 
 def test_infer_applies_the_post_processing_chosen_on_val_in_training(smoke_run: dict) -> None:
@@ -129,3 +138,127 @@ def test_attention_maps_for_a_query_pixel(smoke_run: dict) -> None:
     assert att.viewer_path == smoke_run["run_dir"] / "04_attention_viewer.html"
     assert [c["title"] for c in att.viewer_cases] == [c["title"] for c in cases]
     assert f"seg2d attention: {att.slice_id}" in att.viewer_path.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- intervals, headline
+def test_every_test_metric_has_its_interval_and_the_run_its_headline(smoke_run: dict) -> None:
+    """The smoke split has one test case, so the intervals over cases are points; test_scoring checks their
+    width on several cases."""
+    metrics = RunFolder(smoke_run["run_dir"]).metrics()
+    for stage in ("02_train", "03_infer"):
+        scored = {k: v for k, v in metrics[stage].items() if k.startswith("test_") and isinstance(v, float)}
+        assert {"test_dice", "test_hausdorff", "test_score", "test_dice_stomach"} <= set(scored), stage
+        assert metrics[stage]["test_n_cases"] == 1  # the smoke data's one test case
+        for key, value in scored.items():
+            low, high = metrics[stage][f"{key}_ci95"]
+            assert low - 1e-12 <= value <= high + 1e-12, (stage, key, value, low, high)
+        best = metrics[stage]["test_best_baseline"]
+        baseline = metrics[stage]["test_baselines"][best]
+        assert best == max(metrics[stage]["test_baselines"], key=lambda b: metrics[stage]["test_baselines"][b]["dice"])
+        assert baseline["dice_ci95"][0] <= baseline["dice"] <= baseline["dice_ci95"][1]
+        diff = metrics[stage][f"test_dice_minus_{best}"]
+        assert diff["diff"] == pytest.approx(metrics[stage]["test_dice"] - baseline["dice"], abs=1e-9)
+        assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1]
+    headline = json.loads((smoke_run["run_dir"] / "headline.json").read_text())
+    assert headline["stage"] == "03_infer" and headline["metric"] == "test Dice"
+    assert headline["value"] == metrics["03_infer"]["test_dice"]
+    assert headline["ci95"] == metrics["03_infer"]["test_dice_ci95"]
+    assert headline["baseline_value"] == metrics["03_infer"]["test_baselines"][best]["dice"]
+    assert headline["baseline"] == seg2d.BASELINE_LABELS[best]
+
+
+def test_notebook_tables_show_intervals(smoke_run: dict) -> None:
+    outcome = smoke_run["outcome"]
+    assert list(outcome.baselines.index) == ["all_background", "mean_mask", "segformer (this run)"]
+    cell = outcome.baselines.loc["segformer (this run)", "dice"]
+    assert cell.startswith(f"{outcome.test_metrics['test_dice']:.3f} (") and "–" in cell
+    assert all("–" in outcome.per_class.loc[c].item() for c in seg_data.CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------- predict_files
+def _write_mr_dicom(path: Path, pixels: np.ndarray) -> Path:
+    """A single-frame MR slice holding ``pixels`` (uint16) as stored values, as a scanner export would."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", *pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing = [1.5, 1.5]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED) > 0
+
+
+def test_nbsupport_predict_on_files_in_no_manifest(smoke_run: dict, tmp_path: Path, capsys) -> None:
+    """Kaggle's test layout (a copy of the test case) and a DICOM slice, outside the data root: masks per class and
+    submission.csv equal to what 03_infer predicted for the same slices with the run's postprocess.json; a second
+    call refuses to overwrite."""
+    import shutil
+
+    from nbsupport import cli
+
+    test = smoke_run["manifest"][smoke_run["manifest"].split == "test"].reset_index(drop=True)
+    case_day = test.id[0].rsplit("_slice_", 1)[0]
+    case = case_day.split("_")[0]
+    source = smoke_run["root"] / "train" / case / case_day
+    shutil.copytree(source, tmp_path / "kaggle" / "test" / case / case_day)
+    first = test.iloc[0]
+    (tmp_path / "scanner").mkdir()
+    _write_mr_dicom(tmp_path / "scanner" / "IM0001.dcm",
+                    seg_data.read_slice(smoke_run["root"] / first.image))
+    out = tmp_path / "predicted"
+    argv = ["predict", "seg2d", "--run", str(smoke_run["run_dir"]), "-i", str(tmp_path / "kaggle"),
+            str(tmp_path / "scanner" / "IM0001.dcm"), "-o", str(out), "--device", "cpu"]
+    assert cli.main(argv) == 0
+
+    inferred = {i: p for i, p in zip(smoke_run["inferred"].evaluation.manifest.id, smoke_run["inferred"].evaluation.pred)}
+    ids = [i for i in test.id if i.startswith(case_day + "_")]
+    for slice_id in ids + ["IM0001"]:
+        expected = inferred[first.id if slice_id == "IM0001" else slice_id]
+        got = np.stack([_read_mask(out / "masks" / f"{slice_id}_{c}.png") for c in seg_data.CLASSES])
+        np.testing.assert_array_equal(got, expected, err_msg=slice_id)
+    sub = pd.read_csv(out / "submission.csv", keep_default_na=False)
+    assert sorted(set(sub.id)) == sorted(ids + ["IM0001"]) and len(sub) == 3 * (len(ids) + 1)
+    row = test.iloc[1]
+    for k, c in enumerate(seg_data.CLASSES):
+        rle = sub[(sub.id == row.id) & (sub["class"] == c)].predicted.item()
+        np.testing.assert_array_equal(seg_data.rle_decode(rle, row.height, row.width), inferred[row.id][k])
+
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert "already exist" in capsys.readouterr().err
+
+
+def test_nbsupport_predict_names_a_bad_file_and_predicts_the_others(smoke_run: dict, tmp_path: Path,
+                                                                    capsys) -> None:
+    good = smoke_run["root"] / smoke_run["manifest"].image[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / good.name).write_bytes(good.read_bytes())
+    (tmp_path / "in" / "slice_0009_266_266_1.50_1.50.png").write_bytes(good.read_bytes()[:200])  # truncated
+    code = cli_predict(smoke_run, tmp_path / "in", tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert code == 1 and "FAILED" in printed and "slice_0009_266_266_1.50_1.50.png" in printed
+    stem = good.name[:-4]
+    assert all((tmp_path / "out" / "masks" / f"{stem}_{c}.png").exists() for c in seg_data.CLASSES)
+    assert len(pd.read_csv(tmp_path / "out" / "submission.csv")) == 3
+
+
+def cli_predict(smoke_run: dict, inputs: Path, out: Path) -> int:
+    from nbsupport import cli
+
+    return cli.main(["predict", "seg2d", "--run", str(smoke_run["run_dir"]), "-i", str(inputs), "-o", str(out)])

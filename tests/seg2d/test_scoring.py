@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import directed_hausdorff
 
-from nbsupport.seg2d.scoring import (UWMGI_CLASSES, competition_score, dice_2d, hausdorff_3d, parse_slice_id)
+from nbsupport.seg2d.scoring import (UWMGI_CLASSES, case_parts, competition_score, dice_2d, hausdorff_3d,
+                                     parse_slice_id, pooled_score)
 
 
 def _ids(case: int, day: int, n: int, start: int = 1) -> list[str]:
@@ -145,3 +146,44 @@ def test_input_errors_name_the_slice():
         competition_score(_ids(1, 1, 2), [masks[0], masks[1, :2]], masks)
     with pytest.raises(ValueError, match="2 ids"):
         competition_score(_ids(1, 1, 2), masks[:1], masks)
+
+
+# ---------------------------------------------------------------------------------------------- per-case parts
+def _noisy_cases(rng: np.random.Generator, n_cases: int, days: int = 2, slices: int = 4) -> tuple[list, np.ndarray,
+                                                                                                  np.ndarray]:
+    ids = [i for case in range(1, n_cases + 1) for day in range(days) for i in _ids(case, day, slices)]
+    target = rng.random((len(ids), 3, 10, 10)) > 0.6
+    pred = target ^ (rng.random(target.shape) > 0.85)  # 15 % of pixels flipped
+    return ids, pred, target
+
+
+def test_pooled_case_parts_are_the_competition_score():
+    ids, pred, target = _noisy_cases(np.random.default_rng(5), n_cases=4)
+    order = np.random.default_rng(6).permutation(len(ids))  # any slice order
+    ids, pred, target = [ids[i] for i in order], pred[order], target[order]
+    parts = case_parts(ids, pred, target)
+    assert [p.case for p in parts] == [1, 2, 3, 4]
+    assert all(p.dice.shape == (8, 3) and p.hausdorff.shape == (2, 3) for p in parts)
+    pooled, reference = pooled_score(parts), competition_score(ids, pred, target)
+    for key in ("score", "dice", "hausdorff"):
+        assert pooled[key] == pytest.approx(reference[key], abs=1e-12)
+    for name in UWMGI_CLASSES:
+        assert pooled[f"dice_{name}"] == pytest.approx(reference["dice_per_class"][name], abs=1e-12)
+    # a case drawn twice counts twice, as in a bootstrap resample
+    twice = pooled_score([parts[0], parts[0]])
+    assert twice["dice"] == pytest.approx(pooled_score([parts[0]])["dice"])
+
+
+def test_intervals_over_cases_contain_the_score_and_narrow_with_more_cases():
+    from nbsupport.seg2d.inference import scores_with_ci95
+
+    widths = []
+    for n_cases in (4, 16):
+        ids, pred, target = _noisy_cases(np.random.default_rng(n_cases), n_cases)
+        parts = case_parts(ids, pred, target)
+        scores = scores_with_ci95(pooled_score(parts), parts)
+        for key in ("score", "dice", "hausdorff", "dice_stomach"):
+            low, high = scores[f"{key}_ci95"]
+            assert low < scores[key] < high, (n_cases, key)
+        widths.append(scores["dice_ci95"][1] - scores["dice_ci95"][0])
+    assert widths[1] < widths[0]

@@ -168,3 +168,57 @@ def test_fusion_attention_is_monai_attention_computed_fused_and_masks_only_the_p
         torch.testing.assert_close(masked[0], reference(q=q[:1], k=kv[:1], v=kv[:1])[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(masked[1], reference(q=q[1:], k=kv[1:, :4], v=kv[1:, :4])[0], atol=1e-5,
                                    rtol=1e-4)
+
+
+def _encoder_inputs_and_outputs(model, image: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What each of the five encoder blocks received and returned in one forward pass."""
+    inputs, outputs = [], []
+    hooks = [enc.register_forward_hook(lambda m, args, out: inputs.append(args[0]) or outputs.append(out))
+             for enc in model.encoders]
+    try:
+        with torch.no_grad():
+            model(image, REPORTS[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, outputs
+
+
+def test_llmseg_wiring_encodes_unfused_features_then_fuses_every_scale() -> None:
+    """tvseg/MM-LLM-RO model/contextunet.py:259-279: encoder blocks chained on their own outputs, the two-way fusion
+    of each scale afterwards, the decoders reading the fused scales; a residual block in the first decoder only."""
+    model = build_llmseg(_spec()).eval()
+    assert model.spec.wiring == "llmseg"
+    image = torch.randn(1, 1, 32, 32, 64)
+    inputs, outputs = _encoder_inputs_and_outputs(model, image)
+    for i in range(1, 5):
+        torch.testing.assert_close(inputs[i], outputs[i - 1], rtol=0, atol=0)  # unfused
+    fused = []
+    hooks = [block.register_forward_hook(lambda m, args, out: fused.append(out[1])) for block in model.fusion]
+    with torch.no_grad():
+        model(image, REPORTS[:1])
+    for h in hooks:
+        h.remove()
+    assert len(fused) == 5 and all(f.shape[1] == o.flatten(2).shape[2] for f, o in zip(fused, outputs))
+    assert [type(d.conv_block).__name__ for d in model.decoders] == ["UnetResBlock"] + ["UnetBasicBlock"] * 3
+
+
+def test_fused_chain_wiring_feeds_each_fused_scale_to_the_next_encoder_block() -> None:
+    model = build_llmseg(_spec(wiring="fused_chain")).eval()
+    inputs, outputs = _encoder_inputs_and_outputs(model, torch.randn(1, 1, 32, 32, 64))
+    for i in range(1, 5):
+        assert inputs[i].shape == outputs[i - 1].shape and not torch.allclose(inputs[i], outputs[i - 1])
+    assert [type(d.conv_block).__name__ for d in model.decoders] == ["UnetResBlock"] * 4
+
+
+def test_specs_written_before_the_wiring_field_rebuild_as_the_fused_chain() -> None:
+    """A model_spec.json of an earlier run has no ``wiring``: it is the fused chain, its fingerprint unchanged; a new
+    spec writes ``"wiring": "llmseg"`` and so cannot load an earlier checkpoint by mistake."""
+    earlier = '{"feature_size": 8, "n_prompts": 2, "context_length": 3, "text_encoder": "tiny_sentence"}'
+    old = LLMSegSpec.from_json(earlier)
+    assert old.wiring == "fused_chain" and "wiring" not in old.to_json()
+    new = LLMSegSpec.from_json(_spec().to_json())
+    assert new.wiring == "llmseg" and '"wiring": "llmseg"' in new.to_json()
+    assert new.fingerprint() != LLMSegSpec.from_json(_spec(wiring="fused_chain").to_json()).fingerprint()
+    with pytest.raises(ValueError, match="wiring must be one of"):
+        build_llmseg(_spec(wiring="other"))

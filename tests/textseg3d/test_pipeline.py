@@ -15,7 +15,7 @@ from nbsupport.runs import RunFolder
 from nbsupport.textseg3d.config import AttentionConfig, InferConfig, PreprocessConfig
 from nbsupport.textseg3d.demo_data import DEMO_SIZES, write_demo_dataset
 from nbsupport.textseg3d.inference import predict_volume
-from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, build_llmseg
+from nbsupport.textseg3d.model import LLMSeg, LLMSegSpec, ReportTokens, build_llmseg
 from nbsupport.textseg3d.pipeline import load_trained_model, predict_new_case
 
 SMOKE = DEMO_SIZES["smoke"]
@@ -108,3 +108,50 @@ def test_the_03_and_04_verbs_write_their_viewers_and_return_the_cases(tmp_path: 
     assert att.viewer_html == run_dir / "04_attention_viewer.html" and att.viewer_html.stat().st_size > 0
     assert [c["title"] for c in att.viewer_cases] == ["scale 1/4, prompt token 1", "scale 1/4, prompt token 2"]
     assert att.case == test_cases[0] and (run_dir / "figures" / "04_fusion_attention.png").exists()
+
+
+def _devices(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter and buffer by name -> the device type it is on."""
+    return {name: t.device.type for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _meta_report_tokens(model: LLMSeg, batch: int) -> torch.Tensor | ReportTokens:
+    """Text tokens of the shape the sentence encoder gives, on meta: BERT's mask code in transformers reads tensor
+    values (``padding_mask.all()``), which meta tensors do not have, so the frozen encoder itself cannot run there."""
+    enc = model.text_encoder
+    if model.spec.text_readout == "tokens":
+        n = model.spec.n_prompts * 12
+        return ReportTokens(torch.empty(batch, n, enc.hidden_size, device="meta"),
+                            torch.ones(batch, n, dtype=torch.bool, device="meta"))
+    return torch.empty(batch, model.spec.n_prompts, enc.hidden_size, device="meta")
+
+
+def test_the_trained_smoke_run_loads_onto_meta_and_segments_there(smoke_run) -> None:
+    """Both trained networks of the smoke run, rebuilt for ``device="meta"``: every parameter and buffer (the frozen
+    encoder's too) is there, and a batch of windows sharing one report goes through the UNet and the fusion there:
+    a tensor created on the CPU inside the network would stop it (or, on a GPU, stop it with CPU/CUDA mismatch)."""
+    for run_dir in (smoke_run.run_dir, smoke_run.run_dir / "image_only"):
+        model = load_trained_model(run_dir / "checkpoints" / "best", "meta")
+        left_behind = {n: d for n, d in _devices(model).items() if d != "meta"}
+        assert not left_behind and _devices(model), left_behind
+        text = _meta_report_tokens(model, 1) if model.text_encoder is not None else None
+        logits = model.segment(torch.empty(2, 1, *model.spec.roi, device="meta"), text)
+        assert logits.device.type == "meta" and logits.shape == (2, 2, *model.spec.roi)
+
+
+@pytest.mark.parametrize("options", [{"text_encoder": "tiny_sentence", "text_readout": "tokens", "image_pe": "random"},
+                                     {"text_encoder": "tiny_causal"}], ids=["tokens_random_pe", "causal"])
+def test_every_variant_runs_on_meta(tmp_path: Path, options: dict) -> None:
+    """The demo's variant (per-token text with a key padding mask, random Fourier positions) and the causal <SEG>
+    readout, loaded for meta; the causal encoder runs there too, from the report string to the logits (with eager
+    attention: transformers' SDPA mask code reads the padding mask's values, which meta tensors do not have)."""
+    spec = LLMSegSpec(feature_size=4, context_length=2, roi=SMOKE["shape"], **options)
+    model = load_trained_model(_store_checkpoint(tmp_path / "run", spec, _shifted(spec)), "meta")
+    assert set(_devices(model).values()) == {"meta"}
+    if spec.text_encoder == "tiny_causal":
+        model.text_encoder.backbone.config._attn_implementation = "eager"
+        text = model.encode_reports([REPORT])
+    else:
+        text = _meta_report_tokens(model, 1)
+    logits = model.segment(torch.empty(2, 1, *SMOKE["shape"], device="meta"), text)
+    assert logits.device.type == "meta" and logits.shape == (2, 2, *SMOKE["shape"])

@@ -22,8 +22,9 @@ SMOKE = DEMO_SIZES["smoke"]
 
 @pytest.mark.slow
 def test_training_the_unet_with_diceceloss_segments_the_target_of_known_cases(tmp_path: Path) -> None:
-    """70 steps on two demo cases: Dice on them must beat the untrained network (stated baseline, ~0.02) and
-    all-background (0) by a wide margin."""
+    """140 steps on two demo cases: Dice on them must beat the untrained network (stated baseline, ~0.05) and
+    all-background (0) by a wide margin. LLMSeg's wiring leaves the all-background phase later than the fused chain
+    did (Dice after 70 / 105 / 140 steps: 0.00 / 0.62 / 0.79; fused chain 0.79 / 0.79 / 0.80), hence 140 steps."""
     root = write_demo_dataset(tmp_path / "d", **SMOKE)
     manifest = ts_data.build_manifest(root).manifest
     items = case_items(manifest[manifest.side == "left"].head(2), root)
@@ -47,7 +48,7 @@ def test_training_the_unet_with_diceceloss_segments_the_target_of_known_cases(tm
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for _ in range(70):
+    for _ in range(140):
         loss = loss_fn(model(batch["image"], batch["prompt"]), batch["label"])
         loss.backward()
         optimizer.step()
