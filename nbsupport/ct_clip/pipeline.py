@@ -29,6 +29,7 @@ from nbsupport.ct_clip.inference import (Evaluation, LinearProbe, ci95_list, emb
 from nbsupport.ct_clip.model import CTClip, CTClipSpec, report_features
 from nbsupport.ct_clip.task import CTClipTrainingTask, checkpoint_monitor, distributed_config
 from nbsupport.device import resolve_device
+from nbsupport.export import export_checkpoint
 from nbsupport.metrics import bootstrap_ci95, format_with_ci
 from nbsupport.paths import resolve_path
 from nbsupport.predict import (PredictError, PredictSummary, check_outputs_free, expand_inputs, for_each_input,
@@ -140,6 +141,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     write_retrieval_headline(run, cfg.STAGE, test_metrics, test_split, len(evaluation.manifest))
     curves = plot_training_curves(result.history)
     run.save_figure(curves, "02_training_curves")
+    export_checkpoint(run, cfg.STAGE, best, spec, CTClip)
     return TrainOutcome(result.history, best, evaluation, curves, parameters, test_table(test_metrics))
 
 

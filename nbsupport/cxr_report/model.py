@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -327,11 +328,16 @@ class ReportGenerator(nn.Module):
         ``num_return_sequences`` finished beams per image (at most ``num_beams``), image by image, each image's
         best beam score first."""
         embeds, mask = self.prompt_embeddings(disease_tokens, prompt_ids)
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
-                               num_return_sequences=num_return_sequences,
-                               no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens,
-                               early_stopping=num_beams > 1, do_sample=False,
-                               pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        with warnings.catch_warnings():
+            # transformers says that with inputs_embeds the n-gram rule covers only the generated tokens: what is meant
+            # here (the prompt's own words may be repeated in the report), so the warning tells a reader nothing.
+            warnings.filterwarnings("ignore", message=r"Passing `no_repeat_ngram_size` with `inputs_embeds`",
+                                    category=UserWarning)
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams,
+                                   num_return_sequences=num_return_sequences,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens,
+                                   early_stopping=num_beams > 1, do_sample=False,
+                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 

@@ -70,6 +70,7 @@ from nbsupport.cxr_report.views import (
     write_viewer,
 )
 from nbsupport.device import resolve_device
+from nbsupport.export import Contents, base_model_name, write_export, write_peft_adapter, write_tensors
 from nbsupport.manifest import read_manifest, write_manifest
 from nbsupport.paths import resolve_path
 from nbsupport.predict import PredictSummary
@@ -150,7 +151,9 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
                                 str(tokens_file))
     print(f"stage 2: {spec.language_model} ({spec.quantization}) + LoRA r={spec.lora_r} on the disease tokens")
     report_result = train_report(cfg, run, manifest, root, spec, tokens_file)
-    return _train_outcome(cfg, run, manifest, spec, probs, vision_result, report_result)
+    outcome = _train_outcome(cfg, run, manifest, spec, probs, vision_result, report_result)
+    export_model(run, cfg.STAGE, device)
+    return outcome
 
 
 def model_spec(cfg: TrainConfig, run: RunFolder | None) -> CxrModelSpec:
@@ -276,6 +279,45 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
     generator = ReportGenerator(spec, lm, tokenizer)
     load_weights(generator, best_checkpoint(training_run / "report"), expected_config_hash=spec.fingerprint("report"))
     return TrainedModel(spec, vision.to(place), place_on(generator, place).eval(), tokenizer)
+
+
+def export_model(run: RunFolder, stage: str, device: str | torch.device = "cpu") -> Path:
+    """``<run>/export``: the report LM's LoRA adapter as a PEFT folder (``adapter/``, with the tokenizer; its base is
+    the run's ``language_model``), the vision model and the projection as ``visual/model.safetensors`` +
+    ``config.json``, and the model card. The trained model is loaded on ``device`` to write them."""
+    model = load_trained_model(run.path, device)
+    spec = model.spec
+    base = base_model_name(spec.language_model)
+
+    def files(folder: Path) -> Contents:
+        contents = write_peft_adapter(model.generator.lm, folder / "adapter", base, model.tokenizer)
+        tensors = {**{f"vision.{k}": v for k, v in model.vision.state_dict().items()},
+                   **{f"projection.{k}": v for k, v in model.generator.projection.state_dict().items()}}
+        return contents | write_tensors(folder, tensors, spec, "vision.*: nbsupport.cxr_report.model.VisionModel "
+                                        "(DenseNet features, disease attention, 14-label classifier); projection.*: "
+                                        "Linear(disease token -> LM embedding)", sub="visual")
+
+    quantization = ("quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
+                    "bnb_4bit_compute_dtype=torch.float32), " if spec.quantization == "nf4" else "")
+    loading = f"""
+import json, safetensors.torch, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from nbsupport.cxr_report.model import CxrModelSpec, VisionModel
+
+base = AutoModelForCausalLM.from_pretrained("{base}", {quantization}dtype=torch.float32)
+lm = PeftModel.from_pretrained(base, "export/adapter").eval()   # the report LM as trained
+tokenizer = AutoTokenizer.from_pretrained("export/adapter")
+spec = CxrModelSpec(**json.load(open("export/visual/config.json"))["model_spec"])
+tensors = safetensors.torch.load_file("export/visual/model.safetensors")
+vision = VisionModel(spec)
+vision.load_state_dict({{k[len("vision."):]: v for k, v in tensors.items() if k.startswith("vision.")}})
+projection = torch.nn.Linear(spec.feature_dim, base.config.hidden_size)
+projection.load_state_dict({{k[len("projection."):]: v for k, v in tensors.items() if k.startswith("projection.")}})
+# the LM reads [projection(disease tokens) | prompt + newline] as inputs_embeds
+# (nbsupport.cxr_report.model.ReportGenerator)
+"""
+    return write_export(run, stage, files, loading)
 
 
 # ============================================================================================ 03 infer

@@ -17,6 +17,8 @@ import pandas as pd
 
 from nbsupport.checkpoints import SPEC_FILE, load_model, load_weights
 from nbsupport.device import resolve_device
+from nbsupport.export import (Contents, base_model_name, checkpoint_tensors, is_lora_tensor, write_export,
+                              write_peft_adapter, write_tensors)
 from nbsupport.manifest import write_manifest
 from nbsupport.paths import resolve_path
 from nbsupport.prs_med.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
@@ -134,6 +136,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     run.save_figure(curves, "02_training_curves")
     examples = predictions_figure(evaluation, root, n=6)
     run.save_figure(examples, "02_test_predictions")
+    export_model(run, cfg.STAGE, model, checkpoint)
     return TrainOutcome(result.history, checkpoint, test_split, parameters, evaluation.per_task,
                         evaluation.predictions, curves, examples, scores_table(evaluation),
                         comparisons_table(evaluation))
@@ -171,6 +174,34 @@ def train_image_only(cfg: TrainConfig, run: RunFolder, root: Path, model: PRSMed
     result = cfg.launch_training(ImageOnlyTrainingTask, run.path / BASELINE_DIR, root, spec, settings,
                                  config_hash=spec.fingerprint() + BASELINE_HASH_SUFFIX, prompt_dim=prompt_dim)
     return load_image_only(spec, prompt_dim, Path(result.best_checkpoint or result.last_checkpoint))
+
+
+def export_model(run: RunFolder, stage: str, model: PRSMedNet, checkpoint: Path) -> Path:
+    """``<run>/export``: the VLM's LoRA adapter as a PEFT folder (``adapter/``, with the tokenizer) and every other
+    trained tensor of ``checkpoint`` (image encoder, mask decoder, classifiers; the assembled VLM's vision tower and
+    projector) as ``network/model.safetensors`` + ``config.json``, and the model card."""
+    spec = model.spec
+    assembled = spec.vlm in ("tiny", "smollm2-135m")  # built by build_vlm from the spec, no folder to name
+
+    def files(folder: Path) -> Contents:
+        contents = write_peft_adapter(model.vlm, folder / "adapter", "" if assembled else base_model_name(spec.vlm),
+                                      model.tokenizer)
+        rest = checkpoint_tensors(checkpoint, keep=lambda name: not is_lora_tensor(name))
+        return contents | write_tensors(folder, rest, spec, "the trained tensors of nbsupport.prs_med.model.PRSMedNet "
+                                        "but the LoRA adapter, by their state_dict names", sub="network")
+
+    loading = """
+import json, safetensors.torch
+from peft import PeftModel
+from nbsupport.prs_med.model import PRSMedNet, PRSMedSpec
+
+spec = PRSMedSpec.from_json(json.dumps(json.load(open("export/network/config.json"))["model_spec"]))
+model = PRSMedNet(spec)  # the network the run built (its frozen VLM from spec.vlm), untrained
+model.load_state_dict(safetensors.torch.load_file("export/network/model.safetensors"), strict=False)
+model.vlm = PeftModel.from_pretrained(model.vlm.unload(), "export/adapter")  # the trained LoRA adapter
+model.eval()
+"""
+    return write_export(run, stage, files, loading)
 
 
 # ============================================================================================ loading

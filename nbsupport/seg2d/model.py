@@ -206,3 +206,16 @@ class BCEDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         bce = F.binary_cross_entropy_with_logits(logits, target)
         return self.bce_weight * bce + self.dice_weight * self.dice(logits, target)
+
+
+def save_hf_model(model: Seg2DNet, folder: Path, class_names: tuple[str, ...]) -> dict[str, str]:
+    """The HF segmentation model inside ``model`` as ``save_pretrained`` writes it (``config.json`` with the class
+    names as ``id2label``, ``model.safetensors``), so that ``AutoModelForSemanticSegmentation.from_pretrained(folder)``
+    gives the same logits for the same ``pixel_values``. No image processor is written: the input is our own
+    (:meth:`Seg2DNet.prepare` of a per-slice percentile-scaled slice), which the model card describes."""
+    hf = model.hf
+    hf.config.id2label = dict(enumerate(class_names))
+    hf.config.label2id = {name: i for i, name in enumerate(class_names)}
+    hf.save_pretrained(str(folder), safe_serialization=True)
+    return {"config.json": f"{type(hf).__name__} config ({model.spec.source}), id2label {list(class_names)}",
+            "model.safetensors": f"every weight ({sum(p.numel() for p in hf.parameters()) / 1e6:.2f} M parameters)"}

@@ -21,6 +21,7 @@ import torch
 from nbsupport.checkpoints import load_model, load_weights
 from nbsupport.device import resolve_device
 from nbsupport.dicom import read_dicom_image
+from nbsupport.export import write_export
 from nbsupport.manifest import write_manifest
 from nbsupport.paths import resolve_path
 from nbsupport.predict import (PredictError, PredictSummary, check_outputs_free, expand_inputs, for_each_input,
@@ -32,7 +33,7 @@ from nbsupport.seg2d.data import CLASSES
 from nbsupport.seg2d.inference import (BASELINE_LABELS, POSTPROCESS_FILE, BaselineComparison, PostProcess,
                                        SplitEvaluation, compare_with_baselines, evaluate_split, most_organ_slices,
                                        query_attention, slice_probabilities, tune_postprocess)
-from nbsupport.seg2d.model import Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec
+from nbsupport.seg2d.model import Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec, save_hf_model
 from nbsupport.seg2d.task import Seg2DTrainingTask
 from nbsupport.seg2d.views import (attention_figures, attention_viewer_cases, prediction_figure,
                                    sample_slices_figure, viewer_cases, write_attention_viewer, write_case_viewer)
@@ -118,8 +119,30 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     run.save_figure(curves, "02_training_curves")
     examples = prediction_figure(evaluation, root, n=4)
     run.save_figure(examples, "02_test_predictions")
+    export_model(run, cfg.STAGE, model)
     return TrainOutcome(result.history, best, test_split, metrics, evaluation.per_class, curves, examples,
                         comparison.table)
+
+
+def export_model(run: RunFolder, stage: str, model: Seg2DNet) -> Path:
+    """``<run>/export``: the trained HF model (``save_pretrained``) and its model card."""
+    spec = model.spec
+    channels = "the slice repeated to 3 channels, " if spec.in_channels == 3 else ""
+    loading = f"""
+import torch
+from transformers import AutoModelForSemanticSegmentation
+
+model = AutoModelForSemanticSegmentation.from_pretrained("export").eval()
+# input: slices resized to {spec.image_size} px, each divided by its own 99.5th percentile and clipped to [0, 1]
+# (nbsupport.seg2d.data.normalize_intensity),
+# {channels}then (x - {list(spec.mean)}) / {list(spec.std)}:
+# pixel_values (B, {spec.in_channels}, {spec.image_size}, {spec.image_size})
+logits = model(pixel_values=pixel_values).logits  # (B, {spec.num_labels}, h, w): SegFormer and BEiT at 1/4 of the input
+# each class an independent sigmoid (the organs overlap): upsample the logits bilinearly to the input size, then
+probabilities = torch.nn.functional.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear").sigmoid()
+# masks: probabilities above each class's threshold in the run's {POSTPROCESS_FILE} (small regions dropped as it says)
+"""
+    return write_export(run, stage, lambda folder: save_hf_model(model, folder, CLASSES), loading)
 
 
 def _postprocess_after_training(cfg: TrainConfig, model: Seg2DNet, manifest: pd.DataFrame, root: Path,

@@ -18,6 +18,7 @@ import torch
 
 from nbsupport.checkpoints import SPEC_FILE, load_model
 from nbsupport.device import resolve_device
+from nbsupport.export import export_checkpoint
 from nbsupport.manifest import write_manifest
 from nbsupport.paths import resolve_path
 from nbsupport.predict import (
@@ -157,6 +158,7 @@ def train(cfg: TrainConfig, run: RunFolder) -> TrainOutcome:
     write_dice_headline(run, cfg.STAGE, metrics, keys)
     curves = plot_training_curves(_merge_histories(histories))
     run.save_figure(curves, "02_training_curves")
+    export_checkpoint(run, cfg.STAGE, best, spec, build_llmseg)
     return TrainOutcome(result.history, best, image_only_best, test_split, scores, ablation_table(evaluations), curves)
 
 

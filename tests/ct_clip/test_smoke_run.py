@@ -40,3 +40,24 @@ def test_the_notebook_tables_show_each_metric_with_its_interval(smoke_run) -> No
         assert all(INTERVAL.match(cell) for cell in column), column
         recall = smoke_run.infer.evaluation.headline()["report_to_volume_R@1"]
         assert column["test_report_to_volume_R@1"].startswith(f"{recall:.3f} (")
+
+
+def test_export_holds_the_best_checkpoint_the_spec_and_a_card(smoke_run) -> None:
+    """``<run>/export``: ``model.safetensors`` holds exactly the best checkpoint's tensors, ``config.json`` the run's
+    model spec, and ``CTClip(spec)`` takes the tensors with the card's ``strict`` setting; the card leads with the
+    retrieval headline next to chance."""
+    import safetensors.torch
+    import torch
+
+    from nbsupport.ct_clip.model import CTClip, CTClipSpec
+
+    export = smoke_run.run_dir / "export"
+    exported = safetensors.torch.load_file(str(export / "model.safetensors"))
+    best = safetensors.torch.load_file(str(smoke_run.train.checkpoint / "model.safetensors"))
+    assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in best)
+    spec_json = json.loads((export / "config.json").read_text())["model_spec"]
+    assert spec_json == json.loads((smoke_run.run_dir / "model_spec.json").read_text())
+    card = (export / "README.md").read_text()
+    strict = re.search(r"strict=(True|False)", card).group(1) == "True"
+    CTClip(CTClipSpec.from_json(json.dumps(spec_json))).load_state_dict(exported, strict=strict)
+    assert re.search(r"Headline: report->volume R@\d \(\w+\) [\d.]+ \(95 % CI [\d.]+–[\d.]+\), against chance", card)

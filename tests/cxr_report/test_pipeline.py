@@ -170,3 +170,41 @@ def test_load_trained_model_puts_every_tensor_on_the_meta_device(trained: Simple
     assert embeds.device.type == mask.device.type == "meta" and embeds.shape[:2] == mask.shape == (2, 17)
     out = model.generator.lm(inputs_embeds=embeds)  # (transformers' mask helpers read values: no mask on meta)
     assert out.logits.device.type == "meta"
+
+
+def test_export_adapter_loads_with_peft_and_gives_the_workbench_logits(trained: SimpleNamespace) -> None:
+    """The acceptance test of the export: the adapter folder on the base its config names, loaded as the model card
+    says (``PeftModel.from_pretrained`` on a 4-bit ``AutoModelForCausalLM``), gives the workbench LM's logits, which
+    differ from the base's; the visual file holds the trained vision model and projection; the card names the
+    headline with its interval and no patient."""
+    import safetensors.torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nbsupport.export import EXPORT_DIR
+
+    export = trained.run_dir / EXPORT_DIR
+    workbench = load_trained_model(trained.run_dir)
+    base_name = json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_name == str((trained.run_dir / "tiny_lm").resolve())
+    base = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    lm = PeftModel.from_pretrained(base, export / "adapter").eval()
+    ids = torch.tensor([workbench.tokenizer("Findings: the lungs are clear.\n")["input_ids"]])
+    with torch.no_grad():
+        ours = workbench.generator.lm(input_ids=ids).logits
+        theirs = lm(input_ids=ids).logits
+        with lm.disable_adapter():
+            without_adapter = lm(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert (theirs - without_adapter).abs().max() > 1e-4  # the adapter was trained: the comparison means something
+    visual = safetensors.torch.load_file(str(export / "visual" / "model.safetensors"))
+    parts = {"vision": workbench.vision, "projection": workbench.generator.projection}
+    for part, module in parts.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(visual[f"{part}.{key}"], value.cpu()), f"{part}.{key}"
+    card = (export / "README.md").read_text()
+    headline = json.loads((trained.run_dir / "headline.json").read_text())
+    assert f"Headline: {headline['metric']} {headline['value']:.4g} (95 % CI" in card and "profile: `smoke`" in card
+    patients = trained.prepared.manifest["patient"].astype(str).unique()
+    assert len(patients) and not [p for p in patients if p in card]

@@ -56,6 +56,31 @@ def test_every_test_metric_has_its_interval_and_the_run_its_headline(smoke_run: 
 
 
 @pytest.mark.slow
+def test_export_loads_as_its_card_says_into_the_trained_network(smoke_run: Any) -> None:
+    """``<run>/export``, loaded as its model card says (the network tensors into ``PRSMedNet(spec)``, the adapter
+    with ``PeftModel.from_pretrained`` on the VLM without LoRA), is the network ``load_trained_model`` gives, every
+    tensor equal; the LoRA tensors are in the adapter only."""
+    import safetensors.torch
+    import torch
+    from peft import PeftModel
+
+    from nbsupport.prs_med.model import PRSMedNet, PRSMedSpec
+
+    export = smoke_run.run.path / "export"
+    network = safetensors.torch.load_file(str(export / "network" / "model.safetensors"))
+    assert network and not [k for k in network if ".lora_" in k]
+    spec = PRSMedSpec.from_json(json.dumps(json.loads((export / "network" / "config.json").read_text())["model_spec"]))
+    model = PRSMedNet(spec)
+    model.load_state_dict(network, strict=False)
+    model.vlm = PeftModel.from_pretrained(model.vlm.unload(), export / "adapter")
+    trained = pipeline.load_trained_model(smoke_run.outcome.checkpoint).state_dict()
+    ours = model.state_dict()
+    assert ours.keys() == trained.keys()
+    assert [k for k in trained if not torch.equal(ours[k], trained[k])] == []
+    lora = [k for k in trained if ".lora_B." in k]
+    assert lora and any(trained[k].abs().max() > 0 for k in lora)  # trained: the adapter is not the zero init
+
+
 def test_02_train_on_a_tinysam_checkpoint_with_the_official_decoder(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     """The smoke profile with ``sam_ckpt`` = a tinysam_42.3.pth-layout file and ``mask_decoder='official'`` trains,

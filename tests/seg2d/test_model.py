@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbsupport.seg2d.model import (ARCHITECTURES, BCEDiceLoss, Seg2DModelSpec, build_seg2d_model, model_from_spec)
+from nbsupport.seg2d.model import (ARCHITECTURES, BCEDiceLoss, Seg2DModelSpec, build_seg2d_model, model_from_spec,
+                                   save_hf_model)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -29,6 +30,23 @@ def test_each_family_runs_on_the_meta_device(arch: str) -> None:
     with torch.no_grad():
         logits = model(torch.zeros(2, 1, 64, 64, device="meta"))
     assert logits.device.type == "meta" and tuple(logits.shape) == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_family_saved_for_hf_loads_with_auto_model_and_gives_the_same_logits(arch: str, tmp_path) -> None:
+    """What 02_train exports: ``AutoModelForSemanticSegmentation.from_pretrained`` of the saved folder computes the
+    network's own logits, and names the classes."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    torch.manual_seed(0)
+    model = build_seg2d_model(arch, num_labels=3, image_size=64, width="tiny").eval()
+    save_hf_model(model, tmp_path, ("large_bowel", "small_bowel", "stomach"))
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model.hf) and loaded.config.id2label[2] == "stomach"
+    pixel_values = model.prepare(torch.rand(2, 1, 64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, model.hf(pixel_values=pixel_values).logits,
+                                   rtol=0, atol=1e-6)
 
 
 def test_fingerprint_changes_with_the_label_set() -> None:

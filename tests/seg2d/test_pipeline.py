@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from nbsupport import seg2d
 from nbsupport.runs import RunFolder
@@ -262,3 +263,34 @@ def cli_predict(smoke_run: dict, inputs: Path, out: Path) -> int:
     from nbsupport import cli
 
     return cli.main(["predict", "seg2d", "--run", str(smoke_run["run_dir"]), "-i", str(inputs), "-o", str(out)])
+
+
+def test_export_loads_with_auto_model_and_gives_the_workbench_logits(smoke_run: dict) -> None:
+    """The acceptance test of the export: ``AutoModelForSemanticSegmentation.from_pretrained(<run>/export)`` on the
+    workbench's own input gives the logits of ``load_trained_model`` (before its upsampling), and the model card
+    names the run's test Dice with its interval but none of the data's case ids."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    from nbsupport.export import EXPORT_DIR
+
+    run_dir = smoke_run["run_dir"]
+    export = run_dir / EXPORT_DIR
+    exported = AutoModelForSemanticSegmentation.from_pretrained(export).eval()
+    workbench = seg2d.load_trained_model(run_dir / "checkpoints" / "best")
+    assert exported.config.id2label == dict(enumerate(seg_data.CLASSES))
+    size = workbench.spec.image_size
+    image = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pixel_values = workbench.prepare(image)
+        ours = workbench.hf(pixel_values=pixel_values).logits
+        theirs = exported(pixel_values=pixel_values).logits
+        upsampled = torch.nn.functional.interpolate(theirs, size=(size, size), mode="bilinear", align_corners=False)
+        assert torch.allclose(upsampled, workbench(image), atol=1e-5)
+    assert ours.abs().max() > 0 and torch.equal(ours, theirs)
+    card = (export / "README.md").read_text()
+    metrics = smoke_run["outcome"].test_metrics
+    dice, (low, high) = metrics["test_dice"], metrics["test_dice_ci95"]
+    assert f"| test_dice | {dice:.4g} | {low:.4g}–{high:.4g} |" in card
+    assert "profile: `smoke`" in card and smoke_run["params"]["manifest"] in card
+    assert not [case for case in smoke_run["manifest"]["case"].unique() if str(case) in card]
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(f".{EXPORT_DIR}.")]  # no temporary left

@@ -43,3 +43,25 @@ def test_the_notebook_tables_show_each_mean_with_its_interval(smoke_run) -> None
         assert all(INTERVAL.match(cell) for cell in table.to_numpy().ravel()), table
     assert smoke_run.train.table.loc["LLMSeg, true report", "Dice"].startswith(
         f"{smoke_run.train.scores.loc['LLMSeg, true report', 'dice']:.3f} (")
+
+
+def test_export_rebuilds_the_trained_network_as_its_card_says(smoke_run) -> None:
+    """``<run>/export``: the spec in ``config.json`` and the tensors of ``model.safetensors`` rebuild, as the model
+    card's lines do, the network ``load_trained_model`` gives (the frozen text encoder from its path, the rest from
+    the file); the card names the true-report Dice with its interval."""
+    import safetensors.torch
+    import torch
+
+    from nbsupport.textseg3d.model import LLMSegSpec, build_llmseg
+    from nbsupport.textseg3d.pipeline import load_trained_model
+
+    export = smoke_run.run_dir / "export"
+    spec = LLMSegSpec.from_json(json.dumps(json.loads((export / "config.json").read_text())["model_spec"]))
+    rebuilt = build_llmseg(spec)
+    loaded = rebuilt.load_state_dict(safetensors.torch.load_file(str(export / "model.safetensors")), strict=False)
+    assert not loaded.unexpected_keys and loaded.missing_keys
+    assert all(not p.requires_grad for name, p in rebuilt.named_parameters() if name in loaded.missing_keys)
+    trained = load_trained_model(smoke_run.train.checkpoint).state_dict()
+    assert [k for k, v in rebuilt.state_dict().items() if not torch.equal(v, trained[k])] == []
+    card = (export / "README.md").read_text()
+    assert f"| {smoke_run.train.test_split}_dice_LLMSeg_true_report | " in card and "_dice_true_minus_flipped |" in card
