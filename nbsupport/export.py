@@ -204,6 +204,8 @@ def _results(run: RunFolder, stage: str) -> list[str]:
     difference ``{"diff", "ci95"}``)."""
     metrics = run.metrics().get(stage, {})
     headline = read_json(run.path / HEADLINE_FILE)
+    if headline and headline.get("stage") != stage:  # a later stage's (03_infer on an export rewritten by a resume)
+        headline = None
     lines = ["## Results", ""]
     if headline:
         ci = headline.get("ci95")

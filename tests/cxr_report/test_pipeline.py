@@ -204,7 +204,10 @@ def test_export_adapter_loads_with_peft_and_gives_the_workbench_logits(trained: 
         for key, value in module.state_dict().items():
             assert torch.equal(visual[f"{part}.{key}"], value.cpu()), f"{part}.{key}"
     card = (export / "README.md").read_text()
-    headline = json.loads((trained.run_dir / "headline.json").read_text())
-    assert f"Headline: {headline['metric']} {headline['value']:.4g} (95 % CI" in card and "profile: `smoke`" in card
+    metrics = json.loads((trained.run_dir / "metrics.json").read_text())["02_train"]
+    (key, auroc), = [(k, v) for k, v in metrics.items() if k.endswith("_aux_auroc_mean")]
+    low, high = metrics[f"{key}_ci95"]
+    assert f"| {key} | {auroc:.4g} | {low:.4g}–{high:.4g} |" in card and "profile: `smoke`" in card
+    assert f"Headline: {key.split('_')[0]} mean AUROC, auxiliary 14-label classifier {auroc:.4g} (95 % CI" in card
     patients = trained.prepared.manifest["patient"].astype(str).unique()
     assert len(patients) and not [p for p in patients if p in card]

@@ -286,7 +286,8 @@ def test_export_loads_with_auto_model_and_gives_the_workbench_logits(smoke_run: 
         theirs = exported(pixel_values=pixel_values).logits
         upsampled = torch.nn.functional.interpolate(theirs, size=(size, size), mode="bilinear", align_corners=False)
         assert torch.allclose(upsampled, workbench(image), atol=1e-5)
-    assert ours.abs().max() > 0 and torch.equal(ours, theirs)
+    assert ours.abs().max() > 0  # attention kernels may differ (the export loads with the default one): 1e-5
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     card = (export / "README.md").read_text()
     metrics = smoke_run["outcome"].test_metrics
     dice, (low, high) = metrics["test_dice"], metrics["test_dice_ci95"]
