@@ -235,7 +235,7 @@ def _train_outcome(cfg: TrainConfig, run: RunFolder, manifest: pd.DataFrame, spe
                "language_model": cfg.language_model, "quantization": cfg.quantization,
                "encoder_weights": cfg.encoder_weights or "none (random init)"}
     if aurocs:
-        metrics = with_ci95(metrics, lambda s, y: {auroc_key: float(np.mean(list(label_aurocs(s, y).values())))},
+        metrics = with_ci95(metrics, lambda s, y: {auroc_key: _mean_auroc(s, y)},
                             scores, labels)
         run.write_headline(cfg.STAGE, f"{test_split} mean AUROC, auxiliary 14-label classifier", metrics[auroc_key],
                            "chance", 0.5, ci95=metrics[f"{auroc_key}_ci95"])
@@ -248,6 +248,13 @@ def _train_outcome(cfg: TrainConfig, run: RunFolder, manifest: pd.DataFrame, spe
     table = pd.DataFrame({"auroc": aurocs, "auroc (95% CI)": format_with_ci(per_label, digits=3)}).rename_axis("label")
     return TrainOutcome(spec, vision_result.history, report_result.history, metrics, table, vision_curves,
                         report_curves, parameters)
+
+
+def _mean_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """The mean AUROC over the labels that have both classes; None (undefined: the bootstrap leaves the resample
+    out, rather than numpy warning about the mean of nothing) where none has."""
+    aurocs = list(label_aurocs(scores, labels).values())
+    return float(np.mean(aurocs)) if aurocs else None
 
 
 def _this_run_parameters(spec: CxrModelSpec) -> ParameterCount:
