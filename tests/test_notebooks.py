@@ -93,6 +93,11 @@ def test_series_runs_end_to_end_on_smoke(system: str, tmp_path: Path, monkeypatc
     for stem in notebooks:
         assert (run_dir / f"{stem}.ipynb").exists() and (run_dir / f"{stem}.html").exists()
     assert "progress: train " in (run_dir / "02_train.log").read_text()  # and the same lines in the run folder
+    assert (run_dir / "export" / "README.md").is_file()  # 02_train's export, with its model card
+    for stem in notebooks:  # library messages a reader cannot act on, silenced by their text (nbsupport/__init__.py)
+        executed = (run_dir / f"{stem}.ipynb").read_text()
+        assert "gemm_4bit_forward" not in executed and "is_gradient_checkpointing" not in executed, stem
+        assert "Passing `no_repeat_ngram_size` with `inputs_embeds`" not in executed, stem
     config = json.loads((run_dir / "config.json").read_text())
     assert sorted(config) == notebooks
     assert all(c["profile"] == "smoke" for c in config.values())
