@@ -9,7 +9,6 @@ import pytest
 
 from nbsupport.ct_clip import data as ct_data
 from nbsupport.ct_clip import demo_data
-from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.demo import DEMO_MARKER
 
 
