@@ -78,31 +78,30 @@ def _copy_dataset(source: Path, target: Path) -> None:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(ct_data.PREPROCESSED_FOLDER))
 
 
-def _copy_volume(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+def _misplaced(releases: dict[str, Path], tmp_path: Path, folder: str) -> tuple[Path, Path]:
+    """(data root, file): a copy of the ``folder`` release whose train_2_a_1 holds the other release's file."""
+    other = "first" if folder == "fixed" else "fixed"
+    root = tmp_path / folder
+    _copy_dataset(releases[folder], root)
+    wrong = root / ct_data.volume_relative_path("train_2_a_1", folder)
+    shutil.copyfile(releases[other] / ct_data.volume_relative_path("train_2_a_1", other), wrong)
+    return root, wrong
 
 
 def test_a_volume_whose_values_contradict_its_folder_is_refused_naming_it(releases, tmp_path):
     # raw values (first release) in a _fixed folder: air at about +24 HU (less the noise at the 1st percentile)
-    fixed = tmp_path / "fixed"
-    _copy_dataset(releases["fixed"], fixed)
-    wrong = fixed / ct_data.volume_relative_path("train_2_a_1", "fixed")
-    _copy_volume(releases["first"] / ct_data.volume_relative_path("train_2_a_1", "first"), wrong)
+    root, wrong = _misplaced(releases, tmp_path, "fixed")
     with pytest.raises(ValueError, match=r"air lies at [-+]\d\d? HU with the header's scl_slope") as err:
-        ct_data.read_volume(fixed, "train_2_a_1")
+        ct_data.read_volume(root, "train_2_a_1")
     assert str(wrong) in str(err.value)
-    _, status = ct_pre.preprocess_dataset(fixed, tmp_path / "fixed.csv", spec=SPEC)
+    _, status = ct_pre.preprocess_dataset(root, tmp_path / "fixed.csv", spec=SPEC)
     failed = status.set_index("volume").loc["train_2_a_1"]
     assert failed.status == "failed" and str(wrong) in failed.reason and "air lies at" in failed.reason
     assert (status.status == "done").sum() == 3  # the others are read
     # HU (the re-release) in a first-release folder while the CSV says intercept -1024: air at about -2024 HU
-    first = tmp_path / "first"
-    _copy_dataset(releases["first"], first)
-    wrong = first / ct_data.volume_relative_path("train_2_a_1", "first")
-    _copy_volume(releases["fixed"] / ct_data.volume_relative_path("train_2_a_1", "fixed"), wrong)
+    root, wrong = _misplaced(releases, tmp_path, "first")
     with pytest.raises(ValueError, match=r"air lies at -2\d\d\d HU with the metadata CSV's RescaleSlope") as err:
-        ct_data.read_volume(first, "train_2_a_1")
+        ct_data.read_volume(root, "train_2_a_1")
     assert str(wrong) in str(err.value) and "the stored values themselves put it at -10" in str(err.value)
 
 
