@@ -51,7 +51,7 @@ class PreprocessConfig(CTRateStage, PreprocessStage):
         "full": {"workers": 8},
     }
 
-    data_root: str = param("", "CT-RATE 'dataset' folder (train_fixed/, radiology_text_reports/, ...); '' = demo")
+    data_root: str = param("", "CT-RATE repository root or its dataset/ folder (train_fixed/ or train/, ...); '' = demo")
     output_dir: str = param("", "npz folder relative to data_root; '' = 'preprocessed/<fingerprint of the settings>' "
                                 "(volumes made with other settings are never reused)")
     spacing: tuple[float, float, float] = param(ct_pre.TARGET_SPACING, "output voxel size (R, A, S) in mm")
