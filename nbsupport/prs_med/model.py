@@ -279,9 +279,9 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
             for p in module.parameters():
                 p.requires_grad_(True)
         # CLIP applies post_layernorm to the pooled CLS output only (transformers models/clip/modeling_clip.py:642),
-        # which LLaVA never reads: it takes hidden_states[vision_feature_layer] (models/llava/modeling_llava.py:146-190).
-        # Trainable, it would get no gradient, and DDP (find_unused_parameters=False) would stop at the second step with
-        # more than one process; it stays at its initial value either way.
+        # which LLaVA never reads: it takes hidden_states[vision_feature_layer] (models/llava/modeling_llava.py:
+        # 146-190). Trainable, it would get no gradient, and DDP (find_unused_parameters=False) would stop at the
+        # second step with more than one process; it stays at its initial value either way.
         for p in inner.vision_tower.post_layernorm.parameters():
             p.requires_grad_(False)
     return vlm, tokenizer
