@@ -139,6 +139,63 @@ def test_demo_data_rejects_unknown_and_malformed_systems(fake_system, tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------- bench, index, models
+@pytest.fixture
+def marked_system(tmp_path, monkeypatch):
+    """``nbsupport.marked_sys.demo_data``: a generator that marks its folder as the real ones do (nbsupport.demo)."""
+    pkg_root = tmp_path / "pkg"
+    (pkg_root / "marked_sys").mkdir(parents=True)
+    (pkg_root / "marked_sys" / "__init__.py").write_text("")
+    (pkg_root / "marked_sys" / "demo_data.py").write_text(textwrap.dedent('''
+        from pathlib import Path
+        from nbsupport.demo import finish_demo_folder, start_demo_folder
+
+        DEMO_SIZES = {"smoke": {"n_cases": 2, "shape": (4, 4)}, "demo": {"n_cases": 5, "shape": (8, 8)}}
+
+        def write_demo_dataset(root, n_cases, shape):
+            params = {"n_cases": n_cases, "shape": list(shape), "generator": "marked_sys", "format_version": 1}
+            if start_demo_folder(Path(root), params, required=("cases.txt",)):
+                return root
+            (Path(root) / "cases.txt").write_text("\\n".join(f"case{i}" for i in range(n_cases)))
+            finish_demo_folder(Path(root), params)
+            return root
+    '''))
+    monkeypatch.setattr(nbsupport, "__path__", [*nbsupport.__path__, str(pkg_root)])
+    yield
+    for name in [m for m in sys.modules if m.startswith("nbsupport.marked_sys")]:
+        del sys.modules[name]
+
+
+def test_ensure_demo_data_writes_what_a_run_would_miss_and_nothing_else(marked_system, tmp_path):
+    root, lines = tmp_path / "data", []
+    cases = root / "marked_sys" / "cases.txt"
+    assert cli.ensure_demo_data("marked_sys", "full", root=root, log=lines.append) is None
+    assert not root.exists() and not lines, "the full profile reads the user's data, never the demo"
+
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) == root / "marked_sys"
+    assert cases.read_text().split() == ["case0", "case1"]
+    assert "demo data missing at" in lines[0] and "nbsupport demo-data marked_sys --size smoke" in lines[0]
+    lines.clear()
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) is None and not lines
+
+    # The smoke demo is too small for the demo profile: written again at the demo size.
+    assert cli.ensure_demo_data("marked_sys", "demo", root=root, log=lines.append) == root / "marked_sys"
+    assert len(cases.read_text().split()) == 5 and "of the smoke size" in lines[0]
+    lines.clear()
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) is None, "demo size serves smoke"
+
+    marker = root / "marked_sys" / "nbsupport_demo.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "complete": False}))
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) == root / "marked_sys"
+    assert "incomplete" in lines[0] and len(cases.read_text().split()) == 2
+
+    own = tmp_path / "own" / "marked_sys"
+    own.mkdir(parents=True)
+    (own / "scan.png").write_bytes(b"not a demo")
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=tmp_path / "own", log=lines.append) is None
+    assert [p.name for p in own.iterdir()] == ["scan.png"], "a folder without the marker is never touched"
+    assert cli.ensure_demo_data("no_generator_sys", "smoke", root=root) is None
+
+
 def test_bench_runs_the_system_script_with_passthrough_args(tmp_path, monkeypatch, capfd):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "bench_demo.py").write_text(
