@@ -224,15 +224,31 @@ def _kwargs_text(kwargs: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers, comma-separated."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects comma-separated integers such as 0,1,2, got {text!r}"
+                                         ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds names a seed twice: {text!r}")
+    return seeds
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from nbsupport.runner import run_systems
+    from nbsupport.seeds import run_seeds
 
     params = parse_params(args.param)
-    summary = run_systems(
-        args.systems, args.profile, params, run_id=args.run_id, kernel=args.kernel,
-        notebooks_dir=args.notebooks_dir, outputs_dir=args.outputs_dir, verbose=args.verbose,
-        start_timeout=args.start_timeout, execution_timeout=args.execution_timeout,
-    )
+    options = {"kernel": args.kernel, "notebooks_dir": args.notebooks_dir, "verbose": args.verbose,
+               "start_timeout": args.start_timeout, "execution_timeout": args.execution_timeout}
+    if args.seeds:
+        series = run_seeds(args.systems, args.profile, args.seeds, params, run_id=args.run_id,
+                           outputs_dir=args.outputs_dir, **options)
+        return 0 if series.ok else EXIT_FAILED
+    summary = run_systems(args.systems, args.profile, params, run_id=args.run_id, outputs_dir=args.outputs_dir,
+                          **options)
     return 0 if summary.ok else EXIT_FAILED
 
 
@@ -358,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  nbsupport prepare-models && nbsupport demo-data        # once, offline\n"
                "  nbsupport run seg2d --profile smoke                    # seconds on a CPU\n"
                "  nbsupport run all --profile demo -p seed=1\n"
+               "  nbsupport run textseg3d --profile demo --seeds 0,1,2   # mean ± sd over 3 seeds\n"
                "  nbsupport run seg2d --profile full -p epochs=50 -p lr=1e-4 --run-id seg2d-full-01\n"
                "results: outputs/runs/<run_id>/<system>/ and outputs/index.html (NBSUPPORT_OUTPUTS moves outputs/)",
     )
@@ -395,6 +412,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("-p", "--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
                      help="notebook parameter (repeatable)")
     run.add_argument("--run-id", help="name of the run folder (default: YYYYmmdd-HHMMSS-<random>); must not exist")
+    run.add_argument("--seeds", type=parse_seeds, metavar="0,1,2",
+                     help="run the series once per seed (runs <run-id>-seed<k>), then write the spread of the "
+                          "metrics over the seeds to outputs/seeds/<run-id>/seeds_summary.json and the index")
     run.add_argument("--kernel", default="nbsupport", help="Jupyter kernel to run on (default: %(default)s)")
     run.add_argument("--verbose", action="store_true", help="also stream the cells' own stdout/stderr")
     run.add_argument("--notebooks-dir", type=Path, help="folder holding <system>/NN_*.ipynb (default: notebooks/)")

@@ -46,6 +46,17 @@ def test_run_arguments_parse_into_systems_profile_and_typed_params():
     assert cli.build_parser().parse_args(["run", "all"]).profile == "demo"
 
 
+def test_seeds_parse_as_distinct_integers(capsys):
+    args = cli.build_parser().parse_args(["run", "seg2d", "--seeds", "0,1,2", "--profile", "smoke"])
+    assert args.seeds == [0, 1, 2]
+    assert cli.build_parser().parse_args(["run", "seg2d"]).seeds is None
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(["run", "seg2d", "--seeds", bad])
+        assert exc.value.code == 2
+    assert "--seeds names a seed twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", ["epochs", "=3", "1x=2", "a b=1"])
 def test_malformed_param_is_a_usage_error(bad, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -17,6 +17,7 @@ import pytest
 
 from nbsupport.runner import RunnerError, create_run_folders, format_duration, run_systems
 from nbsupport.runs import RunExistsError
+from nbsupport.seeds import run_seeds
 
 pytestmark = pytest.mark.notebook
 SYSTEM = "demo_sys"
@@ -78,7 +79,8 @@ def make_demo_notebooks(root: Path) -> Path:
     nbformat.write(_notebook([
         'profile = "smoke"\nrun_dir = ""\nseed = 0\ndevice = "cpu"',
         _CONFIG_CELL.format(stage="03_infer", fields="    pass"),
-        'run.write_metrics(cfg.STAGE, {"accuracy": 0.9})',
+        'run.write_metrics(cfg.STAGE, {"accuracy": 0.9 - 0.01 * cfg.seed, "accuracy_ci95": [0.8, 1.0]})\n'
+        'run.write_headline(cfg.STAGE, "accuracy", 0.9 - 0.01 * cfg.seed, "chance", 0.5)',
     ]), folder / "03_infer.ipynb")
     nbformat.write(_notebook(["x = 1"]), folder / "notes.ipynb")  # not NN_*: never run
     return root
@@ -334,3 +336,35 @@ def test_concurrent_starts_get_distinct_run_folders(tmp_path):
     assert len(ids) == 9 and len(set(ids)) == 9 and ids.count("same") == 1
     assert len(errors) == 3 and all(isinstance(e, RunExistsError) for e in errors)
     assert all((tmp_path / i / s).is_dir() for i in ids for s in ("a", "b"))
+
+
+def test_seeds_run_the_series_once_per_seed_and_summarise_the_spread(notebooks_dir, tmp_path):
+    lines: list[str] = []
+    series = run_seeds([SYSTEM], "smoke", [0, 2], {"epochs": 2}, run_id="series", notebooks_dir=notebooks_dir,
+                       outputs_dir=tmp_path, log=lines.append)
+    assert series.ok, "\n".join(lines)
+    for seed in (0, 2):
+        run_dir = tmp_path / "runs" / f"series-seed{seed}" / SYSTEM
+        assert json.loads((run_dir / "config.json").read_text())["03_infer"]["seed"] == seed
+    summary = json.loads((tmp_path / "seeds" / "series" / "seeds_summary.json").read_text())
+    assert summary["seeds"] == [0, 2] and summary["complete"] and summary["runs"]["2"] == "runs/series-seed2"
+    metrics = summary["systems"][SYSTEM]["metrics"]
+    assert set(metrics) == {"02_train.dice", "02_train.loss", "03_infer.accuracy"}, "01 and the _ci95 left out"
+    accuracy = metrics["03_infer.accuracy"]
+    assert accuracy["mean"] == pytest.approx(0.89) and accuracy["sd"] == pytest.approx(0.02 ** 0.5 / 10)
+    assert (accuracy["min"], accuracy["max"], accuracy["n"]) == (pytest.approx(0.88), pytest.approx(0.9), 2)
+    assert metrics["02_train.dice"]["sd"] == 0.0
+    assert summary["systems"][SYSTEM]["headline"]["metric"] == "accuracy"
+    assert lines[-2] == f"  {SYSTEM}  accuracy 0.89 \u00b1 0.014 (0.88\u20130.9, n=2)"
+    assert lines[-1].startswith("series total ")
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "Seed series" in page and "<b>0.89 \u00b1 0.014 (0.88\u20130.9, n=2)</b>" in page
+    assert 'href="seeds/series/seeds_summary.json"' in page
+
+    with pytest.raises(RunExistsError, match="series"):
+        run_seeds([SYSTEM], "smoke", [0], run_id="series", notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
+    with pytest.raises(RunnerError, match="--seeds sets"):
+        run_seeds([SYSTEM], "smoke", [0], {"seed": 3}, notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
+    with pytest.raises(RunnerError, match="distinct"):
+        run_seeds([SYSTEM], "smoke", [1, 1], notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["series-seed0", "series-seed2"]
