@@ -203,7 +203,7 @@ def ensure_demo_data(system: str, profile: str, root: str | os.PathLike | None =
         why = "of the smoke size, too small for the demo profile,"
     else:
         return None
-    log(f"demo data {why} at {folder}: writing it, as `nbsupport demo-data {system} --size {profile}` does")
+    log(f"{system}: demo data {why} at {folder}: writing it, as `nbsupport demo-data {system} --size {profile}` does")
     write_demo_data([system], root=root, size=profile, log=log)
     return folder
 

@@ -401,7 +401,7 @@ def _demo_data_failure(result: SystemResult, notebooks: Sequence[Path], declared
     if not reads_demo or options.params.get("data_root"):
         return None
     try:
-        ensure_demo_data(result.system, options.profile, log=lambda line: options.log(f"[{result.system}] {line}"))
+        ensure_demo_data(result.system, options.profile, log=options.log)
     except Exception as err:  # the notebook would stop on the missing files anyway; say why here instead
         failure = CellFailure(result.system, "demo-data", None, None, f"nbsupport demo-data {result.system}",
                               type(err).__name__, first_line(str(err), 300))

@@ -298,7 +298,7 @@ def test_missing_demo_data_is_written_before_the_notebooks_that_read_it(tmp_path
     lines: list[str] = []
     summary = run_systems(["prs_med"], "smoke", run_id="fresh", log=lines.append, **quiet)
     assert summary.ok, "\n".join(lines)
-    written = [ln for ln in lines if ln.startswith("[prs_med] demo data missing at")]
+    written = [ln for ln in lines if ln.startswith("prs_med: demo data missing at")]
     assert len(written) == 1 and "nbsupport demo-data prs_med --size smoke" in written[0]
     assert lines.index(written[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("[prs_med 01_preprocess]"))
     assert json.loads((tmp_path / "out" / "runs" / "fresh" / "prs_med" / "seen.json").read_text()) == {"complete": True}
