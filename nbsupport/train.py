@@ -1,8 +1,8 @@
 """One training loop for every system, on accelerate: checkpoints that survive a kill, and exact resume.
 
 A system describes *what* to train as a :class:`TrainingTask` (model, datasets, loss, metrics); this module
-decides *how*: optimizer, schedule, gradient accumulation, mixed precision, evaluation, logging and
-checkpoints. The same :func:`fit` runs in a notebook kernel (one process) and in each of N processes started
+decides *how*: gradient accumulation, mixed precision, evaluation, logging and checkpoints, with the optimizer and
+learning-rate schedule of :mod:`nbsupport.optim`. The same :func:`fit` runs in a notebook kernel (one process) and in each of N processes started
 by ``accelerate launch`` (DDP; gloo on CPU); :func:`nbsupport.launch.launch` picks between the two from
 ``TrainSettings.num_processes``, and :mod:`nbsupport.checkpoints` stores and reads the checkpoints.
 
@@ -32,7 +32,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
@@ -48,6 +48,7 @@ from nbsupport.checkpoints import (STATE_FILE, WEIGHTS_FILE, find_resumable, loa
                                    read_checkpoint_meta, repair_best, restore_rng, rng_state, save_weights,
                                    write_checkpoint)
 from nbsupport.config import ConfigError, param
+from nbsupport.optim import build_optimizer, build_scheduler, resolve_mixed_precision
 from nbsupport.progress import progress
 from nbsupport.runs import RunExistsError, atomic_write_json
 
@@ -495,18 +496,7 @@ def _evaluate(task: TrainingTask, accelerator: Accelerator, model: torch.nn.Modu
     return better
 
 
-# ============================================================================================== building blocks
-def resolve_mixed_precision(choice: str) -> str:
-    """``'auto'`` -> ``'bf16'`` on CUDA (``'fp16'`` on GPUs without bf16), ``'no'`` on CPU."""
-    if choice == "auto":
-        if not torch.cuda.is_available():
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if choice == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("mixed_precision='fp16' needs a CUDA device; use 'auto' or 'no' on CPU")
-    return choice
-
-
+# ============================================================================================== data order and helpers
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, cut to a multiple of
     ``multiple_of`` (whole optimizer steps), so that any process count and any resume point see one order."""
@@ -540,60 +530,6 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n // self.multiple_of * self.multiple_of - self._skip()
-
-
-def build_optimizer(params: Iterable[Any], settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer named by ``settings.optimizer`` over ``params`` (tensors or param-group dicts).
-
-    Plain tensors are grouped nanoGPT-style: weight decay on tensors with ``ndim >= 2`` only.
-    """
-    params = list(params)
-    if not params:
-        raise ValueError("the task has no trainable parameters (all requires_grad=False?)")
-    if isinstance(params[0], dict):
-        groups = params
-    else:
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-    name = settings.optimizer
-    if name == "paged_adamw" and device.type != "cuda":
-        logger.warning("optimizer='paged_adamw' pages optimizer state between GPU and CPU memory; on %s "
-                       "it falls back to torch AdamW", device.type)
-        name = "adamw"
-    if name == "paged_adamw":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW(groups, lr=settings.lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr, amsgrad=settings.amsgrad)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr, amsgrad=settings.amsgrad)
-    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
-
-
-def lr_factor(settings: TrainSettings, total_steps: int, done: int) -> float:
-    """Multiplier of ``settings.lr`` for the update that follows ``done`` completed optimizer steps.
-
-    warmup_cosine (as nanoGPT): ``(done+1)/(warmup+1)`` during warm-up, then
-    ``0.5 * (1 + cos(pi * (done - warmup) / (total - warmup)))``. multistep: ``gamma ** k`` with k the number
-    of milestones ``m`` for which ``done >= floor(m * total)``.
-    """
-    if settings.scheduler == "warmup_cosine":
-        if done < settings.warmup_steps:
-            return (done + 1) / (settings.warmup_steps + 1)
-        span = max(1, total_steps - settings.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - settings.warmup_steps) / span)))
-    if settings.scheduler == "multistep":
-        return settings.gamma ** sum(done >= int(m * total_steps) for m in settings.milestones)
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over :func:`lr_factor`; a closure keeps its state_dict loadable with ``weights_only=True``
-    (MultiStepLR's would hold a Counter)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(settings, total_steps, done))
 
 
 def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:

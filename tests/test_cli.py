@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -44,6 +45,17 @@ def test_run_arguments_parse_into_systems_profile_and_typed_params():
     assert cli.parse_params(args.param) == {"epochs": 3, "lr": 1e-4, "checkpoint": None, "name": "a=b"}
     assert (args.run_id, args.kernel, args.verbose) == ("exp-1", "k2", True)
     assert cli.build_parser().parse_args(["run", "all"]).profile == "demo"
+
+
+def test_seeds_parse_as_distinct_integers(capsys):
+    args = cli.build_parser().parse_args(["run", "seg2d", "--seeds", "0,1,2", "--profile", "smoke"])
+    assert args.seeds == [0, 1, 2]
+    assert cli.build_parser().parse_args(["run", "seg2d"]).seeds is None
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(["run", "seg2d", "--seeds", bad])
+        assert exc.value.code == 2
+    assert "--seeds names a seed twice" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["epochs", "=3", "1x=2", "a b=1"])
@@ -86,13 +98,24 @@ def test_run_with_unknown_or_repeated_param_exits_2_before_running(tmp_path, cap
 
 
 # ---------------------------------------------------------------------------------------------- demo-data
+def _package_systems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_data: dict[str, str]) -> Iterator[None]:
+    """``nbsupport.<name>.demo_data`` with the given source per name, from a temporary folder added to the
+    nbsupport package path (and dropped from ``sys.modules`` afterwards)."""
+    pkg_root = tmp_path / "pkg"
+    for name, source in demo_data.items():
+        (pkg_root / name).mkdir(parents=True)
+        (pkg_root / name / "__init__.py").write_text("")
+        (pkg_root / name / "demo_data.py").write_text(textwrap.dedent(source))
+    monkeypatch.setattr(nbsupport, "__path__", [*nbsupport.__path__, str(pkg_root)])
+    yield
+    for module in [m for m in sys.modules if m.startswith(tuple(f"nbsupport.{name}" for name in demo_data))]:
+        del sys.modules[module]
+
+
 @pytest.fixture
 def fake_system(tmp_path, monkeypatch):
-    """``nbsupport.fake_sys.demo_data`` from a temporary folder added to the nbsupport package path."""
-    pkg_root = tmp_path / "pkg"
-    (pkg_root / "fake_sys").mkdir(parents=True)
-    (pkg_root / "fake_sys" / "__init__.py").write_text("")
-    (pkg_root / "fake_sys" / "demo_data.py").write_text(textwrap.dedent('''
+    """``nbsupport.fake_sys.demo_data`` (writes made.json) and ``nbsupport.broken_sys.demo_data`` (no DEMO_SIZES)."""
+    yield from _package_systems(tmp_path, monkeypatch, {"fake_sys": '''
         import json
         from pathlib import Path
 
@@ -103,14 +126,26 @@ def fake_system(tmp_path, monkeypatch):
             root.mkdir(parents=True, exist_ok=True)
             (root / "made.json").write_text(json.dumps({"n_cases": n_cases, "image_size": image_size}))
             return root / "made.json"
-    '''))
-    (pkg_root / "broken_sys").mkdir()
-    (pkg_root / "broken_sys" / "__init__.py").write_text("")
-    (pkg_root / "broken_sys" / "demo_data.py").write_text("def write_demo_dataset(root):\n    pass\n")
-    monkeypatch.setattr(nbsupport, "__path__", [*nbsupport.__path__, str(pkg_root)])
-    yield
-    for name in [m for m in sys.modules if m.startswith(("nbsupport.fake_sys", "nbsupport.broken_sys"))]:
-        del sys.modules[name]
+    ''', "broken_sys": "def write_demo_dataset(root):\n    pass\n"})
+
+
+@pytest.fixture
+def marked_system(tmp_path, monkeypatch):
+    """``nbsupport.marked_sys.demo_data``: a generator that marks its folder as the real ones do (nbsupport.demo)."""
+    yield from _package_systems(tmp_path, monkeypatch, {"marked_sys": '''
+        from pathlib import Path
+        from nbsupport.demo import finish_demo_folder, start_demo_folder
+
+        DEMO_SIZES = {"smoke": {"n_cases": 2, "shape": (4, 4)}, "demo": {"n_cases": 5, "shape": (8, 8)}}
+
+        def write_demo_dataset(root, n_cases, shape):
+            params = {"n_cases": n_cases, "shape": list(shape), "generator": "marked_sys", "format_version": 1}
+            if start_demo_folder(Path(root), params, required=("cases.txt",)):
+                return root
+            (Path(root) / "cases.txt").write_text("\\n".join(f"case{i}" for i in range(n_cases)))
+            finish_demo_folder(Path(root), params)
+            return root
+    '''})
 
 
 def test_demo_data_dispatches_to_the_system_data_module(fake_system, tmp_path, capsys):
@@ -136,6 +171,37 @@ def test_demo_data_rejects_unknown_and_malformed_systems(fake_system, tmp_path, 
     err = capsys.readouterr().err
     assert "broken_sys" in err and "data.py" in err and "DEMO_SIZES" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_ensure_demo_data_writes_what_a_run_would_miss_and_nothing_else(marked_system, tmp_path):
+    root, lines = tmp_path / "data", []
+    cases = root / "marked_sys" / "cases.txt"
+    assert cli.ensure_demo_data("marked_sys", "full", root=root, log=lines.append) is None
+    assert not root.exists() and not lines, "the full profile reads the user's data, never the demo"
+
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) == root / "marked_sys"
+    assert cases.read_text().split() == ["case0", "case1"]
+    assert "demo data missing at" in lines[0] and "nbsupport demo-data marked_sys --size smoke" in lines[0]
+    lines.clear()
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) is None and not lines
+
+    # The smoke demo is too small for the demo profile: written again at the demo size.
+    assert cli.ensure_demo_data("marked_sys", "demo", root=root, log=lines.append) == root / "marked_sys"
+    assert len(cases.read_text().split()) == 5 and "of the smoke size" in lines[0]
+    lines.clear()
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) is None, "demo size serves smoke"
+
+    marker = root / "marked_sys" / "nbsupport_demo.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "complete": False}))
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=root, log=lines.append) == root / "marked_sys"
+    assert "incomplete" in lines[0] and len(cases.read_text().split()) == 2
+
+    own = tmp_path / "own" / "marked_sys"
+    own.mkdir(parents=True)
+    (own / "scan.png").write_bytes(b"not a demo")
+    assert cli.ensure_demo_data("marked_sys", "smoke", root=tmp_path / "own", log=lines.append) is None
+    assert [p.name for p in own.iterdir()] == ["scan.png"], "a folder without the marker is never touched"
+    assert cli.ensure_demo_data("no_generator_sys", "smoke", root=root) is None
 
 
 # ---------------------------------------------------------------------------------------------- bench, index, models

@@ -15,8 +15,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from nbsupport.runner import RunnerError, create_run_folders, run_systems
+from nbsupport.runner import RunnerError, create_run_folders, format_duration, run_systems
 from nbsupport.runs import RunExistsError
+from nbsupport.seeds import run_seeds
 
 pytestmark = pytest.mark.notebook
 SYSTEM = "demo_sys"
@@ -78,7 +79,8 @@ def make_demo_notebooks(root: Path) -> Path:
     nbformat.write(_notebook([
         'profile = "smoke"\nrun_dir = ""\nseed = 0\ndevice = "cpu"',
         _CONFIG_CELL.format(stage="03_infer", fields="    pass"),
-        'run.write_metrics(cfg.STAGE, {"accuracy": 0.9})',
+        'run.write_metrics(cfg.STAGE, {"accuracy": 0.9 - 0.01 * cfg.seed, "accuracy_ci95": [0.8, 1.0]})\n'
+        'run.write_headline(cfg.STAGE, "accuracy", 0.9 - 0.01 * cfg.seed, "chance", 0.5)',
     ]), folder / "03_infer.ipynb")
     nbformat.write(_notebook(["x = 1"]), folder / "notes.ipynb")  # not NN_*: never run
     return root
@@ -179,6 +181,24 @@ def test_index_lists_the_run_its_metrics_and_links(success, outputs_dir):
     assert f"runs/{summary.run_id}/{SYSTEM}/figures/loss_curve.png" in page
 
 
+def test_last_lines_give_each_system_its_status_and_wall_time_then_the_total(success):
+    summary, lines, _ = success
+    assert lines[-3] == f"run {summary.run_id}: all notebooks ok"
+    system_line = re.fullmatch(r"  demo_sys  ok  +(\d+):(\d\d)", lines[-2])
+    total_line = re.fullmatch(r"total (\d+):(\d\d)", lines[-1])
+    assert system_line and total_line, lines[-3:]
+    seconds = int(system_line[1]) * 60 + int(system_line[2])
+    assert seconds == round(summary.systems[0].duration_s) > 0
+    assert seconds <= int(total_line[1]) * 60 + int(total_line[2]) == round(summary.duration_s)
+    status = json.loads((summary.systems[0].run_dir / "run_status.json").read_text())
+    assert status["duration_s"] == summary.systems[0].duration_s
+
+
+def test_durations_read_as_minutes_or_hours():
+    assert [format_duration(s) for s in (0, 59.6, 275.4, 3599, 3725, None)] == [
+        "0:00", "1:00", "4:35", "59:59", "1:02:05", "\u2013"]
+
+
 def test_existing_run_id_is_an_error_and_nothing_is_overwritten(success, notebooks_dir, outputs_dir):
     summary, _, _ = success
     run_dir = outputs_dir / "runs" / summary.run_id / SYSTEM
@@ -251,6 +271,50 @@ def test_failing_cell_stops_the_run_and_is_reported(notebooks_dir, tmp_path, cap
     assert "status-failed" in row and "02_train cell 4/5" in row and "RuntimeError" in row
 
     assert "prepared 3" in capsys.readouterr().out, "verbose=True streams the cells' stdout"
+    assert lines[-3] == "run will-fail: FAILED in demo_sys 02_train; later notebooks not run"
+    assert re.fullmatch(r"  demo_sys  failed +\d+:\d\d", lines[-2]) and lines[-1].startswith("total ")
+
+
+def _demo_reader_notebooks(root: Path) -> Path:
+    """``root/prs_med/01_preprocess``: records whether the demo dataset was complete when the notebook started."""
+    folder = root / "prs_med"
+    folder.mkdir(parents=True)
+    nbformat.write(_notebook([
+        'profile = "smoke"\nrun_dir = ""\nseed = 0\ndata_root = ""',
+        "import json, pathlib\nfrom nbsupport.paths import demo_data_root\nfrom nbsupport.runs import atomic_write_json\n"
+        'marker = demo_data_root() / "prs_med" / "nbsupport_demo.json"\n'
+        'seen = json.loads(marker.read_text()) if marker.exists() else {}\n'
+        'atomic_write_json(pathlib.Path(run_dir) / "seen.json", {"complete": seen.get("complete", False)})',
+    ]), folder / "01_preprocess.ipynb")
+    return root
+
+
+def test_missing_demo_data_is_written_before_the_notebooks_that_read_it(tmp_path, monkeypatch):
+    """A fresh checkout: `nbsupport run prs_med --profile smoke` without `nbsupport demo-data` first."""
+    notebooks = _demo_reader_notebooks(tmp_path / "nbs")
+    monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "data"))
+    quiet = {"notebooks_dir": notebooks, "outputs_dir": tmp_path / "out"}
+
+    lines: list[str] = []
+    summary = run_systems(["prs_med"], "smoke", run_id="fresh", log=lines.append, **quiet)
+    assert summary.ok, "\n".join(lines)
+    written = [ln for ln in lines if ln.startswith("prs_med: demo data missing at")]
+    assert len(written) == 1 and "nbsupport demo-data prs_med --size smoke" in written[0]
+    assert lines.index(written[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("[prs_med 01_preprocess]"))
+    assert json.loads((tmp_path / "out" / "runs" / "fresh" / "prs_med" / "seen.json").read_text()) == {"complete": True}
+    marker = json.loads((tmp_path / "data" / "prs_med" / "nbsupport_demo.json").read_text())
+    assert marker["complete"] and marker["params"]["n_train"] == 4, "the smoke size, for the smoke profile"
+
+    lines.clear()
+    assert run_systems(["prs_med"], "smoke", run_id="again", log=lines.append, **quiet).ok
+    assert not [ln for ln in lines if "demo data" in ln], "a complete demo is used as it is"
+
+    # With data_root given, the notebook reads the user's data: nothing is written.
+    monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "data2"))
+    lines.clear()
+    assert run_systems(["prs_med"], "smoke", {"data_root": str(tmp_path / "mine")}, run_id="own", log=lines.append,
+                       **quiet).ok
+    assert not (tmp_path / "data2").exists() and not [ln for ln in lines if "demo data" in ln]
 
 
 def test_concurrent_starts_get_distinct_run_folders(tmp_path):
@@ -272,3 +336,35 @@ def test_concurrent_starts_get_distinct_run_folders(tmp_path):
     assert len(ids) == 9 and len(set(ids)) == 9 and ids.count("same") == 1
     assert len(errors) == 3 and all(isinstance(e, RunExistsError) for e in errors)
     assert all((tmp_path / i / s).is_dir() for i in ids for s in ("a", "b"))
+
+
+def test_seeds_run_the_series_once_per_seed_and_summarise_the_spread(notebooks_dir, tmp_path):
+    lines: list[str] = []
+    series = run_seeds([SYSTEM], "smoke", [0, 2], {"epochs": 2}, run_id="series", notebooks_dir=notebooks_dir,
+                       outputs_dir=tmp_path, log=lines.append)
+    assert series.ok, "\n".join(lines)
+    for seed in (0, 2):
+        run_dir = tmp_path / "runs" / f"series-seed{seed}" / SYSTEM
+        assert json.loads((run_dir / "config.json").read_text())["03_infer"]["seed"] == seed
+    summary = json.loads((tmp_path / "seeds" / "series" / "seeds_summary.json").read_text())
+    assert summary["seeds"] == [0, 2] and summary["complete"] and summary["runs"]["2"] == "runs/series-seed2"
+    metrics = summary["systems"][SYSTEM]["metrics"]
+    assert set(metrics) == {"02_train.dice", "02_train.loss", "03_infer.accuracy"}, "01 and the _ci95 left out"
+    accuracy = metrics["03_infer.accuracy"]
+    assert accuracy["mean"] == pytest.approx(0.89) and accuracy["sd"] == pytest.approx(0.02 ** 0.5 / 10)
+    assert (accuracy["min"], accuracy["max"], accuracy["n"]) == (pytest.approx(0.88), pytest.approx(0.9), 2)
+    assert metrics["02_train.dice"]["sd"] == 0.0
+    assert summary["systems"][SYSTEM]["headline"]["metric"] == "accuracy"
+    assert lines[-2] == f"  {SYSTEM}  accuracy 0.89 \u00b1 0.014 (0.88\u20130.9, n=2)"
+    assert lines[-1].startswith("series total ")
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "Seed series" in page and "<b>0.89 \u00b1 0.014 (0.88\u20130.9, n=2)</b>" in page
+    assert 'href="seeds/series/seeds_summary.json"' in page
+
+    with pytest.raises(RunExistsError, match="series"):
+        run_seeds([SYSTEM], "smoke", [0], run_id="series", notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
+    with pytest.raises(RunnerError, match="--seeds sets"):
+        run_seeds([SYSTEM], "smoke", [0], {"seed": 3}, notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
+    with pytest.raises(RunnerError, match="distinct"):
+        run_seeds([SYSTEM], "smoke", [1, 1], notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["series-seed0", "series-seed2"]

@@ -24,7 +24,8 @@ from nbsupport.config import ConfigError
 from nbsupport.runs import RunExistsError
 from nbsupport.checkpoints import load_weights, read_checkpoint_meta
 from nbsupport.launch import launch
-from nbsupport.train import TrainSettings, build_optimizer, fit
+from nbsupport.optim import build_optimizer
+from nbsupport.train import TrainSettings, fit
 
 TESTS_DIR = Path(__file__).parent
 # The tasks are found by module name, here and in the processes launch() starts (they inherit sys.path);

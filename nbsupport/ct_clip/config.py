@@ -13,11 +13,10 @@ from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip.data import CT_CLIP_SCHEMA, LABELS
 from nbsupport.ct_clip.i3resnet import RESNET152_BLOCKS
 from nbsupport.ct_clip.model import CTClipSpec
-from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
+from nbsupport.stages import (AttentionStage, InferStage, PreprocessStage, TrainStage, check_split_fractions,
+                              system_stage)
 
 SYSTEM = "ct_clip"
-SCHEMA = CT_CLIP_SCHEMA
-DEFAULT_MANIFEST = "data_manifests/ct_rate_demo.csv"
 PROMPT_PRESENT = "{} is present."
 PROMPT_ABSENT = "{} is not present."
 # `full`'s pretrained parts, as CT-Data names them (training/main.py:189-202, run.sh --text-base / --model-pth): a hub
@@ -35,7 +34,7 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-CTRateStage = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
+CTRateStage = system_stage(SYSTEM, CT_CLIP_SCHEMA, "data_manifests/ct_rate_demo.csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +51,7 @@ class PreprocessConfig(CTRateStage, PreprocessStage):
         "full": {"workers": 8},
     }
 
-    data_root: str = param("", "CT-RATE 'dataset' folder (train_fixed/, radiology_text_reports/, ...); '' = demo")
+    data_root: str = param("", "CT-RATE repository root or its dataset/ folder (train_fixed/ or train/, ...); '' = demo")
     output_dir: str = param("", "npz folder relative to data_root; '' = 'preprocessed/<fingerprint of the settings>' "
                                 "(volumes made with other settings are never reused)")
     spacing: tuple[float, float, float] = param(ct_pre.TARGET_SPACING, "output voxel size (R, A, S) in mm")
@@ -158,10 +157,8 @@ class TrainConfig(CTRateStage, TrainStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(CTRateStage, TrainedModelStage):
+class InferConfig(CTRateStage, InferStage):
     """03_infer: retrieval both ways, zero-shot classification of the 18 labels, features of one CT file."""
-
-    STAGE = "03_infer"
 
     batch_size: int = param(8, "volumes per forward pass")
     prompt_present: str = param(PROMPT_PRESENT, "zero-shot prompt for a present finding ({} = label)")
@@ -171,10 +168,8 @@ class InferConfig(CTRateStage, TrainedModelStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(CTRateStage, TrainedModelStage):
+class AttentionConfig(CTRateStage, AttentionStage):
     """04_attention: similarity matrix of a batch, top reports for a volume, relevance of a label prompt."""
-
-    STAGE = "04_attention"
 
     batch_size: int = param(8, "volumes per forward pass")
     label: str = param("Pleural effusion", "finding whose 'X is present.' prompt is explained")

@@ -1,25 +1,41 @@
-"""CT-RATE exactly as released, the preprocessed manifest and its Dataset, and real CT DICOM slices.
+"""CT-RATE exactly as released (either release), the preprocessed manifest and its Dataset, and real CT DICOM.
 
-Layout under a data root (the folder called ``dataset/`` in the Hugging Face release)::
+Layout of the Hugging Face repository ``ibrahimhamamci/CT-RATE``; ``data_root`` may be the repository root or its
+``dataset/`` folder (:func:`dataset_folder`)::
 
-    train_fixed/train_{P}/train_{P}_{s}/train_{P}_{s}_{r}.nii.gz      volumes; P patient, s scan (a, b, ..), r recon
-    valid_fixed/valid_{P}/valid_{P}_{s}/valid_{P}_{s}_{r}.nii.gz
-    radiology_text_reports/{train_reports,validation_reports}.csv    VolumeName, ClinicalInformation_EN,
-                                                                      Technique_EN, Findings_EN, Impressions_EN
-    metadata/{train_metadata,validation_metadata}.csv                 VolumeName, ..., XYSpacing "[0.7, 0.7]",
-                                                                      RescaleIntercept, RescaleSlope, ZSpacing, ...
-    multi_abnormality_labels/{train,valid}_predicted_labels.csv       VolumeName + the 18 ``LABELS`` (0/1)
+    dataset/train_fixed/train_{P}/train_{P}_{s}/train_{P}_{s}_{r}.nii.gz  re-release ("v2"); P patient, s scan, r recon
+    dataset/valid_fixed/valid_{P}/valid_{P}_{s}/valid_{P}_{s}_{r}.nii.gz
+    dataset/train/..., dataset/valid/...                                  first release, same names
+    dataset/radiology_text_reports/{train_reports,validation_reports}.csv VolumeName, ClinicalInformation_EN,
+                                                                          Technique_EN, Findings_EN, Impressions_EN
+    dataset/metadata/{train_metadata,validation_metadata}.csv             VolumeName, ..., ImageOrientationPatient,
+                                                                          XYSpacing "[0.7, 0.7]", RescaleIntercept,
+                                                                          RescaleSlope, ZSpacing, ...
+    dataset/multi_abnormality_labels/{train,valid}_predicted_labels.csv   VolumeName + the 18 ``LABELS`` (0/1)
 
-``HU = RescaleSlope * stored + RescaleIntercept`` with the slope/intercept of the metadata CSV (CT-CLIP does the
-same); spacing comes from the metadata too, orientation from the NIfTI affine. :func:`scan_dataset` joins the
-CSVs with the volumes on disk and reports every problem at once. :mod:`nbsupport.ct_clip.demo_data` writes a
-synthetic dataset in this layout; :func:`dicom_to_ct` reads a real CT from DICOM slices (01's real-CT check).
+The two releases store different things (CT-RATE discussion #58 "blank nifti header", the fix script of PR #59,
+as adapted in TorchIO's ``datasets/ct_rate.py`` ``CtRate._fix_image``; CT-CLIP issues #28 and #50):
+
+* first release (``train/``, ``valid/``): the raw stored DICOM values (float32), an identity affine and no spacing;
+  ``HU = RescaleSlope * value + RescaleIntercept`` from the metadata CSV, spacing from ``XYSpacing`` (square
+  pixels throughout CT-RATE) and ``ZSpacing``, stored axes along ``ImageOrientationPatient``'s row and column
+  cosines and their cross product (DICOM LPS), as the fix script sets them.
+* re-release (``*_fixed``): what the fix script made of those: HU already (int16, header ``scl_slope`` 1 /
+  ``scl_inter`` 0), the real spacing and an L,P,S affine. The CSV's slope and intercept must not be applied again
+  (CT-CLIP's ``scripts/data.py`` lines 98-111 still do, which puts water at -1024 HU on the re-release).
+
+The folder decides the convention (:func:`volume_tree`; with both present ``*_fixed`` is read and the choice
+printed), and every volume is checked against it: air must lie at -1000 +/- 500 HU
+(:func:`nbsupport.ct_clip.preprocessing.check_air`), so a volume in the wrong folder is an error naming it.
+:func:`scan_dataset` joins the CSVs with the volumes on disk and reports every problem at once;
+:func:`read_volume` decodes one volume. :mod:`nbsupport.ct_clip.demo_data` writes a synthetic dataset in either
+layout; :func:`dicom_to_ct` reads a real CT from DICOM slices (01's real-CT check).
 """
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nbsupport.ct_clip.preprocessing import CTVolume, load_ct
+from nbsupport.ct_clip.preprocessing import (HEADER_READING, CTVolume, VolumeJob, check_air, decode_job,
+                                             load_ct)
 from nbsupport.manifest import SPLITS, Column, ManifestError, ManifestProblem, ManifestSchema
 from nbsupport.paths import resolve_path
 
@@ -51,14 +68,20 @@ METADATA_COLUMNS = (
     "PhotometricInterpretation", "Rows", "Columns", "XYSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType",
     "NumberofSlices", "ZSpacing", "StudyDate",
 )
-VOLUME_FOLDERS = {"train": "train_fixed", "valid": "valid_fixed"}
+RELEASES = ("fixed", "first")  # the re-release ("v2", HU stored) and the first release (raw values + metadata)
+VOLUME_FOLDERS = {"fixed": {"train": "train_fixed", "valid": "valid_fixed"},
+                  "first": {"train": "train", "valid": "valid"}}
+DATASET_FOLDER = "dataset"  # the CT-RATE repository keeps everything under dataset/
 REPORT_FILES = {"train": "radiology_text_reports/train_reports.csv",
                 "valid": "radiology_text_reports/validation_reports.csv"}
 METADATA_FILES = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
 LABEL_FILES = {"train": "multi_abnormality_labels/train_predicted_labels.csv",
                "valid": "multi_abnormality_labels/valid_predicted_labels.csv"}
-CT_RATE_LAYOUT = ("train_fixed/train_P/train_P_s/train_P_s_r.nii.gz (and valid_fixed/...), "
-                  "radiology_text_reports/*.csv, metadata/*.csv, multi_abnormality_labels/*.csv")
+CT_RATE_LAYOUT = ("[dataset/]train_fixed/train_P/train_P_s/train_P_s_r.nii.gz and valid_fixed/... (or the first "
+                  "release's train/ and valid/), radiology_text_reports/*.csv, metadata/*.csv, "
+                  "multi_abnormality_labels/*.csv")
+_METADATA_REQUIRED = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
+_FIRST_RELEASE_READING = "the metadata CSV's RescaleSlope / RescaleIntercept (first release: raw values stored)"
 _VOLUME_NAME = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
 PREPROCESSED_FOLDER = "preprocessed"
 
@@ -76,10 +99,51 @@ def parse_volume_name(name: str) -> dict[str, Any]:
             "volume": stem}
 
 
-def volume_relative_path(volume: str) -> str:
-    """Where CT-RATE keeps a volume: ``valid_fixed/valid_53/valid_53_a/valid_53_a_1.nii.gz``."""
+def volume_relative_path(volume: str, release: str = "fixed") -> str:
+    """Where a CT-RATE release keeps a volume, relative to ``dataset/``:
+    ``valid_fixed/valid_53/valid_53_a/valid_53_a_1.nii.gz`` (``release="first"``: ``valid/...``)."""
     info = parse_volume_name(volume)
-    return f"{VOLUME_FOLDERS[info['source_split']]}/{info['patient']}/{info['scan']}/{info['volume']}.nii.gz"
+    folder = VOLUME_FOLDERS[release][info["source_split"]]
+    return f"{folder}/{info['patient']}/{info['scan']}/{info['volume']}.nii.gz"
+
+
+def dataset_folder(root: str | os.PathLike) -> Path:
+    """The folder holding CT-RATE's tables and volume trees: ``root/dataset`` when ``root`` is the repository root
+    (it has a ``dataset/`` folder and none of the tables' folders itself), else ``root``."""
+    root = Path(root)
+    inner = root / DATASET_FOLDER
+    own = ("radiology_text_reports", "metadata", *VOLUME_FOLDERS["fixed"].values(), *VOLUME_FOLDERS["first"].values())
+    return inner if inner.is_dir() and not any((root / name).is_dir() for name in own) else root
+
+
+def volume_tree(folder: Path, split: str) -> str | None:
+    """The release whose volume folder ``folder`` (a :func:`dataset_folder`) holds for ``split`` (``train`` /
+    ``valid``): ``"fixed"`` where ``<split>_fixed/`` exists (also when ``<split>/`` exists beside it: the
+    re-release is the corrected one, and the choice is printed), else ``"first"`` where ``<split>/`` exists, else
+    None."""
+    fixed, first = (folder / VOLUME_FOLDERS[r][split] for r in RELEASES)
+    if fixed.is_dir():
+        if first.is_dir():
+            print(f"CT-RATE: both {first.name}/ (first release) and {fixed.name}/ (re-release) are in {folder}; "
+                  f"reading {fixed.name}/ (HU stored, header spacing and orientation)")
+        return "fixed"
+    return "first" if first.is_dir() else None
+
+
+def parse_orientation(value: Any) -> tuple[tuple[float, float, float], ...]:
+    """DICOM ``ImageOrientationPatient`` (row and column cosines, LPS; CT-RATE writes ``"[1, 0, 0, 0, 1, 0]"``)
+    -> 3 x 3 RAS directions of stored axes 0, 1, 2 as columns: row, column and their cross product (the slice
+    direction CT-RATE's fix script gives the volume), with x and y negated from DICOM's LPS to RAS."""
+    numbers = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", str(value))
+    cosines = np.array([float(v) for v in numbers])
+    if cosines.size != 6 or not np.isfinite(cosines).all():
+        raise ValueError(f"expected 6 direction cosines like '[1, 0, 0, 0, 1, 0]', got {value!r}")
+    row, column = cosines[:3], cosines[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(column) - 1) > 1e-2 or abs(row @ column) > 1e-2:
+        raise ValueError(f"the row and column cosines must be orthogonal unit vectors, got {value!r}")
+    lps = np.stack([row, column, np.cross(row, column)], axis=1)
+    ras = np.diag([-1.0, -1.0, 1.0]) @ lps
+    return tuple(tuple(float(v) for v in line) for line in ras)  # type: ignore[return-value]
 
 
 def parse_xy_spacing(value: Any) -> tuple[float, float]:
@@ -126,81 +190,142 @@ def _read_csv(path: Path, required: Sequence[str], problems: list[ManifestProble
 
 
 def scan_dataset(root: str | os.PathLike, splits: Sequence[str] = ("train", "valid")) -> pd.DataFrame:
-    """One row per volume of a CT-RATE data root: the NIfTI path, report, labels, spacing and rescale values.
+    """One row per volume of CT-RATE as downloaded: the NIfTI path, its release, report, labels and metadata.
 
-    Every volume named in a reports CSV must have its ``.nii.gz``, a metadata row (spacing, slope, intercept) and a
-    labels row with 0/1 values; volumes on disk without a report are left out (they cannot be trained on).
+    ``root`` is the repository root or its ``dataset/`` folder; each split is read from the volume tree
+    :func:`volume_tree` picks. Every volume named in a reports CSV must have its ``.nii.gz``, a metadata row
+    (spacing, slope, intercept; for the first release also ``ImageOrientationPatient``) and a labels row with 0/1
+    values; volumes on disk without a report are left out (they cannot be trained on).
 
     Returns:
-        columns ``volume, patient, scan, source_split, nifti, findings, impressions, xy_spacing_row,
-        xy_spacing_col, z_spacing, rescale_slope, rescale_intercept`` and the 18 ``LABELS``.
+        columns ``volume, patient, scan, source_split, release ("fixed" / "first"), nifti`` (relative to
+        ``root``), ``findings, impressions, xy_spacing_row, xy_spacing_col, z_spacing, rescale_slope,
+        rescale_intercept, directions`` (RAS directions of the stored axes, first release only; None for
+        ``fixed``, whose header has them) and the 18 ``LABELS``.
 
     Raises:
         ManifestError: listing every missing file, missing column, bad value (file, line, column, expectation).
     """
     root = resolve_path(root)
+    folder = dataset_folder(root)
+    prefix = folder.relative_to(root).as_posix() + "/" if folder != root else ""
     problems: list[ManifestProblem] = []
     rows = []
     for split in splits:
-        reports = _read_csv(root / REPORT_FILES[split], REPORT_COLUMNS, problems)
-        meta = _read_csv(root / METADATA_FILES[split], ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope",
-                                                          "RescaleIntercept"), problems)
-        labels = _read_csv(root / LABEL_FILES[split], ("VolumeName", *LABELS), problems)
-        if reports is None or meta is None or labels is None:
+        release = volume_tree(folder, split)
+        if release is None:
+            problems.append(ManifestProblem(None, None, f"no volume folder for {split}: expected "
+                                            f"{VOLUME_FOLDERS['fixed'][split]}/ (re-release) or "
+                                            f"{VOLUME_FOLDERS['first'][split]}/ (first release)", file=str(folder)))
+        reports = _read_csv(folder / REPORT_FILES[split], REPORT_COLUMNS, problems)
+        meta = _read_csv(folder / METADATA_FILES[split], _METADATA_REQUIRED
+                         + (("ImageOrientationPatient",) if release == "first" else ()), problems)
+        labels = _read_csv(folder / LABEL_FILES[split], ("VolumeName", *LABELS), problems)
+        if release is None or reports is None or meta is None or labels is None:
             continue
         for volume, rep in reports.iterrows():
-            where = str(root / REPORT_FILES[split])
+            where = str(folder / REPORT_FILES[split])
             try:
                 info = parse_volume_name(volume)
             except ValueError as err:
                 problems.append(ManifestProblem(int(rep["_line"]), "VolumeName", str(err), file=where))
                 continue
-            nifti = volume_relative_path(volume)
-            if not (root / nifti).is_file():
+            nifti = volume_relative_path(volume, release)
+            if not (folder / nifti).is_file():
                 problems.append(ManifestProblem(int(rep["_line"]), "VolumeName",
-                                                f"volume file {nifti} does not exist under {root}", file=where))
+                                                f"volume file {nifti} does not exist under {folder}", file=where))
                 continue
             if not report_text(rep["Findings_EN"], rep["Impressions_EN"], "findings+impressions"):
                 problems.append(ManifestProblem(int(rep["_line"]), "Findings_EN", "empty report (Findings_EN and "
                                                 "Impressions_EN empty or 'Not given.'); expected the report text",
                                                 file=where))
                 continue
-            row: dict[str, Any] = {**info, "nifti": nifti, "findings": rep["Findings_EN"],
-                                   "impressions": rep["Impressions_EN"]}
+            row: dict[str, Any] = {**info, "release": release, "nifti": prefix + nifti,
+                                   "findings": rep["Findings_EN"], "impressions": rep["Impressions_EN"]}
             if volume not in meta.index:
                 problems.append(ManifestProblem(None, "VolumeName", f"no metadata row for {volume}",
-                                                file=str(root / METADATA_FILES[split])))
+                                                file=str(folder / METADATA_FILES[split])))
                 continue
-            m = meta.loc[volume]
-            mfile, mline = str(root / METADATA_FILES[split]), int(m["_line"])
-            try:
-                row["xy_spacing_row"], row["xy_spacing_col"] = parse_xy_spacing(m["XYSpacing"])
-            except ValueError as err:
-                problems.append(ManifestProblem(mline, "XYSpacing", str(err), file=mfile))
-            for column, key in (("ZSpacing", "z_spacing"), ("RescaleSlope", "rescale_slope"),
-                                ("RescaleIntercept", "rescale_intercept")):
-                try:
-                    row[key] = float(m[column])
-                    if not np.isfinite(row[key]) or (key != "rescale_intercept" and not row[key] > 0):
-                        raise ValueError
-                except ValueError:
-                    kind = "a finite positive number" if key != "rescale_intercept" else "a finite number"
-                    problems.append(ManifestProblem(mline, column, f"expected {kind}, got {m[column]!r}", file=mfile))
+            row.update(_metadata_fields(meta.loc[volume], release, str(folder / METADATA_FILES[split]), problems))
             if volume not in labels.index:
                 problems.append(ManifestProblem(None, "VolumeName", f"no labels row for {volume}",
-                                                file=str(root / LABEL_FILES[split])))
+                                                file=str(folder / LABEL_FILES[split])))
                 continue
             lab = labels.loc[volume]
             for name in LABELS:
                 if str(lab[name]).strip() not in ("0", "1"):
                     problems.append(ManifestProblem(int(lab["_line"]), name, f"expected 0 or 1, got {lab[name]!r}",
-                                                    file=str(root / LABEL_FILES[split])))
+                                                    file=str(folder / LABEL_FILES[split])))
                 else:
                     row[name] = int(str(lab[name]).strip())
             rows.append(row)
     if problems:
         raise ManifestError(problems, str(root), hint=f"Expected the CT-RATE layout: {CT_RATE_LAYOUT}")
     return pd.DataFrame(rows)
+
+
+def _metadata_fields(m: pd.Series, release: str, file: str, problems: list[ManifestProblem]) -> dict[str, Any]:
+    """Spacing, rescale and (first release) stored-axis directions of one metadata row; bad values go to
+    ``problems`` with the file, line and column."""
+    line = int(m["_line"])
+    out: dict[str, Any] = {"directions": None}
+    try:
+        out["xy_spacing_row"], out["xy_spacing_col"] = parse_xy_spacing(m["XYSpacing"])
+    except ValueError as err:
+        problems.append(ManifestProblem(line, "XYSpacing", str(err), file=file))
+    for column, key in (("ZSpacing", "z_spacing"), ("RescaleSlope", "rescale_slope"),
+                        ("RescaleIntercept", "rescale_intercept")):
+        try:
+            out[key] = float(m[column])
+            if not np.isfinite(out[key]) or (key != "rescale_intercept" and not out[key] > 0):
+                raise ValueError
+        except ValueError:
+            kind = "a finite positive number" if key != "rescale_intercept" else "a finite number"
+            problems.append(ManifestProblem(line, column, f"expected {kind}, got {m[column]!r}", file=file))
+    if release == "first":
+        try:
+            out["directions"] = parse_orientation(m["ImageOrientationPatient"])
+        except ValueError as err:
+            problems.append(ManifestProblem(line, "ImageOrientationPatient", str(err), file=file))
+    return out
+
+
+def volume_job(root: str | os.PathLike, row: Mapping[str, Any], output: str = "") -> VolumeJob:
+    """How to decode one :func:`scan_dataset` row as its release stores it: the header for ``fixed`` (HU, spacing
+    and affine in the file); the metadata's rescale, spacing and orientation for ``first``."""
+    nifti = str(Path(root) / row["nifti"])
+    if row["release"] == "fixed":
+        return VolumeJob(row["volume"], nifti, output)
+    return VolumeJob(row["volume"], nifti, output, slope=row["rescale_slope"], intercept=row["rescale_intercept"],
+                     xy_spacing=(row["xy_spacing_row"], row["xy_spacing_col"]), z_spacing=row["z_spacing"],
+                     directions=row["directions"], reading=_FIRST_RELEASE_READING)
+
+
+def read_volume(root: str | os.PathLike, volume: str) -> CTVolume:
+    """One CT-RATE volume (``VolumeName``) decoded as its release stores it and checked against air, for views and
+    single-volume uses (the preprocessing runner does the same for the :func:`scan_dataset` rows)."""
+    root = resolve_path(root)
+    folder = dataset_folder(root)
+    info = parse_volume_name(volume)
+    split = info["source_split"]
+    release = volume_tree(folder, split)
+    if release is None:
+        raise FileNotFoundError(f"{folder} has neither {VOLUME_FOLDERS['fixed'][split]}/ nor "
+                                f"{VOLUME_FOLDERS['first'][split]}/; expected the CT-RATE layout: {CT_RATE_LAYOUT}")
+    row: dict[str, Any] = {"volume": info["volume"], "release": release,
+                           "nifti": (folder / volume_relative_path(volume, release)).relative_to(root)}
+    if release == "first":
+        problems: list[ManifestProblem] = []
+        file = folder / METADATA_FILES[split]
+        meta = _read_csv(file, (*_METADATA_REQUIRED, "ImageOrientationPatient"), problems)
+        if meta is not None and info["volume"] not in meta.index:
+            problems.append(ManifestProblem(None, "VolumeName", f"no metadata row for {info['volume']}",
+                                            file=str(file)))
+        elif meta is not None:
+            row.update(_metadata_fields(meta.loc[info["volume"]], release, str(file), problems))
+        if problems:
+            raise ManifestError(problems, str(root), hint=f"Expected the CT-RATE layout: {CT_RATE_LAYOUT}")
+    return decode_job(volume_job(root, row))
 
 
 def assign_splits(volumes: pd.DataFrame, val_fraction: float, seed: int) -> pd.Series:
@@ -348,12 +473,18 @@ def dicom_to_ct(source: str | os.PathLike | Sequence[str | os.PathLike]) -> CTVo
 
 
 def read_ct(path: str | os.PathLike) -> CTVolume:
-    """A CT file or series as a :class:`CTVolume`: a ``.nii(.gz)`` (HU from the header's scaling), a DICOM series
-    folder or one DICOM file."""
+    """A user's CT file or series as a :class:`CTVolume`, checked against air
+    (:func:`nbsupport.ct_clip.preprocessing.check_air`): a ``.nii(.gz)`` holds HU through its header's scaling (as
+    CT-RATE's ``*_fixed`` volumes and NIfTI converted from DICOM by dcm2niix, SimpleITK or nibabel do), a DICOM
+    series folder or one DICOM file through each slice's RescaleSlope / RescaleIntercept."""
     path = Path(path)
     if path.is_dir() or not path.name.lower().endswith((".nii", ".nii.gz")):
-        return dicom_to_ct(path)
-    return load_ct(path)
+        ct = dicom_to_ct(path)
+        check_air(ct, path, "the DICOM RescaleSlope / RescaleIntercept")
+    else:
+        ct = load_ct(path)
+        check_air(ct, path, HEADER_READING)
+    return ct
 
 
 def read_real_ct(source: str) -> tuple[CTVolume, str]:

@@ -1,8 +1,9 @@
 """A synthetic chest-CT dataset in the CT-RATE layout, for the demo and the tests (``nbsupport demo-data ct_clip``).
 
-:func:`write_demo_dataset` writes synthetic chest CTs (HU, varied spacings and sizes, some stored in LPS order) with
-8 of the 18 abnormalities drawn in, reports written from them (with negations) and the label CSV, laid out as
-:mod:`nbsupport.ct_clip.data` reads CT-RATE.
+:func:`write_demo_dataset` writes synthetic chest CTs (HU, varied spacings and sizes, half stored L,P,S and half
+R,A,S) with 8 of the 18 abnormalities drawn in, reports written from them (with negations) and the label CSV, laid
+out as either CT-RATE release (the ``*_fixed`` re-release by default, or the first release), as
+:mod:`nbsupport.ct_clip.data` reads them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nbsupport.ct_clip.data import (LABEL_FILES, LABELS, METADATA_COLUMNS, METADATA_FILES, REPORT_COLUMNS,
+from nbsupport.ct_clip.data import (LABEL_FILES, LABELS, METADATA_COLUMNS, METADATA_FILES, RELEASES, REPORT_COLUMNS,
                                     REPORT_FILES, volume_relative_path)
 from nbsupport.demo import finish_demo_folder, start_demo_folder
 from nbsupport.paths import resolve_path
@@ -235,19 +236,32 @@ def _demo_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, s
 
 
 def write_demo_dataset(root: str | os.PathLike, n_train_patients: int = 150, n_valid_patients: int = 70,
-                       scale: float = 0.5, seed: int = 0) -> Path:
+                       scale: float = 0.5, seed: int = 0, release: str = "fixed") -> Path:
     """Write synthetic chest CTs in the CT-RATE layout (NIfTI + the three CSV kinds) under ``root``.
 
     Each patient has one scan with one reconstruction on one of four native grids (0.70-0.95 mm in-plane,
-    1.5-3.0 mm slices at ``scale`` 1; ``scale`` < 1 uses proportionally fewer, larger voxels). Stored values are
-    ``HU - intercept`` (int16) with ``RescaleIntercept`` -1024 or -1000 in the metadata, and half of the volumes
-    are stored with flipped x/y axes (an LPS affine), so preprocessing must apply the rescale and reorient.
+    1.5-3.0 mm slices at ``scale`` 1; ``scale`` < 1 uses proportionally fewer, larger voxels). The metadata CSV
+    holds what a scanner's DICOM says: ``RescaleIntercept`` -1024 or -1000, slope 1, ``XYSpacing``, ``ZSpacing``
+    and ``ImageOrientationPatient``: half of the volumes are stored L,P,S (``[1, 0, 0, 0, 1, 0]``, as most of
+    CT-RATE) and half R,A,S (``[-1, 0, 0, 0, -1, 0]``), so preprocessing must reorient.
+
+    Args:
+        release: ``"fixed"``: ``train_fixed/``, ``valid_fixed/`` as the re-release stores them: HU (int16, header
+            scaling 1 / 0), the real spacing and orientation in the affine, the metadata's rescale not to be
+            applied. ``"first"``: ``train/``, ``valid/`` as the first release: the raw values ``HU - intercept``
+            (float32), an identity affine, HU, spacing and orientation only in the metadata CSV. The same volume
+            gives the same HU either way.
+
     Deterministic given the arguments; an existing complete demo with the same arguments is reused.
     """
+    if release not in RELEASES:
+        raise ValueError(f"release must be one of {RELEASES}, got {release!r}")
     root = resolve_path(root)
-    # The generator name is the one demo folders were first written with, so that they are reused.
+    # The generator name is the one demo folders were first written with, so that they are reused. Format 5: the
+    # _fixed volumes hold HU (format 4 stored HU - intercept there, as only the first release does).
     params = {"n_train_patients": n_train_patients, "n_valid_patients": n_valid_patients, "scale": scale,
-              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 4}
+              "seed": seed, "generator": "nbsupport.ct_clip.data.write_demo_dataset", "format_version": 5,
+              **({} if release == "fixed" else {"release": release})}
     tables_written = [files[split] for files in (REPORT_FILES, METADATA_FILES, LABEL_FILES) for split in files]
     if start_demo_folder(root, params, required=tables_written):
         return root
@@ -255,7 +269,7 @@ def write_demo_dataset(root: str | os.PathLike, n_train_patients: int = 150, n_v
                                                           for s in ("train", "valid")}
     patients = [("train", i + 1) for i in range(n_train_patients)] + [("valid", i + 1) for i in range(n_valid_patients)]
     for k, (split, number) in enumerate(progress(patients, desc="writing demo CT volumes")):
-        rows = _write_demo_volume(root, f"{split}_{number}_a_1", k, seed, scale)
+        rows = _write_demo_volume(root, f"{split}_{number}_a_1", k, seed, scale, release)
         for kind, row in rows.items():
             tables[split][kind].append(row)
     for split in ("train", "valid"):
@@ -270,8 +284,10 @@ def write_demo_dataset(root: str | os.PathLike, n_train_patients: int = 150, n_v
     return root
 
 
-def _write_demo_volume(root: Path, volume: str, k: int, seed: int, scale: float) -> dict[str, dict[str, Any]]:
-    """Draw and write the ``k``-th demo volume (its own random stream); its report, metadata and labels rows."""
+def _write_demo_volume(root: Path, volume: str, k: int, seed: int, scale: float,
+                       release: str) -> dict[str, dict[str, Any]]:
+    """Draw and write the ``k``-th demo volume (its own random stream) as ``release`` stores it; its report,
+    metadata and labels rows."""
     import nibabel as nib
 
     rng = np.random.default_rng([seed, k, 2654435761])
@@ -282,25 +298,33 @@ def _write_demo_volume(root: Path, volume: str, k: int, seed: int, scale: float)
     s_xy = round(s_xy * (1 + rng.uniform(-0.05, 0.05)), 4)
     hu = _render_demo_volume(case, (n_xy, n_xy, n_z), (s_xy, s_xy, s_z), rng)
     intercept = -1024.0 if k % 3 else -1000.0
-    stored = np.clip(np.round(hu - intercept), -32768, 32767).astype(np.int16)
+    raw = np.clip(np.round(hu - intercept), -32768, 32767)  # what the scanner stores: DICOM HU = raw + intercept
     affine = np.diag([s_xy, s_xy, s_z, 1.0])
     affine[:3, 3] = [-(n_xy - 1) / 2 * s_xy, -(n_xy - 1) / 2 * s_xy, -(n_z - 1) / 2 * s_z]
+    orientation = "[-1, 0, 0, 0, -1, 0]"  # rows run towards the patient's right, columns towards anterior: R,A,S
     if k % 2:  # stored in LPS order (as DICOM): x towards the left, y towards posterior
-        stored = stored[::-1, ::-1]
+        raw = raw[::-1, ::-1]
         affine[0, 0], affine[1, 1] = -s_xy, -s_xy
         affine[:2, 3] = -affine[:2, 3]
-    path = root / volume_relative_path(volume)
+        orientation = "[1, 0, 0, 0, 1, 0]"
+    if release == "fixed":  # HU stored, geometry in the header (CT-RATE's fix script: int16, spacing, direction)
+        image = nib.Nifti1Image(np.ascontiguousarray((raw + intercept).astype(np.int16)), affine)
+        image.header.set_xyzt_units("mm")
+    else:  # the raw DICOM values as float32 and no geometry (the first release's header is blank)
+        image = nib.Nifti1Image(np.ascontiguousarray(raw.astype(np.float32)), np.eye(4))
+    path = root / volume_relative_path(volume, release)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(stored), affine)
-    image.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6))
     findings, impressions = _demo_report(case, rng)
     meta = {c: "" for c in METADATA_COLUMNS}
+    origin_lps = (-affine[0, 3], -affine[1, 3], affine[2, 3])  # DICOM's patient coordinates are L,P,S
     meta.update({"VolumeName": f"{volume}.nii.gz", "Manufacturer": "SYNTHETIC", "PatientSex": "",
                  "PatientAge": "", "Rows": n_xy, "Columns": n_xy, "XYSpacing": f"[{s_xy}, {s_xy}]",
                  "RescaleIntercept": intercept, "RescaleSlope": 1, "RescaleType": "HU", "NumberofSlices": n_z,
-                 "ZSpacing": s_z, "PhotometricInterpretation": "MONOCHROME2", "SamplesPerPixel": 1})
+                 "ZSpacing": s_z, "PhotometricInterpretation": "MONOCHROME2", "SamplesPerPixel": 1,
+                 "ImageOrientationPatient": orientation,
+                 "ImagePositionPatient": "[" + ", ".join(f"{v:.4f}" for v in origin_lps) + "]"})
     return {"reports": {"VolumeName": f"{volume}.nii.gz", "ClinicalInformation_EN": "Not given.",
                         "Technique_EN": "Non-contrast chest CT (synthetic demo).",
                         "Findings_EN": findings, "Impressions_EN": impressions},

@@ -208,10 +208,13 @@ def extract_features(model: CTClip, nifti: str | Path, spec: ct_pre.PreprocessSp
     """Embedding (D,) of one CT file (:func:`embed_ct` of it).
 
     Args:
-        nifti: a ``.nii(.gz)``; HU from the header's scaling unless ``slope``/``intercept`` are given.
+        nifti: a ``.nii(.gz)``; HU from the header's scaling unless ``slope``/``intercept`` are given, checked
+            against air (:func:`nbsupport.ct_clip.preprocessing.check_air`).
         spec: preprocessing geometry; default CT-Data's (1.25 x 1.25 x 2 mm, 256 x 256 x 192).
     """
-    return embed_ct(model, ct_pre.load_ct(nifti, slope, intercept), spec or ct_pre.PreprocessSpec())
+    ct = ct_pre.load_ct(nifti, slope, intercept)
+    ct_pre.check_air(ct, nifti, ct_pre.HEADER_READING if slope is None else "the given slope / intercept")
+    return embed_ct(model, ct, spec or ct_pre.PreprocessSpec())
 
 
 @torch.no_grad()

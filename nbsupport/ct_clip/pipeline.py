@@ -22,10 +22,10 @@ from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.ct_clip import views
 from nbsupport.ct_clip.config import (PROMPT_ABSENT, PROMPT_PRESENT, SYSTEM, AttentionConfig, InferConfig,
                                       PreprocessConfig, TrainConfig)
-from nbsupport.ct_clip.data import LABELS, CTVolumeDataset, label_matrix, read_ct, read_real_ct, scan_dataset
+from nbsupport.ct_clip.data import LABELS, CTVolumeDataset, label_matrix, read_ct, read_real_ct, read_volume
 from nbsupport.ct_clip.inference import (Evaluation, LinearProbe, ci95_list, embed_ct, encode_volumes, evaluate_split,
-                                         extract_features, linear_probe, mean_auroc, paired_diff, relevance_map,
-                                         retrieval_with_intervals, retrieve_reports, zero_shot_scores)
+                                         linear_probe, mean_auroc, paired_diff, relevance_map, retrieval_with_intervals,
+                                         retrieve_reports, zero_shot_scores)
 from nbsupport.ct_clip.model import CTClip, CTClipSpec, report_features
 from nbsupport.ct_clip.task import CTClipTrainingTask, checkpoint_monitor, distributed_config
 from nbsupport.device import resolve_device
@@ -228,16 +228,16 @@ def _preprocessing_of(checkpoint: Path) -> ct_pre.PreprocessSpec:
 
 def _features_of_one_file(model: CTClip, cfg: InferConfig, root: Path, evaluation: Evaluation,
                           run: RunFolder, spec: ct_pre.PreprocessSpec) -> dict[str, Any]:
-    """Feature extraction for one file, as a user would do it on a new CT: ``cfg.input_file``, else the source
-    NIfTI of the split's first volume (with its metadata's rescale), preprocessed by ``spec`` (the training run's).
-    Saved as ``features/<name>.npy``."""
+    """Feature extraction for one file, as a user would do it on a new CT: ``cfg.input_file`` (:func:`read_ct`),
+    else the source NIfTI of the split's first volume (decoded as its CT-RATE release stores it), preprocessed by
+    ``spec`` (the training run's). Saved as ``features/<name>.npy``."""
     if cfg.input_file:
-        source, slope, intercept = resolve_path(cfg.input_file), None, None
+        source = resolve_path(cfg.input_file)
+        ct = read_ct(source)
     else:
-        meta = scan_dataset(root)
-        row = meta[meta.volume == evaluation.manifest.volume.iloc[0]].iloc[0]
-        source, slope, intercept = root / row.nifti, row.rescale_slope, row.rescale_intercept
-    embedding = extract_features(model, source, spec, slope, intercept)
+        row = evaluation.manifest.iloc[0]
+        source, ct = root / row.nifti, read_volume(root, row.volume)
+    embedding = embed_ct(model, ct, spec)
     feature_path = run.file(f"features/{Path(source).name.split('.')[0]}.npy")
     np.save(feature_path, embedding)
     return {"file": str(source), "embedding": embedding, "path": str(feature_path)}

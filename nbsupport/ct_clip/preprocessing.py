@@ -31,12 +31,13 @@ ever building the full resampled volume:
 
 Where ours differs from CT-Data's script (benchmarks/RESULTS.md, "ct_clip preprocessing equal to the seed's chain"):
 
-* HU: CT-Data trusts the NIfTI header's rescale; :func:`load_ct` takes CT-RATE's metadata ``RescaleSlope`` /
-  ``RescaleIntercept`` when given (as CT-CLIP's ``data_preprocess/preprocess_ctrate_train.py`` does, lines 87-88
-  and 100), the header's otherwise. Equal when both describe the same rescale (tests: header-scaled files, and
-  metadata-scaled ones against the chain with that rescale applied after loading).
-* spacing: CT-Data uses the affine's voxel sizes; :func:`load_ct` takes CT-RATE's ``XYSpacing`` / ``ZSpacing``
-  when given (as :func:`preprocess_dataset` does), the affine's otherwise. Equal wherever the two agree.
+* HU, spacing and orientation: CT-Data trusts the NIfTI header (scaling, affine), which is right for CT-RATE's
+  ``*_fixed`` re-release and any standard CT NIfTI, and what :func:`load_ct` does by default. CT-RATE's first
+  release has no usable header (raw values, identity affine): there :func:`load_ct` takes the metadata CSV's
+  ``RescaleSlope`` / ``RescaleIntercept``, ``XYSpacing`` / ``ZSpacing`` and the directions of
+  ``ImageOrientationPatient``, as the dataset's own fix script does (:mod:`nbsupport.ct_clip.data` decides which
+  from the folder). Equal to the chain on the fixed file made from the same volume (test). Either way
+  :func:`check_air` refuses a volume whose air is not near -1000 HU (a rescale applied twice or not at all).
 * sheared affines (gantry tilt): MONAI's Spacing resamples onto an orthogonal world grid (``zoom_affine``'s
   Cholesky factor), ours along the array axes, so the output differs (mean abs 0.10 at a 5 degree tilt on a
   64 x 64 x 40 test volume). Orthogonal affines, oblique (rotated) ones included, are equal.
@@ -132,15 +133,18 @@ def _inflate(raw: bytes, path: str | os.PathLike) -> bytes:
 
 
 def load_ct(path: str | os.PathLike, slope: float | None = None, intercept: float | None = None,
-            xy_spacing: tuple[float, float] | None = None, z_spacing: float | None = None) -> CTVolume:
+            xy_spacing: tuple[float, float] | None = None, z_spacing: float | None = None,
+            directions: np.ndarray | Sequence[Sequence[float]] | None = None) -> CTVolume:
     """Decode a ``.nii(.gz)`` CT without scaling it (``stored`` is a read-only view of the inflated bytes).
 
     Args:
         path: the NIfTI file.
-        slope, intercept: ``HU = slope * stored + intercept`` (CT-RATE metadata); None: the NIfTI header's
-            ``scl_slope`` / ``scl_inter`` (1 and 0 when unset), as MONAI's ``LoadImaged`` applies them.
+        slope, intercept: ``HU = slope * stored + intercept`` (CT-RATE first-release metadata); None: the NIfTI
+            header's ``scl_slope`` / ``scl_inter`` (1 and 0 when unset), as MONAI's ``LoadImaged`` applies them.
         xy_spacing: CT-RATE ``XYSpacing`` as (row, column) mm; stored axis 0 runs along columns, axis 1 along rows.
         z_spacing: CT-RATE ``ZSpacing`` (mm) of stored axis 2. None: voxel sizes from the affine.
+        directions: 3 x 3, column ``a`` the RAS direction stored axis ``a`` runs along (CT-RATE first release:
+            from ``ImageOrientationPatient``); None: the affine's.
     """
     import nibabel as nib
 
@@ -171,6 +175,9 @@ def load_ct(path: str | os.PathLike, slope: float | None = None, intercept: floa
         spacing[0], spacing[1] = float(xy_spacing[1]), float(xy_spacing[0])
     if z_spacing is not None:
         spacing[2] = float(z_spacing)
+    if directions is not None:
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(directions, dtype=float) * spacing
     ornt = nib.orientations.io_orientation(affine)
     return CTVolume(stored=stored,
                     slope=float(header_slope if slope is None else slope),
@@ -178,6 +185,52 @@ def load_ct(path: str | os.PathLike, slope: float | None = None, intercept: floa
                     spacing=(spacing[0], spacing[1], spacing[2]),
                     ras_axis=tuple(int(a) for a in ornt[:, 0]),  # type: ignore[arg-type]
                     flipped=tuple(bool(f < 0) for f in ornt[:, 1]))  # type: ignore[arg-type]
+
+
+AIR_HU = -1000.0  # Hounsfield's scale: air is -1000 HU, water 0 HU, by definition
+AIR_TOLERANCE_HU = 500.0  # accepted air level: AIR_HU +/- this (see check_air)
+_AIR_SAMPLE_VOXELS = 2_000_000  # check_air reads a regular subsample of about this many voxels
+
+
+def air_level(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> float:
+    """Where air lies in ``HU = slope * stored + intercept``: the 1st percentile of the voxels (a regular subsample of
+    about 2 million), the volume's minimum left out when it lies below the accepted air range.
+
+    CT reconstructions pad the corners outside the circular field of view with one constant below air (-2048 or
+    -3024 HU and the like, a fifth of a square slice); without it, what remains at the low end is air around the
+    patient and in the airways and lungs. A minimum within the air range (noise-free air, as in a phantom) stays.
+    """
+    step = max(int(np.ceil((stored.size / _AIR_SAMPLE_VOXELS) ** (1 / 3))), 1)
+    hu = np.asarray(stored[::step, ::step, ::step], dtype=np.float32).ravel() * slope + intercept
+    lowest = hu.min()
+    if lowest < AIR_HU - AIR_TOLERANCE_HU and (hu > lowest).any():
+        hu = hu[hu > lowest]
+    return float(np.percentile(hu, 1))
+
+
+def check_air(ct: CTVolume, source: str | os.PathLike, reading: str) -> float:
+    """The volume's air level in HU; ValueError naming ``source`` and what was seen where it is not air.
+
+    Physics: air is -1000 HU by the definition of the scale, aerated lung -950..-700 HU, and no tissue lies below
+    air, so the low end of a CT (padding outside the field of view left out, :func:`air_level`) is within
+    -1000 +/- ``AIR_TOLERANCE_HU`` (500) HU whenever ``HU = slope * stored + intercept`` is right. A rescale
+    applied twice or not at all moves it by the intercept, -1000 or -1024 HU (-8192 for some CT-RATE scanners):
+    always more than 500 HU, so the two cases never meet. (CT-RATE's re-release double-rescaled by CT-CLIP's
+    loader put water at -1024 HU: CT-CLIP issue #50.)
+
+    Args:
+        reading: how ``ct.slope`` / ``ct.intercept`` were obtained, named in the error (which convention).
+    """
+    air = air_level(ct.stored, ct.slope, ct.intercept)
+    if ct.slope > 0 and abs(air - AIR_HU) <= AIR_TOLERANCE_HU:
+        return air
+    raise ValueError(
+        f"{source}: air lies at {air:+.0f} HU with {reading} (HU = {ct.slope:g} * stored + {ct.intercept:g}); "
+        f"a CT has air at {AIR_HU:.0f} HU (accepted {AIR_HU - AIR_TOLERANCE_HU:.0f}..{AIR_HU + AIR_TOLERANCE_HU:.0f},"
+        f" measured as the 1st percentile without padding); the stored values themselves put it at "
+        f"{air_level(ct.stored):+.0f}. A rescale applied twice or not at all shifts air by the intercept: is the "
+        "volume in the folder of the other CT-RATE release (train/ and valid/ hold raw values, train_fixed/ and "
+        "valid_fixed/ HU)?")
 
 
 SPACING_TOLERANCE = 1e-3  # mm: MONAI Spacing keeps an axis whose spacing is this close to the target (AFFINE_TOL)
@@ -344,9 +397,14 @@ def save_preprocessed(path: str | os.PathLike, image: np.ndarray, compress: bool
 
 
 # ---------------------------------------------------------------------------------------------- many volumes
+HEADER_READING = "the header's scl_slope / scl_inter (HU stored)"
+
+
 @dataclasses.dataclass(frozen=True)
 class VolumeJob:
-    """One volume to preprocess (paths absolute)."""
+    """One volume to preprocess (paths absolute) and how to decode it: each of ``slope`` / ``intercept``,
+    ``xy_spacing`` / ``z_spacing`` and ``directions`` None means the NIfTI header's (see :func:`load_ct`);
+    ``reading`` names that choice in errors."""
 
     volume: str
     nifti: str
@@ -355,6 +413,16 @@ class VolumeJob:
     intercept: float | None = None
     xy_spacing: tuple[float, float] | None = None
     z_spacing: float | None = None
+    directions: tuple[tuple[float, float, float], ...] | None = None
+    reading: str = ""  # '' = HEADER_READING, or "the job's slope / intercept" where they are given
+
+
+def decode_job(job: VolumeJob) -> CTVolume:
+    """The job's volume decoded, its HU checked against air (:func:`check_air`)."""
+    ct = load_ct(job.nifti, job.slope, job.intercept, job.xy_spacing, job.z_spacing, job.directions)
+    given = job.slope is not None or job.intercept is not None
+    check_air(ct, job.nifti, job.reading or ("the job's slope / intercept" if given else HEADER_READING))
+    return ct
 
 
 def run_job(job: VolumeJob, spec: PreprocessSpec, redo: bool = False) -> dict[str, Any]:
@@ -367,7 +435,7 @@ def run_job(job: VolumeJob, spec: PreprocessSpec, redo: bool = False) -> dict[st
             row["status"] = "skipped"
             spacing = _effective_spacing_of(job, spec)
         else:
-            ct = load_ct(job.nifti, job.slope, job.intercept, job.xy_spacing, job.z_spacing)
+            ct = decode_job(job)
             row["original_shape"] = "x".join(str(s) for s in ct.stored.shape)
             image, spacing = preprocess_volume(ct, spec)
             save_preprocessed(job.output, image, spec.compress)
@@ -392,7 +460,8 @@ def _effective_spacing_of(job: VolumeJob, spec: PreprocessSpec) -> tuple[float, 
         zooms[0], zooms[1] = job.xy_spacing[1], job.xy_spacing[0]
     if job.z_spacing is not None:
         zooms[2] = job.z_spacing
-    ras = [int(a) for a in nib.orientations.io_orientation(image.affine)[:, 0]]
+    affine = image.affine if job.directions is None else np.pad(np.asarray(job.directions) * zooms, ((0, 1), (0, 1)))
+    ras = [int(a) for a in nib.orientations.io_orientation(affine)[:, 0]]
     out = [0.0, 0.0, 0.0]
     for axis, d in enumerate(ras):
         out[d] = output_spacing(zooms[axis], spec.spacing[d])
@@ -429,7 +498,9 @@ def preprocess_dataset(data_root: str | os.PathLike, manifest_path: str | os.Pat
     """CT-RATE root -> preprocessed npz files + manifest (failed volumes left out and listed).
 
     Args:
-        data_root: the CT-RATE ``dataset`` folder (see ``nbsupport.ct_clip.data``).
+        data_root: CT-RATE as downloaded: its repository root or its ``dataset`` folder, holding the re-release
+            (``train_fixed``, ``valid_fixed``) or the first release (``train``, ``valid``); see
+            ``nbsupport.ct_clip.data``. The manifest's paths are relative to it.
         manifest_path: CSV to write (its ``.meta.json`` sidecar records the data root).
         output_dir: folder for the npz files, relative to ``data_root``; '' = ``preprocessed/<spec.folder_name()>``
             (an existing npz is reused only if made with the same settings).
@@ -448,10 +519,8 @@ def preprocess_dataset(data_root: str | os.PathLike, manifest_path: str | os.Pat
         volumes = volumes.groupby("source_split", group_keys=False).head(limit).reset_index(drop=True)
     out_folder = output_dir or f"{ct_data.PREPROCESSED_FOLDER}/{spec.folder_name()}"
     relative_out = [f"{out_folder}/{v}.npz" for v in volumes.volume]
-    jobs = [VolumeJob(volume=r.volume, nifti=str(root / r.nifti), output=str(root / rel),
-                      slope=r.rescale_slope, intercept=r.rescale_intercept,
-                      xy_spacing=(r.xy_spacing_row, r.xy_spacing_col), z_spacing=r.z_spacing)
-            for r, rel in zip(volumes.itertuples(), relative_out)]
+    jobs = [ct_data.volume_job(root, row, str(root / rel))
+            for row, rel in zip(volumes.to_dict("records"), relative_out)]
     status = run_jobs(jobs, spec, workers=workers, redo=redo)
     manifest = volumes.assign(image=relative_out, split=ct_data.assign_splits(volumes, val_fraction, seed))
     manifest["report"] = [ct_data.report_text(f, i, report_fields) for f, i in zip(manifest.findings,
@@ -470,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "Preprocess a CT-RATE data root as CT-Data does (HU, RAS, 1.25x1.25x2 mm, -1000..1500 HU -> 0..1, "
         "256x256x192, float16 npz) and write the manifest 02_train reads. Done volumes are skipped unless --redo; "
         "failed volumes are listed and do not stop the others."))
-    parser.add_argument("--data-root", required=True, help="CT-RATE 'dataset' folder")
+    parser.add_argument("--data-root", required=True, help="CT-RATE repository root or its 'dataset' folder")
     parser.add_argument("--manifest", required=True, help="manifest CSV to write")
     parser.add_argument("--output-dir", default="", help="npz folder relative to the data root (default preprocessed)")
     parser.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 2, 1), help="processes")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from nbsupport.ct_clip import preprocessing as ct_pre
-from nbsupport.ct_clip.data import LABELS, read_preprocessed
+from nbsupport.ct_clip.data import LABELS, read_preprocessed, read_volume
 from nbsupport.runs import RunFolder
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def before_after_figure(rows: pd.DataFrame, root: Path) -> Any:
 
     images, titles, spacings = [], [], []
     for r in rows.itertuples():
-        ct = ct_pre.load_ct(root / r.nifti)
+        ct = read_volume(root, r.volume)  # HU as its CT-RATE release stores them
         hu = ct.stored.astype(np.float32) * ct.slope + ct.intercept
         import nibabel as nib
 

@@ -16,19 +16,19 @@ from nbsupport.cxr_report.data import CXR_SCHEMA, DEFAULT_PROMPT
 from nbsupport.cxr_report.model import LORA_TARGETS
 from nbsupport.paths import resolve_path
 from nbsupport.runs import RunFolder, find_checkpoint
-from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
+from nbsupport.stages import (AttentionStage, HeldOutSplits, InferStage, PreprocessStage, TrainedModelStage,
+                              TrainStage, system_stage)
 
 SYSTEM = "cxr_report"
 # torchvision's ImageNet DenseNet-121, as published: https://download.pytorch.org/models/densenet121-a639ec97.pth
 DENSENET121_IMAGENET = "weights/densenet121-a639ec97.pth"
-DEFAULT_MANIFEST = "data_manifests/chexpert_plus_demo.csv"
 
 
-_CxrReport = system_stage(SYSTEM, CXR_SCHEMA, DEFAULT_MANIFEST)
+_CxrReport = system_stage(SYSTEM, CXR_SCHEMA, "data_manifests/chexpert_plus_demo.csv")
 
 
 @dataclasses.dataclass(frozen=True)
-class PreprocessConfig(_CxrReport, PreprocessStage):
+class PreprocessConfig(_CxrReport, HeldOutSplits, PreprocessStage):
     """01_preprocess: read CheXpert Plus (or the seed CSV), resize to RGB, write the manifest."""
 
     PROFILES = {"smoke": {"image_size": 64}, "demo": {"image_size": 128}, "full": {"image_size": 224}}
@@ -39,7 +39,6 @@ class PreprocessConfig(_CxrReport, PreprocessStage):
     prompt: str = param(DEFAULT_PROMPT, "diagnostic prompt put before every report")
     image_size: int = param(224, "side of the resized RGB images (pixels); 224 gives DenseNet-121 its 7x7 patches")
     frontal_only: bool = param(True, "keep frontal views only (the synthetic and the seed data are frontal)")
-    val_fraction: float = param(0.1, "fraction of (non-valid) patients held out for checkpoint selection")
     test_fraction: float = param(0.2, "fraction of patients held out for test when the data ship no valid split")
     n_examples: int = param(6, "images shown with their reports")
 
@@ -47,7 +46,6 @@ class PreprocessConfig(_CxrReport, PreprocessStage):
         super().__post_init__()
         if self.image_size % 32 or self.image_size < 32:
             raise ValueError(f"image_size must be a multiple of 32 (DenseNet stride), got {self.image_size}")
-        check_split_fractions(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +146,9 @@ class _ReportingStage(_TrainedStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(_ReportingStage):
+class InferConfig(_ReportingStage, InferStage):
     """03_infer: beam-search reports for a split (scored against the references and two baselines), an image
     file or DICOM, and the real radiograph shipped by pydicom-data."""
-
-    STAGE = "03_infer"
     # demo: 40 test images keep 5-beam generation with SmolLM2 on 2 CPU cores within a few minutes; 64 new tokens
     # cover the longest demo reports (p99 54 SmolLM2 tokens). No n-gram blocking: 57 % of the demo references
     # repeat a bigram ("is present", ". There"), which no_repeat_ngram_size=2 forbids (benchmarks/RESULTS.md);
@@ -173,11 +169,9 @@ class InferConfig(_ReportingStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(_ReportingStage):
+class AttentionConfig(_ReportingStage, AttentionStage):
     """04_attention: the 14 disease attention maps on an X-ray beside the generated sentences, and the LM's
     token-level attention over the visual and text tokens."""
-
-    STAGE = "04_attention"
     PROFILES = {"smoke": {"max_new_tokens": 8, "beam_choice": "findings"},
                 "demo": {"max_new_tokens": 64, "no_repeat_ngram_size": 0, "beam_choice": "findings"},
                 "full": {"max_new_tokens": 256}}

@@ -337,7 +337,7 @@ class InferResult:
     real_dicom: dict[str, Any] | None  # {"image", "report", "probabilities", "figure"}
     input_image: dict[str, Any] | None
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # for viz.slice_viewer
-    viewer_html: Path | None = None  # 03_case_viewer.html in the run folder
+    viewer_path: Path | None = None  # 03_case_viewer.html in the run folder
     table: pd.DataFrame | None = None  # ``scores`` as "0.80 (0.74–0.85)": 95 % bootstrap intervals over reports
     comparisons: pd.DataFrame | None = None  # paired CE micro-F1 differences against the nearest-neighbour report
     labelers: dict[str, str] = dataclasses.field(default_factory=dict)  # who labelled what, for every CE number
@@ -382,7 +382,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     result = InferResult(predictions, scored.values, scored.per_label, fig, real, single, table=scored.table,
                          comparisons=scored.comparisons, labelers=labelers)
     result.viewer_cases = report_cases(model.vision, viewer_sources(result, manifest, root, VIEWER_CASES))
-    result.viewer_html = write_viewer(result.viewer_cases, run, CASE_VIEWER,
+    result.viewer_path = write_viewer(result.viewer_cases, run, CASE_VIEWER,
                                       f"cxr_report {cfg.split}: generated vs reference")
     return result
 
@@ -518,7 +518,7 @@ class AttentionResult:
     probabilities: np.ndarray | None = None  # (14,)
     reference: str = ""
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per disease
-    viewer_html: Path | None = None  # 04_attention_viewer.html in the run folder
+    viewer_path: Path | None = None  # 04_attention_viewer.html in the run folder
 
 
 def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
@@ -553,7 +553,7 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     result = AttentionResult(image_id, report, prior_fig, evidence_fig, token_fig, html, gray, evidence,
                              class_probabilities, reference)
     result.viewer_cases = attention_viewer_cases(result)
-    result.viewer_html = write_viewer(result.viewer_cases, run, ATTENTION_VIEWER, f"cxr_report evidence: {image_id}")
+    result.viewer_path = write_viewer(result.viewer_cases, run, ATTENTION_VIEWER, f"cxr_report evidence: {image_id}")
     return result
 
 

@@ -12,14 +12,10 @@ from typing import Literal
 from nbsupport.config import param
 from nbsupport.prs_med.data import PRSMED_SCHEMA
 from nbsupport.prs_med.model import PRSMedSpec
-from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, system_stage
+from nbsupport.stages import AttentionStage, InferStage, PreprocessStage, TrainStage, system_stage
 
 SYSTEM = "prs_med"
-SCHEMA = PRSMED_SCHEMA
-DEFAULT_MANIFEST = "data_manifests/prs_med_demo.csv"
-
-
-PRSMedStage = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
+PRSMedStage = system_stage(SYSTEM, PRSMED_SCHEMA, "data_manifests/prs_med_demo.csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +109,8 @@ class TrainConfig(PRSMedStage, TrainStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(PRSMedStage, TrainedModelStage):
+class InferConfig(PRSMedStage, InferStage):
     """03_infer: answer + segment every image of a split, or one image + question."""
-
-    STAGE = "03_infer"
 
     image_path: str = param("", "one image to answer about (with `question`); '' = only the split")
     question: str = param("Where is the lesion located in this image?", "question asked about `image_path`")
@@ -127,10 +121,8 @@ class InferConfig(PRSMedStage, TrainedModelStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(PRSMedStage, TrainedModelStage):
+class AttentionConfig(PRSMedStage, AttentionStage):
     """04_attention: decoder cross-attention and VLM attention over the image for one question."""
-
-    STAGE = "04_attention"
 
     sample_id: str = param("", "manifest id (e.g. 'polyp_endoscopy:7'); '' = the split's first sample")
     question: str = param("", "ask this instead of the sample's own question; '' = the manifest's")

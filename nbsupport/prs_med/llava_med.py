@@ -69,6 +69,21 @@ _RECOMPUTED = ("*.rotary_emb.inv_freq", "*.embeddings.position_ids")
 _CLIP_TEXT_HALF = ("text_model.*", "text_projection.*", "visual_projection.*", "logit_scale")
 _CLIP_VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 _STORED_TOWER = "model.vision_tower.vision_tower."
+# What shapes the network in microsoft/llava-med-v1.5-mistral-7b's config.json (Hugging Face model page, files at
+# commit f2f7230): Mistral-7B-Instruct-v0.2 as the LLM (model card), so vocab_size 32000 -- its last shard,
+# model-00004-of-00004.safetensors (262 MB), is the 32000 x 4096 bf16 lm_head -- GQA with 8 KV heads, MLP 14336,
+# rope_theta 1e6, no sliding window; LLaVA's mlp2x_gelu projector from the 1024-wide CLIP tower's layer -2.
+LLAVA_MED_V15_CONFIG = {
+    "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral", "vocab_size": 32000,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "image_aspect_ratio": "pad",
+    "mm_hidden_size": 1024, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_use_im_start_end": False, "mm_patch_merge_type": "flat"}
+# openai/clip-vit-large-patch14-336's vision half (its config.json): ViT-L/14 at 336 px, QuickGELU.
+CLIP_VIT_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "image_size": 336, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"}
 
 
 # ============================================================================================== public

@@ -278,6 +278,12 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
         for module in (inner.vision_tower, inner.multi_modal_projector):
             for p in module.parameters():
                 p.requires_grad_(True)
+        # CLIP applies post_layernorm to the pooled CLS output only (transformers models/clip/modeling_clip.py:642),
+        # which LLaVA never reads: it takes hidden_states[vision_feature_layer] (models/llava/modeling_llava.py:
+        # 146-190). Trainable, it would get no gradient, and DDP (find_unused_parameters=False) would stop at the
+        # second step with more than one process; it stays at its initial value either way.
+        for p in inner.vision_tower.post_layernorm.parameters():
+            p.requires_grad_(False)
     return vlm, tokenizer
 
 
@@ -319,6 +325,9 @@ class PRSMedNet(nn.Module):
         # the five positions, trained on the label position_of(mask) gives, so that the tokens the language model
         # attends to state the position explicitly and its answer only has to copy it.
         self.position_classifier = nn.Linear(text_config.hidden_size, len(POSITIONS)) if spec.position_head else None
+        if not spec.answer_loss_to_vision and not spec.position_head and spec.vlm in ("tiny", "smollm2-135m"):
+            raise ValueError("answer_loss_to_vision=False needs the position loss (lambda_position > 0): with neither, "
+                             "no loss reaches the assembled VLM's vision tower and projector, which start random")
         self._projected: list[torch.Tensor] = []
         if spec.position_head or not spec.answer_loss_to_vision:
             self.llava.model.multi_modal_projector.register_forward_hook(self._keep_projected)
@@ -501,20 +510,20 @@ class ImageOnlySegmenter(nn.Module):
 def full_parameter_counts(decoder_hidden: int = 512, lora_r: int = 16) -> dict[str, int]:
     """Parameters of each part in the ``full`` configuration, built on the meta device (no weights loaded).
 
-    LLaVA-Med v1.5 = CLIP ViT-L/14 at 336 px + 2-layer MLP projector + Mistral-7B (vocab 32000 + image token);
+    LLaVA-Med v1.5 as :func:`nbsupport.prs_med.llava_med.load_llava_med` builds it from the published folder
+    (``LLAVA_MED_V15_CONFIG``: CLIP ViT-L/14 at 336 px + 2-layer MLP projector + Mistral-7B, vocabulary 32000 plus
+    the ``<image>`` row the conversion adds);
     TinySAM ``vit_t`` image encoder (output 256 x 64 x 64 at 1024 px; its count includes the classifier head
     ``tinysam_42.3.pth`` holds, which is frozen); the official decoder (prompt 4096 -> 512 -> 256; its unused
     ``ffn.norm1`` frozen); LoRA r on q/k/v/o of the 32 Mistral layers (A: r x in, B: out x r per projection).
     ``trainable``: encoder without its head, LoRA, decoder without ``ffn.norm1``, modality classifier.
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = MistralConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
-                         projector_hidden_act="gelu", vision_feature_layer=-2)
+    from nbsupport.prs_med.llava_med import CLIP_VIT_L_336, LLAVA_MED_V15_CONFIG, llava_config_from_original
+
+    config = llava_config_from_original(LLAVA_MED_V15_CONFIG, CLIPVisionConfig(**CLIP_VIT_L_336))
+    text = config.text_config
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
         decoder = build_mask_decoder("official", text.hidden_size, 256, decoder_hidden)

@@ -86,9 +86,10 @@ class PRSMedTrainingTask(ManifestTask):
         if "position" in parts:
             loss = loss + self.cfg.lambda_position * parts["position"]
         # The step count lives in the model (restored from the checkpoint on resume), not in this task object,
-        # which a resumed run rebuilds from scratch.
-        if int(bare.trained_batches) < self.cls_steps:
-            loss = loss + self.cfg.lambda_cls * parts["cls"]
+        # which a resumed run rebuilds from scratch. After cls_steps the modality loss stays in the graph with weight
+        # 0: every trainable tensor still gets a gradient, as DDP (find_unused_parameters=False) requires.
+        cls_weight = self.cfg.lambda_cls if int(bare.trained_batches) < self.cls_steps else 0.0
+        loss = loss + cls_weight * parts["cls"]
         bare.trained_batches += 1
         return loss
 

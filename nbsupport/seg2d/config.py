@@ -10,28 +10,19 @@ from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.seg2d.data import SEG2D_SCHEMA
-from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
+from nbsupport.stages import AttentionStage, HeldOutSplits, InferStage, PreprocessStage, TrainStage, system_stage
 
 SYSTEM = "seg2d"
-SCHEMA = SEG2D_SCHEMA
-DEFAULT_MANIFEST = "data_manifests/uwmgi_demo.csv"
-
-
-_Seg2D = system_stage(SYSTEM, SCHEMA, DEFAULT_MANIFEST)
+_Seg2D = system_stage(SYSTEM, SEG2D_SCHEMA, "data_manifests/uwmgi_demo.csv")
 
 
 @dataclasses.dataclass(frozen=True)
-class PreprocessConfig(_Seg2D, PreprocessStage):
+class PreprocessConfig(_Seg2D, HeldOutSplits, PreprocessStage):
     """01_preprocess: read a dataset in the Kaggle layout and write the slice manifest."""
 
     data_root: str = param("", "dataset root holding train.csv and train/caseN/...; '' = the demo dataset")
     val_fraction: float = param(0.2, "fraction of cases held out for validation (checkpoint selection)")
-    test_fraction: float = param(0.2, "fraction of cases held out for the final test metrics")
     n_examples: int = param(6, "slices shown in the sample figure")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_split_fractions(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +79,8 @@ class TrainConfig(_Seg2D, TrainStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(_Seg2D, TrainedModelStage):
+class InferConfig(_Seg2D, InferStage):
     """03_infer: predict masks for a split or a folder of new PNGs and write ``submission.csv``."""
-
-    STAGE = "03_infer"
 
     input_dir: str = param("", "folder in the Kaggle layout (train/ or test/ case folders) to predict instead of a split")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
@@ -104,10 +93,8 @@ class InferConfig(_Seg2D, TrainedModelStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(_Seg2D, TrainedModelStage):
+class AttentionConfig(_Seg2D, AttentionStage):
     """04_attention: self-attention of the transformer for a query pixel, and prediction vs truth."""
-
-    STAGE = "04_attention"
 
     slice_id: str = param("", "slice id (e.g. case123_day20_slice_0065); '' = the split's slice with most organ")
     query_organ: Literal["large_bowel", "small_bowel", "stomach"] = param(

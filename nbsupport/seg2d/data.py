@@ -41,6 +41,7 @@ from nbsupport.demo import DEMO_MARKER, read_demo_marker
 from nbsupport.paths import resolve_path
 from nbsupport.progress import progress
 from nbsupport.seg2d.augment import seed_augmentation
+from nbsupport.seg2d.rle import rle_decode, rle_last_pixel, rle_runs
 from nbsupport.stages import check_split_fractions
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
@@ -62,93 +63,6 @@ _SLICE_ID = re.compile(r"^case(\d+)_day(\d+)_slice_(\d+)$")
 _SLICE_STEM = re.compile(r"^slice_(\d+)$")
 _CASE_DAY_DIR = re.compile(r"^case(\d+)_day(\d+)$")
 _CASE_DIR = re.compile(r"^case(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------- RLE
-def _is_empty_rle(rle: Any) -> bool:
-    if rle is None or rle is pd.NA:
-        return True
-    if isinstance(rle, float):
-        return bool(np.isnan(rle))
-    return isinstance(rle, str) and not rle.strip()
-
-
-def _rle_runs(rle: str) -> tuple[np.ndarray, np.ndarray]:
-    """(0-based starts, lengths) of a non-empty RLE, checked for structure but not against an image size."""
-    tokens = str(rle).split()
-    try:
-        values = np.array(tokens, dtype=np.int64)
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not re.fullmatch(r"[+-]?\d{1,18}", t))
-        raise ValueError(f"RLE has a non-integer value {bad!r}; expected space-separated 'start length' "
-                         "integers") from None
-    if values.size % 2:
-        raise ValueError(f"RLE has an odd number of values ({values.size}); expected 'start length' pairs")
-    starts, lengths = values[0::2], values[1::2]
-    bad = np.flatnonzero(starts < 1)
-    if bad.size:
-        raise ValueError(f"RLE run {bad[0] + 1} has start {starts[bad[0]]}; expected 1-indexed starts >= 1")
-    bad = np.flatnonzero(lengths < 1)
-    if bad.size:
-        raise ValueError(f"RLE run {bad[0] + 1} has length {lengths[bad[0]]}; expected lengths >= 1")
-    ends = starts - 1 + lengths  # 0-based, exclusive
-    bad = np.flatnonzero(starts[1:] - 1 < ends[:-1])
-    if bad.size:
-        i = bad[0] + 1
-        raise ValueError(f"RLE run {i + 1} (start {starts[i]}) begins before run {i} ends (last pixel {ends[i - 1]}); "
-                         "expected runs sorted by start and not overlapping")
-    return starts - 1, lengths
-
-
-def _rle_last_pixel(rle: str) -> int:
-    """1-indexed last pixel covered by a valid non-empty RLE (runs are sorted, so the last run ends last)."""
-    starts, lengths = _rle_runs(rle)
-    return int(starts[-1] + lengths[-1])
-
-
-def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
-    """Decode a Kaggle RLE into a mask.
-
-    Args:
-        rle: ``"start length start length ..."``, 1-indexed starts over the row-major (C order) flattened mask;
-            ``""`` / ``None`` / NaN means an empty mask.
-        height, width: mask size in pixels (``H`` and ``W`` of the slice's filename).
-
-    Returns:
-        bool array (height, width).
-
-    Raises:
-        ValueError: non-integers, an odd number of values, starts or lengths < 1, unsorted or overlapping runs,
-            or a run past the last pixel (height * width).
-    """
-    n = int(height) * int(width)
-    if _is_empty_rle(rle):
-        return np.zeros((height, width), dtype=bool)
-    starts, lengths = _rle_runs(rle)
-    ends = starts + lengths
-    if ends[-1] > n:
-        raise ValueError(f"RLE run ends at pixel {ends[-1]} but a {height}x{width} (HxW) mask has only {n} pixels")
-    # +1 where a run starts, -1 after it ends; the running sum is 1 inside runs. Starts are unique and so are ends
-    # (runs are sorted and disjoint), so plain fancy-index updates are exact.
-    delta = np.zeros(n + 1, dtype=np.int32)
-    delta[starts] += 1
-    delta[ends] -= 1
-    return (np.cumsum(delta[:n]) > 0).reshape(height, width)
-
-
-def rle_encode(mask: np.ndarray) -> str:
-    """Kaggle RLE of a 2-D mask (row-major, 1-indexed starts); ``""`` for an empty mask.
-
-    Args:
-        mask: (H, W) array; non-zero pixels are in the mask.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"rle_encode expects a 2-D (H, W) mask, got shape {mask.shape}")
-    pixels = np.concatenate([[False], mask.ravel(order="C").astype(bool), [False]])
-    changes = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1  # 1-indexed positions where runs start / stop
-    changes[1::2] -= changes[0::2]
-    return " ".join(map(str, changes.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -275,7 +189,7 @@ def _load_train_csv(path: Path) -> tuple[pd.DataFrame, list[ManifestProblem]]:
                                             file=name))
         if rle.strip():
             try:
-                _rle_runs(rle)
+                rle_runs(rle)
             except ValueError as err:
                 problems.append(ManifestProblem(line, "segmentation", str(err), file=name))
     duplicated = df.duplicated(["id", "class"], keep="first").to_numpy()
@@ -439,10 +353,10 @@ def _join_labels(csv_path: Path, rows: list[dict[str, Any]],
             continue
         n_pixels = row["width"] * row["height"]
         for k, rle in enumerate(labels[row["id"]]):
-            if rle and _rle_last_pixel(rle) > n_pixels:
+            if rle and rle_last_pixel(rle) > n_pixels:
                 problems.append(ManifestProblem(
                     label_lines[row["id"]][k], "segmentation",
-                    f"{CLASSES[k]} RLE runs to pixel {_rle_last_pixel(rle)} but the image is {row['width']}x"
+                    f"{CLASSES[k]} RLE runs to pixel {rle_last_pixel(rle)} but the image is {row['width']}x"
                     f"{row['height']} (WxH, {n_pixels} pixels) according to {Path(row['image']).name}",
                     file="train.csv"))
     return labels, problems
@@ -470,7 +384,7 @@ def _check_slice_id(value: Any) -> str | None:
 
 
 def _check_rle(value: Any) -> str | None:
-    _rle_runs(value)
+    rle_runs(value)
     return None
 
 
@@ -494,8 +408,8 @@ def _seg2d_row_check(row: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
             yield name, f"expected a size >= 1 pixel, got {row[name]!r}"
     n_pixels = row["width"] * row["height"]
     for name in RLE_COLUMNS:
-        if row[name] and n_pixels > 0 and _rle_last_pixel(row[name]) > n_pixels:
-            yield name, (f"RLE runs to pixel {_rle_last_pixel(row[name])}; expected <= width*height = {n_pixels}")
+        if row[name] and n_pixels > 0 and rle_last_pixel(row[name]) > n_pixels:
+            yield name, (f"RLE runs to pixel {rle_last_pixel(row[name])}; expected <= width*height = {n_pixels}")
     if row["has_labels"] is False and row["split"] != "test":
         yield "split", f"rows without labels can only be in split 'test', got {row['split']!r}"
 

@@ -19,7 +19,8 @@ from nbsupport.demo import finish_demo_folder, start_demo_folder
 from nbsupport.paths import resolve_path
 from nbsupport.progress import progress
 from nbsupport.runs import atomic_path
-from nbsupport.seg2d.data import CLASSES, TRAIN_CSV_COLUMNS, rle_encode
+from nbsupport.seg2d.data import CLASSES, TRAIN_CSV_COLUMNS
+from nbsupport.seg2d.rle import rle_encode
 
 # (width, height, pixel spacing in mm) of the Kaggle scans; demo case k uses entry k % 4.
 DEMO_SCAN_SIZES = ((266, 266, 1.50), (360, 310, 1.50), (234, 234, 1.50), (276, 276, 1.63))

@@ -34,6 +34,7 @@ from nbsupport.seg2d.inference import (BASELINE_LABELS, POSTPROCESS_FILE, Baseli
                                        SplitEvaluation, compare_with_baselines, evaluate_split, most_organ_slices,
                                        query_attention, slice_probabilities, tune_postprocess)
 from nbsupport.seg2d.model import Seg2DModelSpec, Seg2DNet, build_seg2d_model, model_from_spec, save_hf_model
+from nbsupport.seg2d.rle import rle_encode
 from nbsupport.seg2d.task import Seg2DTrainingTask
 from nbsupport.seg2d.views import (attention_figures, attention_viewer_cases, prediction_figure,
                                    sample_slices_figure, viewer_cases, write_attention_viewer, write_case_viewer)
@@ -312,7 +313,7 @@ def _write_mask_png(mask: np.ndarray, path: Path, overwrite: bool) -> None:
 
 def submission_table(ids: Any, pred: list[np.ndarray]) -> pd.DataFrame:
     """Kaggle submission rows: one per slice and class, ``predicted`` = RLE ('' for an empty mask)."""
-    rows = [(i, c, seg_data.rle_encode(m[k])) for i, m in zip(ids, pred) for k, c in enumerate(CLASSES)]
+    rows = [(i, c, rle_encode(m[k])) for i, m in zip(ids, pred) for k, c in enumerate(CLASSES)]
     return pd.DataFrame(rows, columns=["id", "class", "predicted"])
 
 

@@ -10,29 +10,24 @@ import dataclasses
 from typing import Literal
 
 from nbsupport.config import param
-from nbsupport.stages import PreprocessStage, TrainStage, TrainedModelStage, check_split_fractions, system_stage
+from nbsupport.stages import AttentionStage, HeldOutSplits, InferStage, PreprocessStage, TrainStage, system_stage
 from nbsupport.textseg3d.data import TEXTSEG3D_SCHEMA
 
 SYSTEM = "textseg3d"
-DEFAULT_MANIFEST = "data_manifests/textseg3d_demo.csv"
 
 
-_TextSeg3DStage = system_stage(SYSTEM, TEXTSEG3D_SCHEMA, DEFAULT_MANIFEST)
+
+_TextSeg3DStage = system_stage(SYSTEM, TEXTSEG3D_SCHEMA, "data_manifests/textseg3d_demo.csv")
 
 
 @dataclasses.dataclass(frozen=True)
-class PreprocessConfig(_TextSeg3DStage, PreprocessStage):
-    """01_preprocess: read case folders (npz or NIfTI) and the report table; write the case manifest."""
+class PreprocessConfig(_TextSeg3DStage, HeldOutSplits, PreprocessStage):
+    """01_preprocess: read case folders (npz or NIfTI) and the report table; write the case manifest. The held-out
+    fractions apply per side group (left / right): validation cases follow the training ones, test cases come last."""
 
     data_root: str = param("", "folder of <case>/data.(npz|nii.gz) + label.* and <site>_report.(xlsx|csv); '' = demo")
     report_table: str = param("", "report table (.xlsx or .csv); '' = <data_root>/*_report.xlsx or .csv")
-    val_fraction: float = param(0.1, "per side group, fraction of cases (after the training ones) for validation")
-    test_fraction: float = param(0.2, "per side group, the last fraction of cases held out for testing")
     n_examples: int = param(3, "cases shown with orthogonal slices and their prompt")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_split_fractions(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +99,8 @@ class TrainConfig(_TextSeg3DStage, TrainStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(_TextSeg3DStage, TrainedModelStage):
+class InferConfig(_TextSeg3DStage, InferStage):
     """03_infer: sliding-window inference, NIfTI outputs, result.csv, and the true/flipped/empty-report ablation."""
-
-    STAGE = "03_infer"
 
     input_image: str = param("", "a new case's image (data.npz or data.nii.gz) to segment instead of a split")
     input_report: str = param("", "the new case's report text (a prompt like 'N0, cT2, ..., left side')")
@@ -117,10 +110,8 @@ class InferConfig(_TextSeg3DStage, TrainedModelStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(_TextSeg3DStage, TrainedModelStage):
+class AttentionConfig(_TextSeg3DStage, AttentionStage):
     """04_attention: the report's self-attention in the text encoder, and the fusion attention over voxels."""
-
-    STAGE = "04_attention"
 
     case: str = param("", "case id; '' = the split's first case")
     scale: int = param(-1, "fusion scale (0 = 1/2 resolution ... 4 = 1/32) shown per text token; -1: all scales "

@@ -220,7 +220,7 @@ class InferResult:
     ablation_table: pd.DataFrame  # the same, each as "mean (95 % interval)"
     figure: Any
     evaluations: dict[str, CaseEvaluation]
-    viewer_html: Path | None = None  # 03_case_viewer.html
+    viewer_path: Path | None = None  # 03_case_viewer.html
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # for viz.slice_viewer
 
 
@@ -231,7 +231,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     device = resolve_device(cfg.device)
     model = load_trained_model(cfg.find_checkpoint(run), device)
     result = predict_new_case(cfg, run, model, device) if cfg.input_image else _predict_split(cfg, run, model, device)
-    result.viewer_cases, result.viewer_html = views.write_case_viewer(result, cfg, run)
+    result.viewer_cases, result.viewer_path = views.write_case_viewer(result, cfg, run)
     return result
 
 
@@ -377,7 +377,7 @@ class AttentionResult:
     pred: np.ndarray | None = None  # (D, H, W) bool
     fusion_maps: list[np.ndarray] | None = None  # per scale (n_prompts, d, h, w), over the volume padded to 32
     spacing: tuple[float, float, float] | None = None  # (D, H, W) mm
-    viewer_html: Path | None = None  # 04_attention_viewer.html
+    viewer_path: Path | None = None  # 04_attention_viewer.html
     viewer_cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # for viz.slice_viewer
 
 
@@ -415,5 +415,5 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     loaded = ts_data.load_case(root / row["image"])
     att = AttentionResult(str(row["case"]), str(row["prompt"]), tokens, html_path, token_fig, fusion_fig,
                           loaded["image"], label, probs[1] > 0.5, maps, loaded["spacing"])
-    att.viewer_cases, att.viewer_html = views.write_attention_viewer(att, cfg, run)
+    att.viewer_cases, att.viewer_path = views.write_attention_viewer(att, cfg, run)
     return att

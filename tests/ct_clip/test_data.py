@@ -19,6 +19,7 @@ def test_volume_names_follow_ct_rate():
     assert ct_data.parse_volume_name("valid_53_a_1.nii.gz") == {
         "source_split": "valid", "patient": "valid_53", "scan": "valid_53_a", "volume": "valid_53_a_1"}
     assert ct_data.volume_relative_path("train_1_b_2") == "train_fixed/train_1/train_1_b/train_1_b_2.nii.gz"
+    assert ct_data.volume_relative_path("valid_3_a_1", "first") == "valid/valid_3/valid_3_a/valid_3_a_1.nii.gz"
     with pytest.raises(ValueError, match="split_patient_scan_recon"):
         ct_data.parse_volume_name("test_1_a")
 

@@ -9,7 +9,6 @@ import pytest
 
 from nbsupport.ct_clip import data as ct_data
 from nbsupport.ct_clip import demo_data
-from nbsupport.ct_clip import preprocessing as ct_pre
 from nbsupport.demo import DEMO_MARKER
 
 
@@ -68,8 +67,9 @@ def test_demo_nodules_lie_in_aerated_lung():
 def test_demo_volumes_hold_the_findings_in_hounsfield_units(demo_root):
     volumes = ct_data.scan_dataset(demo_root)
     for row in volumes.itertuples():
-        ct = ct_pre.load_ct(demo_root / row.nifti, row.rescale_slope, row.rescale_intercept)
-        hu = ct.stored.astype(np.float32) * ct.slope + ct.intercept
+        ct = ct_data.read_volume(demo_root, row.volume)
+        assert (ct.stored.dtype, ct.slope, ct.intercept) == (np.int16, 1.0, 0.0)  # _fixed: HU stored
+        hu = ct.stored.astype(np.float32)
         assert np.percentile(hu, 1) < -900  # air outside the body
         metal = volumes.loc[volumes.volume == row.volume, "Medical material"].item()
         assert (hu.max() > 2000) == bool(metal), row.volume

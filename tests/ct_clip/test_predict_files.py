@@ -13,8 +13,7 @@ import pandas as pd
 import torch
 
 from nbsupport.cli import EXIT_FAILED, EXIT_USAGE, main
-from nbsupport.ct_clip import preprocessing as ct_pre
-from nbsupport.ct_clip.data import LABELS, CTVolumeDataset, scan_dataset
+from nbsupport.ct_clip.data import LABELS, CTVolumeDataset, read_volume
 from nbsupport.ct_clip.pipeline import load_trained_model
 
 TESTS_DIR = Path(__file__).parents[1]
@@ -26,21 +25,22 @@ from test_dicom_series import hu_volume, write_series  # noqa: E402
 def test_new_files_are_embedded_with_the_runs_preprocessing(smoke_run, tmp_path: Path, capsys) -> None:
     manifest = pd.read_csv(smoke_run.manifest)
     row = manifest[manifest.split == "test"].iloc[0]
-    meta = scan_dataset(smoke_run.data_root).set_index("volume").loc[row.volume]
-    ct = ct_pre.load_ct(smoke_run.data_root / meta.nifti, meta.rescale_slope, meta.rescale_intercept)
-    source = nib.load(str(smoke_run.data_root / meta.nifti))
+    ct = read_volume(smoke_run.data_root, row.volume)
+    source = nib.load(str(smoke_run.data_root / row.nifti))
     folder = tmp_path / "my_scans"
     folder.mkdir()
     hu = (ct.stored.astype(np.float32) * ct.slope + ct.intercept).astype(np.int16)  # HU written as stored values
     nib.save(nib.Nifti1Image(hu, source.affine), str(folder / "scan.nii.gz"))
     write_series(folder / "series1", hu_volume((6, 5, 7)))
     (folder / "broken.nii.gz").write_bytes(b"not a volume" * 20)
+    nib.save(nib.Nifti1Image((hu + 1024).astype(np.int16), source.affine), str(folder / "raw.nii.gz"))  # not HU
     out = tmp_path / "predictions"
     argv = ["predict", "ct_clip", "--run", str(smoke_run.run_dir), "-i", str(folder), "-o", str(out),
             "--device", "cpu"]
     assert main(argv) == EXIT_FAILED  # the broken file
     printed = capsys.readouterr().out
     assert f"FAILED {folder / 'broken.nii.gz'}" in printed and "wrote 6 file(s)" in printed
+    assert f"FAILED {folder / 'raw.nii.gz'}" in printed and "air lies at" in printed  # raw values: refused
     assert sorted(p.name for p in out.iterdir()) == ["features.csv", "scan.npy", "scan_zero_shot.json",
                                                      "series1.npy", "series1_zero_shot.json", "zero_shot.csv"]
     # the training data's own view of the same volume: its preprocessed npz, resized, encoded

@@ -17,7 +17,7 @@ from nbsupport.ct_clip.data import scan_dataset
 from nbsupport.ct_clip.demo_data import DEMO_SIZES, write_demo_dataset
 from nbsupport.ct_clip.pipeline import load_trained_model, predict_files
 from nbsupport.runs import RunFolder
-from nbsupport.train import resolve_mixed_precision
+from nbsupport.optim import resolve_mixed_precision
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -15,7 +15,7 @@ from nbsupport.cxr_report import predict_files, preprocess, train
 from nbsupport.cxr_report.data import read_xray
 from nbsupport.cxr_report.demo_data import write_demo_dataset
 from nbsupport.runs import RunFolder
-from nbsupport.train import resolve_mixed_precision
+from nbsupport.optim import resolve_mixed_precision
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -16,7 +16,7 @@ from nbsupport.runs import RunFolder
 from nbsupport.textseg3d.config import InferConfig, PreprocessConfig, TrainConfig
 from nbsupport.textseg3d.demo_data import DEMO_SIZES, write_demo_dataset
 from nbsupport.textseg3d.pipeline import load_trained_model, predict_files
-from nbsupport.train import resolve_mixed_precision
+from nbsupport.optim import resolve_mixed_precision
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -319,12 +319,11 @@ def test_full_size_llava_med_on_the_meta_device() -> None:
     """LLaVA-Med v1.5 Mistral-7B: Mistral-7B text model (GQA 32/8 heads, MLP 14336), CLIP ViT-L/14 at 336 px."""
     from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
-    source = {**_original_config(32000), "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "mm_hidden_size": 1024}
-    vit_l_336 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                 num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
+    from nbsupport.prs_med.llava_med import CLIP_VIT_L_336, LLAVA_MED_V15_CONFIG
+
+    source = {**_original_config(32000), **LLAVA_MED_V15_CONFIG}  # the published config.json's fields
     with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(llava_config_from_original(source, vit_l_336))
+        llava = LlavaForConditionalGeneration(llava_config_from_original(source, CLIPVisionConfig(**CLIP_VIT_L_336)))
 
     def count(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
@@ -350,3 +349,27 @@ def test_prs_med_builds_its_vlm_from_the_published_folder(published, tmp_path, m
     trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert tokenizer.convert_tokens_to_ids("<image>") == vlm.config.image_token_index
+
+
+def test_prs_med_on_the_published_layouts_runs_on_meta(published, tmp_path, monkeypatch) -> None:
+    """``full``'s network -- LLaVA-Med as downloaded (bf16, as its config.json says), TinySAM's encoder, the official
+    decoder -- moved to meta as ``load_trained_model`` moves it: every tensor goes, and the forward's parts run there,
+    the VLM's bf16 hidden states prompting the fp32 decoder (a CPU-made tensor or a dtype clash would stop it)."""
+    import dataclasses
+
+    from on_meta import forward_parts_on_meta, tensors_off
+    from prs_med_layouts import write_tinysam_checkpoint
+
+    from nbsupport.prs_med.model import PRSMedNet, PRSMedSpec
+
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "cache"))
+    folder, _, _ = published
+    write_tinysam_checkpoint(tmp_path / "tinysam_42.3.pth")
+    spec = dataclasses.replace(PRSMedSpec(), image_size=32, sam_path=str(tmp_path / "tinysam_42.3.pth"),
+                               vlm=str(folder), mask_decoder="official", decoder_hidden=16)
+    model = PRSMedNet(spec).to("meta").eval()
+    assert tensors_off(model, "meta") == {}
+    assert model.llava.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    out = forward_parts_on_meta(model, ["Where is the lesion?"], ["It is in the top left."])
+    assert {t.device.type for t in out.values()} == {"meta"}
+    assert out["mask_logits"].shape == (1, 1, 32, 32) and out["mask_logits"].dtype == torch.float32

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from nbsupport.prs_med import config, demo_data, pipeline
+from nbsupport.prs_med.model import PRSMedNet, PRSMedSpec
 from nbsupport.runs import RunFolder
+from on_meta import forward_parts_on_meta, tensors_off
 
 
 @pytest.mark.slow
@@ -110,3 +113,42 @@ def test_02_train_on_a_tinysam_checkpoint_with_the_official_decoder(tmp_path: Pa
     metrics = json.loads((run.path / "metrics.json").read_text())["02_train"]
     assert metrics["parameters"]["sam_image_encoder"] == sum(p.numel() for p in TinyViT(TINY_VIT).parameters())
     assert metrics["steps"] == 2 and "test_baseline_image_only_dice" in metrics
+
+
+# ============================================================================================ the device rule on meta
+@pytest.mark.slow
+def test_the_trained_network_and_its_baseline_load_and_run_on_meta(smoke_run: Any) -> None:
+    """The device rule, checkable without a GPU: the smoke run's network rebuilt for ``device="meta"`` has every
+    parameter and buffer there, and so does its image-only baseline; every part of the forward runs there with meta
+    inputs (a tensor made on the CPU would make torch refuse to mix devices), giving the shapes it gives on a
+    device with values."""
+    checkpoint = smoke_run.outcome.checkpoint
+    model = pipeline.load_trained_model(checkpoint, device="meta")
+    assert tensors_off(model, "meta") == {} and not model.training
+    out = forward_parts_on_meta(model, ["Where is the polyp?", "Which part?"], ["It is in the top left.", "center"])
+    assert {t.device.type for t in out.values()} == {"meta"}
+    assert out["mask_logits"].shape == (2, 1, model.spec.image_size, model.spec.image_size)
+    assert out["answer_logits"].shape[-1] == len(model.tokenizer) and out["modality"].shape == (2, 6)
+
+    baseline = pipeline.baseline_of(checkpoint, model).to("meta")  # as evaluate_split moves it
+    assert tensors_off(baseline, "meta") == {}
+    size = model.spec.image_size
+    assert baseline(torch.empty(3, 3, size, size, device="meta")).shape == (3, 1, size, size)
+
+
+@pytest.mark.parametrize("options", [{"vision_stem": "conv", "projector": "spatial", "position_head": True,
+                                      "image_tokens_at": "before_answer", "answer_loss_to_vision": False},
+                                     {"mask_decoder": "official", "decoder_hidden": 32}])
+def test_every_variant_runs_on_meta(options: dict[str, Any]) -> None:
+    """The demo's parts (conv stem, whole-grid projector, position head on the detached image tokens, image tokens
+    before the answer) and the official decoder, moved to meta as ``load_trained_model`` moves a network: nothing
+    stays behind, and the forward's parts run there."""
+    spec = PRSMedSpec(**{"image_size": 32, "sam_hidden": 16, "sam_layers": 1, "sam_heads": 2, "sam_patch": 4,
+                         "sam_out_channels": 16, "vlm": "tiny", "vision_size": 32, "vision_patch": 16,
+                         "vision_hidden": 16, "vision_layers": 1, "decoder_hidden": 16, **options})
+    model = PRSMedNet(spec).to("meta").eval()
+    assert tensors_off(model, "meta") == {}
+    out = forward_parts_on_meta(model, ["Where?"], ["bottom right"])
+    assert {t.device.type for t in out.values()} == {"meta"} and out["mask_logits"].shape == (1, 1, 32, 32)
+    if spec.position_head:
+        assert out["position"].shape == (1, model.n_image_tokens, 5)

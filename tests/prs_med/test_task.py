@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from nbsupport.manifest import write_manifest
@@ -82,3 +83,41 @@ def test_image_only_task_builds_the_baseline_of_the_spec_it_is_given(tmp_path: P
     loss = task.training_step(model, batch)
     assert loss.ndim == 0 and 0 < float(loss) < 5
     assert set(task.evaluate(model, [batch], torch.device("cpu"))) == {"loss", "dice"}
+
+
+# the options of the CPU profiles on the tiny VLM: smoke as it is; demo's tower, projector, token placement and
+# position loss; the official decoder of full
+VARIANTS = {"smoke": {},
+            "demo": {"vision_stem": "conv", "projector": "spatial", "image_tokens_at": "before_answer",
+                     "lambda_position": 1.0, "answer_loss_to_vision": False, "position_weight": 5.0},
+            "official_decoder": {"mask_decoder": "official"}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_trainable_tensor_gets_a_gradient_in_every_step(tmp_path: Path, variant: str) -> None:
+    """DDP with find_unused_parameters=False (the shared loop's, num_processes > 1) stops at the second step if a
+    trainable tensor gets no gradient: in one training step each one gets one, during the modality-loss epochs and
+    after them (the classifier then stays in the graph with weight 0), and so does the image-only baseline's."""
+    task = PRSMedTrainingTask(**_task_kwargs(tmp_path, batch_size=2, cls_epochs=1, **VARIANTS[variant]))
+    batch = data.collate_qa([task.train_dataset()[i] for i in range(2)])
+    model = task.build_model().train()
+    for trained_batches in (0, task.cls_steps):
+        model.zero_grad(set_to_none=True)
+        model.trained_batches.fill_(trained_batches)
+        task.training_step(model, batch).backward()
+        without = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert without == [], (trained_batches, without)
+    frozen_tower = [n for n, p in model.llava.model.vision_tower.named_parameters() if not p.requires_grad]
+    assert frozen_tower == ["post_layernorm.weight", "post_layernorm.bias"]  # CLIP's pooled output, unread by LLaVA
+
+    baseline_task = ImageOnlyTrainingTask(**_task_kwargs(tmp_path / "b", **VARIANTS[variant]), prompt_dim=8)
+    baseline = baseline_task.build_model().train()
+    baseline_task.training_step(baseline, batch).backward()
+    assert [n for n, p in baseline.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_a_vision_tower_no_loss_reaches_is_refused(tmp_path: Path) -> None:
+    """``answer_loss_to_vision=False`` without the position loss would leave the assembled VLM's random tower and
+    projector untrained (and gradient-less, which DDP refuses): an error naming both settings."""
+    with pytest.raises(ValueError, match=r"answer_loss_to_vision=False needs the position loss \(lambda_position"):
+        PRSMedTrainingTask(**_task_kwargs(tmp_path, answer_loss_to_vision=False)).build_model()

@@ -86,8 +86,10 @@ def test_nbsupport_run_with_a_wrongly_typed_parameter_fails_keeps_the_partial_no
     """Through the console command, papermill and the real seg2d kernel: ``-p val_fraction=abc`` (a string for a
     float) must stop 01_preprocess at its config cell, exit non-zero, and keep the executed notebook."""
     outputs, manifest = tmp_path / "outputs", tmp_path / "manifests" / "m.csv"
+    # data_root given: the runner writes no demo data for a notebook that is to stop at its config cell.
     command = [sys.executable, "-m", "nbsupport.cli", "run", "seg2d", "--profile", "smoke", "--run-id", "bad-type",
-               "--outputs-dir", str(outputs), "-p", "val_fraction=abc", "-p", f"manifest={manifest}"]
+               "--outputs-dir", str(outputs), "-p", f"data_root={tmp_path / 'data'}", "-p", "val_fraction=abc",
+               "-p", f"manifest={manifest}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=project_root(), check=False)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED" in done.stdout and "ConfigError" in done.stdout, done.stdout

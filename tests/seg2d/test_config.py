@@ -4,15 +4,15 @@ from __future__ import annotations
 import pytest
 
 from nbsupport.config import ConfigError
-from nbsupport.seg2d.config import DEFAULT_MANIFEST, InferConfig, PreprocessConfig, TrainConfig
+from nbsupport.seg2d.config import InferConfig, PreprocessConfig, TrainConfig
 
 
 def test_seed_defaults_profiles_and_the_demo_manifest() -> None:
     full = TrainConfig()
     assert (full.epochs, full.lr, full.weight_decay, full.scheduler) == (6, 2e-4, 1e-4, "multistep")  # seed's
     smoke = TrainConfig.from_params({"profile": "smoke", "manifest": None, "grad_accum": 2})
-    assert (smoke.width, smoke.image_size, smoke.grad_accum, smoke.manifest) == ("tiny", 96, 2, DEFAULT_MANIFEST)
-    assert InferConfig.from_params({"manifest": ""}).manifest == DEFAULT_MANIFEST
+    assert (smoke.width, smoke.image_size, smoke.grad_accum, smoke.manifest) == ("tiny", 96, 2, PreprocessConfig.DEFAULT_MANIFEST)
+    assert InferConfig.from_params({"manifest": ""}).manifest == PreprocessConfig.DEFAULT_MANIFEST
     assert str(PreprocessConfig().source_root()).endswith("seg2d")
     with pytest.raises(ConfigError, match=r"^seg2d/01_preprocess: .*val_fraction=0.7, test_fraction=0.4"):
         PreprocessConfig.from_params({"val_fraction": 0.7, "test_fraction": 0.4})
@@ -25,7 +25,7 @@ def test_warmup_is_one_epoch_at_most_100_steps_and_only_for_warmup_cosine() -> N
 
 
 def test_full_is_the_seeds_recipe_and_demo_smoke_keep_theirs() -> None:
-    from nbsupport.train import lr_factor
+    from nbsupport.optim import lr_factor
 
     full = TrainConfig.from_params({"profile": "full"})
     settings = full.train_settings()

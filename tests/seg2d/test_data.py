@@ -25,9 +25,9 @@ from nbsupport.seg2d.data import (
     read_slice,
     read_train_csv,
     restore_slice_size,
-    rle_decode,
-    rle_encode,
+
 )
+from nbsupport.seg2d.rle import rle_decode, rle_encode
 
 
 # ---------------------------------------------------------------------------------------------- RLE

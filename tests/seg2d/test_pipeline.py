@@ -14,6 +14,7 @@ from nbsupport.runs import RunFolder
 from nbsupport.seg2d import data as seg_data
 from nbsupport.seg2d.demo_data import DEMO_SIZES, write_demo_dataset
 from nbsupport.seg2d.inference import POSTPROCESS_FILE, TUNED_THRESHOLDS
+from nbsupport.seg2d.rle import rle_decode
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_submission_is_kaggle_format_and_decodes_to_the_predictions(smoke_run: d
     for i, row in test.iterrows():
         for k, c in enumerate(seg_data.CLASSES):
             rle = sub[(sub.id == row.id) & (sub["class"] == c)].predicted.item()
-            np.testing.assert_array_equal(seg_data.rle_decode(rle, row.height, row.width), ev.pred[i][k])
+            np.testing.assert_array_equal(rle_decode(rle, row.height, row.width), ev.pred[i][k])
 
 
 def test_infer_on_a_folder_without_labels(smoke_run: dict, tmp_path: Path) -> None:
@@ -238,7 +239,7 @@ def test_nbsupport_predict_on_files_in_no_manifest(smoke_run: dict, tmp_path: Pa
     row = test.iloc[1]
     for k, c in enumerate(seg_data.CLASSES):
         rle = sub[(sub.id == row.id) & (sub["class"] == c)].predicted.item()
-        np.testing.assert_array_equal(seg_data.rle_decode(rle, row.height, row.width), inferred[row.id][k])
+        np.testing.assert_array_equal(rle_decode(rle, row.height, row.width), inferred[row.id][k])
 
     capsys.readouterr()
     assert cli.main(argv) == 2

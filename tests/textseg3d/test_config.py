@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from nbsupport.config import ConfigError
-from nbsupport.textseg3d.config import DEFAULT_MANIFEST, AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
+from nbsupport.textseg3d.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
 
 
 def test_the_profiles_build_valid_configs() -> None:
@@ -20,7 +20,7 @@ def test_split_fractions_are_checked_with_the_values_given_and_the_demo_manifest
     with pytest.raises(ConfigError, match=r"val_fraction=0.6, test_fraction=0.5"):
         PreprocessConfig.from_params({"val_fraction": 0.6, "test_fraction": 0.5})
     for cls in (PreprocessConfig, TrainConfig, InferConfig, AttentionConfig):
-        assert cls.from_params({"manifest": None}).manifest == DEFAULT_MANIFEST
+        assert cls.from_params({"manifest": None}).manifest == PreprocessConfig.DEFAULT_MANIFEST
         assert cls.from_params({"manifest": "/data/rt.csv"}).manifest == "/data/rt.csv"
 
 

@@ -96,16 +96,16 @@ def test_the_03_and_04_verbs_write_their_viewers_and_return_the_cases(tmp_path: 
 
     cfg = InferConfig.from_params(common)
     result = textseg3d.predict(cfg, RunFolder.for_stage(cfg))
-    assert result.viewer_html == run_dir / "03_case_viewer.html" and result.viewer_html.stat().st_size > 0
+    assert result.viewer_path == run_dir / "03_case_viewer.html" and result.viewer_path.stat().st_size > 0
     test_cases = list(result.evaluations["true"].cases)
     assert [c["title"] for c in result.viewer_cases] == test_cases and len(test_cases) == 2
     assert set(result.viewer_cases[0]["masks"]) == {"ground truth", "pred (true report)", "pred (flipped report)",
                                                     "pred (empty report)", "pred (image-only UNet)"}
-    assert str(result.viewer_cases[0]["title"]) in result.viewer_html.read_text()
+    assert str(result.viewer_cases[0]["title"]) in result.viewer_path.read_text()
 
     cfg = AttentionConfig.from_params({**common, "scale": 1})
     att = textseg3d.attention_maps(cfg, RunFolder.for_stage(cfg))
-    assert att.viewer_html == run_dir / "04_attention_viewer.html" and att.viewer_html.stat().st_size > 0
+    assert att.viewer_path == run_dir / "04_attention_viewer.html" and att.viewer_path.stat().st_size > 0
     assert [c["title"] for c in att.viewer_cases] == ["scale 1/4, prompt token 1", "scale 1/4, prompt token 2"]
     assert att.case == test_cases[0] and (run_dir / "figures" / "04_fusion_attention.png").exists()
 
