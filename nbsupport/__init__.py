@@ -13,7 +13,7 @@ def _quiet_known_library_noise() -> None:
     * bitsandbytes 0.50 (``bitsandbytes/backends/cpu/ops.py``, at import, which ``import peft`` triggers) logs
       "Failed to load CPU gemm_4bit_forward from kernels-community" on a CPU with AVX512-BF16 when the optional
       ``kernels`` package is absent, then uses its own CPU kernel: a speed hint, not an error.
-    * transformers 4.57 (``modeling_utils.py``, ``PreTrainedModel.is_gradient_checkpointing``) warns that the
+    * transformers 5.23 (``modeling_utils.py``, ``PreTrainedModel.is_gradient_checkpointing``) warns that the
       property is deprecated; peft (``peft_model.py``, ``PeftModel.__init__``) reads it in every
       ``get_peft_model`` / ``PeftModel.from_pretrained``. Our code never reads it.
 
