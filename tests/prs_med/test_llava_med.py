@@ -373,3 +373,39 @@ def test_prs_med_on_the_published_layouts_runs_on_meta(published, tmp_path, monk
     out = forward_parts_on_meta(model, ["Where is the lesion?"], ["It is in the top left."])
     assert {t.device.type for t in out.values()} == {"meta"}
     assert out["mask_logits"].shape == (1, 1, 32, 32) and out["mask_logits"].dtype == torch.float32
+
+
+def test_02_train_smoke_on_the_published_llava_med_and_tinysam_prints_complete_loads(published, tmp_path, monkeypatch,
+                                                                                     capsys) -> None:
+    """Issue 18's acceptance: 02_train at the smoke profile with ``vlm_path`` = LLaVA-Med v1.5 as downloaded and
+    ``sam_ckpt`` = a tinysam_42.3.pth-layout file trains (with its image-only baseline) and evaluates; every load of
+    either prints its one line, nothing missing or unexpected, and the run's spec records both as given."""
+    from prs_med_layouts import write_tinysam_checkpoint
+
+    from nbsupport.prs_med import config, demo_data, pipeline
+    from nbsupport.runs import RunFolder
+
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "cache"))
+    folder, _, _ = published
+    sam = tmp_path / "weights" / "tinysam_42.3.pth"
+    write_tinysam_checkpoint(sam)
+    root = demo_data.write_demo_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, image_size=32,
+                                        tasks=("polyp_endoscopy",))
+    common = {"profile": "smoke", "manifest": str(tmp_path / "m.csv"), "run_dir": str(tmp_path / "run" / "prs_med")}
+    preprocess = config.PreprocessConfig.from_params({**common, "data_root": str(root), "n_examples": 1})
+    run = RunFolder.for_stage(preprocess)
+    pipeline.preprocess(preprocess, run)
+    train = config.TrainConfig.from_params({**common, "image_size": 32, "max_steps": 2, "batch_size": 2,
+                                            "max_new_tokens": 3, "vlm_path": str(folder), "sam_ckpt": str(sam),
+                                            "mask_decoder": "official", "decoder_hidden": 16})
+    capsys.readouterr()
+    pipeline.train(train, run)
+    printed = capsys.readouterr().out.splitlines()
+    for source in (folder, sam):
+        loads = [line for line in printed if line.startswith(f"{source}: loaded ")]
+        assert loads, f"no load line for {source}"
+        assert all(line.endswith("(0 missing, 0 unexpected)") for line in loads), loads
+    spec = json.loads((run.path / "model_spec.json").read_text())
+    assert (spec["vlm"], spec["sam_path"], spec["mask_decoder"]) == (str(folder), str(sam), "official")
+    metrics = json.loads((run.path / "metrics.json").read_text())["02_train"]
+    assert metrics["steps"] == 2 and "test_dice" in metrics and "test_baseline_image_only_dice" in metrics
