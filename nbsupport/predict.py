@@ -109,7 +109,8 @@ def check_outputs_free(paths: Iterable[Path], overwrite: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         shown = ", ".join(map(str, existing[:5])) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise PredictError(f"{shown} already exist(s); choose another -o folder or pass --overwrite")
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise PredictError(f"{shown} already {verb}; choose another -o folder or pass --overwrite")
 
 
 def for_each_input(files: Sequence[Path], predict_one: Callable[[Path], list[Path]], out_dir: Path,
