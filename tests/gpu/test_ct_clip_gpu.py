@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from nbsupport import ct_clip
 from nbsupport.ct_clip.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
@@ -19,7 +18,7 @@ from nbsupport.ct_clip.pipeline import load_trained_model, predict_files
 from nbsupport.runs import RunFolder
 from nbsupport.optim import resolve_mixed_precision
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # tests/conftest.py skips gpu tests, saying why, where CUDA is absent
 
 
 def test_smoke_trains_in_bf16_and_infers_on_cuda(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import pytest
-import torch
 
 from nbsupport.cxr_report import InferConfig, PreprocessConfig, TrainConfig, load_trained_model, predict
 from nbsupport.cxr_report import predict_files, preprocess, train
@@ -17,7 +16,7 @@ from nbsupport.cxr_report.demo_data import write_demo_dataset
 from nbsupport.runs import RunFolder
 from nbsupport.optim import resolve_mixed_precision
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # tests/conftest.py skips gpu tests, saying why, where CUDA is absent
 
 
 def test_smoke_trains_in_bf16_and_reports_on_cuda(tmp_path: Path) -> None:

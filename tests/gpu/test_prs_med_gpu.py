@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nbsupport.prs_med import pipeline
 from nbsupport.prs_med.config import AttentionConfig, InferConfig, PreprocessConfig, TrainConfig
@@ -17,7 +16,7 @@ from nbsupport.prs_med.demo_data import DEMO_SIZES, write_demo_dataset
 from nbsupport.runs import RunFolder
 from nbsupport.train import resolve_mixed_precision
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # tests/conftest.py skips gpu tests, saying why, where CUDA is absent
 
 
 def test_smoke_trains_in_bf16_and_answers_on_cuda(tmp_path: Path) -> None:

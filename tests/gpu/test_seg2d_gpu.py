@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # tests/conftest.py skips gpu tests, saying why, where CUDA is absent
 
 
 def test_seg2d_smoke_trains_in_bf16_and_predicts_on_cuda(tmp_path: Path) -> None:

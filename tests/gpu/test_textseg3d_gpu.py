@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from nbsupport import textseg3d
 from nbsupport.runs import RunFolder
@@ -18,7 +17,7 @@ from nbsupport.textseg3d.demo_data import DEMO_SIZES, write_demo_dataset
 from nbsupport.textseg3d.pipeline import load_trained_model, predict_files
 from nbsupport.optim import resolve_mixed_precision
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # tests/conftest.py skips gpu tests, saying why, where CUDA is absent
 
 
 def test_smoke_trains_in_bf16_and_infers_on_cuda(tmp_path: Path) -> None:
