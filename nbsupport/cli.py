@@ -242,7 +242,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     params = parse_params(args.param)
     options = {"kernel": args.kernel, "notebooks_dir": args.notebooks_dir, "verbose": args.verbose,
-               "start_timeout": args.start_timeout, "execution_timeout": args.execution_timeout}
+               "start_timeout": args.start_timeout, "execution_timeout": args.execution_timeout, "jobs": args.jobs}
     if args.seeds:
         series = run_seeds(args.systems, args.profile, args.seeds, params, run_id=args.run_id,
                            outputs_dir=args.outputs_dir, **options)
@@ -415,6 +415,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--seeds", type=parse_seeds, metavar="0,1,2",
                      help="run the series once per seed (runs <run-id>-seed<k>), then write the spread of the "
                           "metrics over the seeds to outputs/seeds/<run-id>/seeds_summary.json and the index")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run N systems side by side, each kernel with cores/N OpenMP threads unless "
+                          "OMP_NUM_THREADS is set (default: %(default)s, one after another)")
     run.add_argument("--kernel", default="nbsupport", help="Jupyter kernel to run on (default: %(default)s)")
     run.add_argument("--verbose", action="store_true", help="also stream the cells' own stdout/stderr")
     run.add_argument("--notebooks-dir", type=Path, help="folder holding <system>/NN_*.ipynb (default: notebooks/)")

@@ -24,6 +24,7 @@ import datetime as _dt
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,10 +234,25 @@ def create_run_folders(systems: Sequence[str], run_id: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------- running
+def kernel_threads(jobs: int) -> int:
+    """OpenMP threads per kernel when ``jobs`` systems run side by side: this process's cores shared evenly.
+
+    At the demo's sizes one thread per system beats two threads per system one after another: the models' steps
+    gain little from a second thread (benchmarks/RESULTS.md), two systems on two cores gain nearly 2x.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
 @contextlib.contextmanager
-def kernel_environment(outputs_dir: Path) -> Iterator[None]:
-    """Set the variables the kernel inherits for the duration of a run, then restore the old values."""
+def kernel_environment(outputs_dir: Path, threads: int | None = None) -> Iterator[None]:
+    """Set the variables the kernel inherits for the duration of a run, then restore the old values.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` (torch's intra-op threads) for the kernels, unless the user set it.
+    """
     changes = {"NBSUPPORT_HEADLESS": "1", "NBSUPPORT_OUTPUTS": str(outputs_dir)}
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        changes["OMP_NUM_THREADS"] = str(threads)
     saved = {k: os.environ.get(k) for k in changes}
     os.environ.update(changes)
     try:
@@ -291,6 +307,7 @@ def run_systems(
     verbose: bool = False,
     start_timeout: int = 120,
     execution_timeout: int | None = None,
+    jobs: int = 1,
 ) -> RunSummary:
     """Execute each system's notebooks in order into ``<outputs>/runs/<run_id>/<system>/``.
 
@@ -310,16 +327,21 @@ def run_systems(
         verbose: also stream the cells' stdout/stderr.
         start_timeout: seconds to wait for a kernel to start (raise on slow shared filesystems).
         execution_timeout: seconds one cell may run; default: no limit.
+        jobs: systems run side by side (each system's notebooks still in order), each kernel with
+            :func:`kernel_threads` OpenMP threads unless ``OMP_NUM_THREADS`` is set. Systems start in the order
+            given, the next one whenever one finishes.
 
     Returns:
         A ``RunSummary``; ``summary.ok`` is False and ``summary.failure`` names the notebook and cell when a
-        cell raised. Notebooks after a failure (and systems after a failing one) are not run.
+        cell raised. Notebooks after a failure (and systems not yet started when one fails) are not run.
 
     Raises:
         RunnerError: before anything runs, for an unknown system, profile or parameter, or a missing kernel.
         RunExistsError: ``run_id`` exists.
     """
     params = dict(params or {})
+    if jobs < 1:
+        raise RunnerError(f"--jobs must be at least 1, got {jobs}")
     plan, declared = check_run(systems, profile, params, kernel, notebooks_dir)
     outputs_dir = (Path(outputs_dir) if outputs_dir is not None else runs_root().parent).resolve()
     register_engine()
@@ -331,24 +353,20 @@ def run_systems(
     statuses = _initial_statuses(summary, params, kernel)
     log(f"run {run_id} ({profile}): {', '.join(plan)} -> {outputs_dir / 'runs' / run_id}")
 
+    if jobs > 1:
+        log(f"{jobs} systems side by side, {os.environ.get('OMP_NUM_THREADS') or kernel_threads(jobs)} "
+            "OpenMP thread(s) per kernel")
     started = time.monotonic()
-    current: SystemResult | None = None
+    running: set[str] = set()
     try:
-        with kernel_environment(outputs_dir):
-            for result in summary.systems:
-                current = result
-                if summary.failure is not None:
-                    result.status = "skipped"
-                    _update_status(result, statuses[result.system])
-                else:
-                    summary.failure = _run_system(result, plan[result.system], declared, options,
-                                                  statuses[result.system])
-                current = None
+        with kernel_environment(outputs_dir, kernel_threads(jobs) if jobs > 1 else None):
+            _run_queue(summary, plan, declared, options, statuses, jobs, running)
     except BaseException:
         # Ctrl-C or an error of the runner itself: record it so the index does not show "running" forever.
-        if current is not None:
-            current.status = "interrupted"
-            _update_status(current, statuses[current.system])
+        for result in summary.systems:
+            if result.system in running:
+                result.status = "interrupted"
+                _update_status(result, statuses[result.system])
         raise
     finally:
         summary.duration_s = round(time.monotonic() - started, 1)
@@ -361,6 +379,54 @@ def run_systems(
     for line in outcome_lines(summary):
         log(line)
     return summary
+
+
+def _run_queue(summary: RunSummary, plan: Mapping[str, Sequence[Path]], declared: Mapping[Path, Mapping[str, Any]],
+               options: _RunOptions, statuses: Mapping[str, dict[str, Any]], jobs: int, running: set[str]) -> None:
+    """Run the systems in order, ``jobs`` at a time (``1``: in this thread); ``running`` names those under way.
+
+    After a failure no further system starts (those under way finish) and the rest are marked skipped; the first
+    failure is the run's. A worker thread's own error (not a notebook's) is raised here once the others are done.
+    """
+    waiting = list(summary.systems)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not waiting or summary.failure is not None or errors:
+                    return
+                result = waiting.pop(0)
+                running.add(result.system)
+            try:
+                failure = _run_system(result, plan[result.system], declared, options, statuses[result.system])
+            except BaseException as err:
+                if jobs == 1:
+                    raise
+                with lock:
+                    errors.append(err)
+                return
+            with lock:
+                running.discard(result.system)
+                if failure is not None and summary.failure is None:
+                    summary.failure = failure
+
+    if jobs == 1:
+        work()
+    else:
+        workers = [threading.Thread(target=work, name=f"nbsupport-run-{k}", daemon=True)
+                   for k in range(min(jobs, len(waiting)))]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():  # a timed join lets Ctrl-C reach this thread
+                worker.join(0.5)
+        if errors:
+            raise errors[0]
+    for result in waiting:
+        result.status = "skipped"
+        _update_status(result, statuses[result.system])
 
 
 def _run_system(result: SystemResult, notebooks: Sequence[Path], declared: Mapping[Path, Mapping[str, Any]],

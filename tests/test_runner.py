@@ -368,3 +368,85 @@ def test_seeds_run_the_series_once_per_seed_and_summarise_the_spread(notebooks_d
     with pytest.raises(RunnerError, match="distinct"):
         run_seeds([SYSTEM], "smoke", [1, 1], notebooks_dir=notebooks_dir, outputs_dir=tmp_path)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["series-seed0", "series-seed2"]
+
+
+# ---------------------------------------------------------------------------------------------- --jobs
+_MEET_CELL = '''import json, os, time
+from pathlib import Path
+me, other = "{me}", "{other}"
+shared = Path(shared)
+(shared / me).write_text(os.environ.get("OMP_NUM_THREADS") or "unset")
+deadline = time.monotonic() + 60
+while other and not (shared / other).exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+met = bool(other) and (shared / other).exists()
+Path(run_dir, "met.json").write_text(json.dumps({{"met": met, "omp": os.environ.get("OMP_NUM_THREADS")}}))
+if fail:
+    raise RuntimeError(me + " fails on request")
+while wait_for_failure and json.loads(Path(wait_for_failure).read_text())["status"] != "failed":
+    time.sleep(0.1)'''
+
+
+def _meeting_notebooks(root: Path, pairs: dict[str, str]) -> Path:
+    """One notebook per system that leaves a flag in ``shared`` and waits (up to 60 s) for the other system's flag:
+    run one after another, the first system never meets the second."""
+    for me, other in pairs.items():
+        (root / me).mkdir(parents=True)
+        nbformat.write(_notebook([
+            'profile = "smoke"\nrun_dir = ""\nshared = ""\nfail = False\nwait_for_failure = ""',
+            _MEET_CELL.format(me=me, other=other)]), root / me / "01_meet.ipynb")
+    return root
+
+
+def test_jobs_runs_systems_side_by_side_with_the_cores_shared(tmp_path, monkeypatch):
+    from nbsupport.runner import kernel_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    notebooks = _meeting_notebooks(tmp_path / "nbs", {"left": "right", "right": "left"})
+    (tmp_path / "shared").mkdir()
+    lines: list[str] = []
+    summary = run_systems(["left", "right"], "smoke", {"shared": str(tmp_path / "shared")}, notebooks_dir=notebooks,
+                          outputs_dir=tmp_path / "out", log=lines.append, jobs=2)
+    assert summary.ok, "\n".join(lines)
+    for result in summary.systems:
+        met = json.loads((result.run_dir / "met.json").read_text())
+        assert met == {"met": True, "omp": str(kernel_threads(2))}, result.system
+    assert "2 systems side by side" in lines[0] or any("2 systems side by side" in ln for ln in lines)
+    assert [ln.split()[0] for ln in lines[-3:-1]] == ["left", "right"] and lines[-1].startswith("total ")
+    assert "OMP_NUM_THREADS" not in os.environ, "the runner must restore the caller's environment"
+
+
+def test_jobs_one_runs_in_order_and_a_user_thread_count_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    notebooks = _meeting_notebooks(tmp_path / "nbs", {"first": "second", "second": "first"})
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "second").write_text("pretend")  # lets `first` go on alone
+    summary = run_systems(["first", "second"], "smoke", {"shared": str(tmp_path / "shared")},
+                          notebooks_dir=notebooks, outputs_dir=tmp_path / "out", log=lambda _: None)
+    assert summary.ok
+    assert json.loads((summary.systems[0].run_dir / "met.json").read_text()) == {"met": True, "omp": "3"}
+
+
+def test_jobs_a_failure_lets_the_running_system_finish_and_starts_no_other(tmp_path):
+    notebooks = _meeting_notebooks(tmp_path / "nbs", {"bad": "good", "good": "bad", "later": ""})
+    (tmp_path / "shared").mkdir()
+    out = tmp_path / "out"
+    # `good` finishes only once `bad` is recorded as failed, so `later` could start only if a failure did not stop
+    # the queue.
+    bad_status = out / "runs" / "r" / "bad" / "run_status.json"
+    (notebooks / "bad" / "01_meet.ipynb").write_text(
+        (notebooks / "bad" / "01_meet.ipynb").read_text().replace("fail = False", "fail = True"))
+    lines: list[str] = []
+    summary = run_systems(["bad", "good", "later"], "smoke",
+                          {"shared": str(tmp_path / "shared"), "wait_for_failure": str(bad_status)},
+                          run_id="r", notebooks_dir=notebooks, outputs_dir=out, log=lines.append, jobs=2)
+    assert not summary.ok and summary.failure.system == "bad"
+    assert [(s.system, s.status) for s in summary.systems] == [("bad", "failed"), ("good", "ok"),
+                                                               ("later", "skipped")]
+    assert json.loads((out / "runs" / "r" / "later" / "run_status.json").read_text())["status"] == "skipped"
+    assert "FAILED in bad 01_meet" in "\n".join(lines)
+
+
+def test_jobs_below_one_is_an_error(notebooks_dir, tmp_path):
+    with pytest.raises(RunnerError, match="--jobs must be at least 1, got 0"):
+        run_systems([SYSTEM], "smoke", notebooks_dir=notebooks_dir, outputs_dir=tmp_path, log=lambda _: None, jobs=0)
