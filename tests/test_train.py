@@ -362,3 +362,44 @@ def test_a_users_accelerate_config_decides_machines_and_port(tmp_path: Path) -> 
     assert command[command.index("--num_processes") + 1] == "8" and machines_in(config) == 2
     plain = launch_command(2, ["--out", "x"])
     assert plain[plain.index("--num_machines") + 1] == "1" and "--multi_gpu" in plain and machines_in(None) == 1
+
+
+# ---------------------------------------------------------------------------------------------- phase clock
+class _SlowItems(torch.utils.data.Dataset):
+    """The regression items, each taking ``delay`` seconds to load (a data loader that is the bottleneck)."""
+
+    def __init__(self, items: torch.utils.data.Dataset, delay: float):
+        self.items, self.delay = items, delay
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        import time
+
+        time.sleep(self.delay)
+        return self.items[i]
+
+
+def test_the_loop_reports_where_its_time_went(tmp_path: Path, capsys) -> None:
+    from nbsupport.train import PhaseClock
+
+    task = make_regression()
+    items = task.train_dataset()
+    task.train_dataset = lambda: _SlowItems(items, delay=0.02)  # 64 items: >= 1.28 s waiting for data per epoch
+    import time
+
+    started = time.perf_counter()
+    result = fit(task, dataclasses.replace(BASE, epochs=1), tmp_path)
+    wall = time.perf_counter() - started
+
+    phases = result.phase_seconds
+    assert list(phases) == list(PhaseClock.PHASES)
+    assert phases["data"] >= 64 * 0.02, phases
+    assert max(phases, key=phases.get) == "data", phases
+    assert min(phases.values()) >= 0
+    assert sum(phases.values()) <= wall
+    stored = json.loads((tmp_path / "train_result.json").read_text())["phase_seconds"]
+    assert stored == phases
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("progress: train time ")]
+    assert len(line) == 1 and "data " in line[0] and "%)" in line[0], line
