@@ -40,7 +40,6 @@ from nbsupport.manifest import (
 from nbsupport.demo import DEMO_MARKER, read_demo_marker
 from nbsupport.paths import resolve_path
 from nbsupport.progress import progress
-from nbsupport.seg2d.augment import seed_augmentation
 from nbsupport.seg2d.rle import rle_decode, rle_last_pixel, rle_runs
 from nbsupport.stages import check_split_fractions
 
@@ -514,7 +513,11 @@ class SliceDataset(Dataset):
         self.data_root = resolve_path(data_root)
         self.image_size = size = int(image_size)
         self.augment = augment
-        self._augmentation = seed_augmentation(size) if augment else None
+        self._augmentation = None
+        if augment:  # imported here: `import monai` costs ~4 s in every notebook otherwise
+            from nbsupport.seg2d.augment import seed_augmentation
+
+            self._augmentation = seed_augmentation(size)
         n = len(self.manifest)
         self.images = np.zeros((n, size, size), dtype=MODEL_INPUT_DTYPE)
         self._mask_bits = 3 * size * size

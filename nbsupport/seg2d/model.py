@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import nn
 
 from nbsupport.models import resolve_pretrained
@@ -198,6 +197,8 @@ class BCEDiceLoss(nn.Module):
 
     def __init__(self, bce_weight: float = 0.5, dice_weight: float = 0.5):
         super().__init__()
+        from monai.losses import DiceLoss  # here, not at the top: `import monai` costs ~4 s, and only training needs it
+
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
         # Smoothing of 1 (not MONAI's 1e-5): a class absent from the whole batch must cost ~0 when the model
         # predicts near-0 probabilities, instead of a Dice of 0 that no finite logit can fix.
