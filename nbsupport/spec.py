@@ -63,6 +63,37 @@ class ModelSpec:
         return hashlib.sha256((part + self._dumps(values)).encode()).hexdigest()[:16]
 
 
+def lora_spec(rank: int, alpha: int, dropout: float) -> type:
+    """The spec mixin of a system that adapts a pretrained transformer with LoRA: the fields ``lora_r``,
+    ``lora_alpha`` and ``lora_dropout`` with the system's defaults (its seed's), and ``lora_config(**options)``, the
+    peft ``LoraConfig`` they describe (``options``: target modules, bias, task type...).
+
+    List it before :class:`ModelSpec` (``class XSpec(lora_spec(16, 16, 0.05), ModelSpec)``). Its fields come first
+    in the dataclass, so only a spec whose JSON sorts its keys (the default) may use it: in a spec that keeps field
+    order in its JSON, moving them would change every fingerprint.
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class LoRASpec:
+        lora_r: int = rank
+        lora_alpha: int = alpha
+        lora_dropout: float = dropout
+
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            super().__init_subclass__(**kwargs)
+            if not getattr(cls, "JSON_SORT_KEYS", True):
+                raise TypeError(f"{cls.__name__}: lora_spec(...) moves the LoRA fields first, which changes the "
+                                "fingerprints of a spec whose JSON keeps field order (JSON_SORT_KEYS = False)")
+
+        def lora_config(self, **options: Any) -> Any:
+            from peft import LoraConfig
+
+            return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, **options)
+
+    LoRASpec.__doc__ = f"LoRA adapter fields (defaults r={rank}, alpha={alpha}, dropout={dropout})."
+    return LoRASpec
+
+
 @dataclasses.dataclass(frozen=True)
 class ParameterCount:
     """Parameters of a built network: in all, trainable, and per named part (e.g. image encoder, LM, adapters)."""

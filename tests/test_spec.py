@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from nbsupport.spec import ModelSpec, count_parameters
+from nbsupport.spec import ModelSpec, count_parameters, lora_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +63,23 @@ def test_parameter_count_by_part() -> None:
     count = count_parameters(model, {"first": model[0]})
     assert (count.total, count.trainable, count.frozen, count.parts["first"]) == (26, 10, 16, 16)
     assert count.to_dict() == {"total": 26, "trainable": 10, "frozen": 16, "first": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedSpec(lora_spec(rank=4, alpha=8, dropout=0.1), ModelSpec):
+    width: int = 8
+
+
+def test_lora_fields_take_the_systems_defaults_and_build_peft_config() -> None:
+    spec = AdaptedSpec(lora_r=2)
+    assert (spec.lora_r, spec.lora_alpha, spec.lora_dropout) == (2, 8, 0.1)
+    assert AdaptedSpec.from_json(spec.to_json()) == spec
+    config = spec.lora_config(target_modules=["q_proj"], bias="none")
+    assert (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules)) == (2, 8, 0.1, {"q_proj"})
+
+
+def test_lora_fields_are_refused_where_the_json_keeps_field_order() -> None:
+    with pytest.raises(TypeError, match="JSON_SORT_KEYS"):
+        @dataclasses.dataclass(frozen=True)
+        class OrderedSpec(lora_spec(rank=4, alpha=4, dropout=0.0), ModelSpec):
+            JSON_SORT_KEYS = False

@@ -37,7 +37,7 @@ from torch import nn
 from nbsupport.ct_clip.i3resnet import MERLIN_DOWNLOAD, I3ResNet, load_merlin_weights
 from nbsupport.ct_clip.llm2vec import (LLM2VEC4CXR_DOWNLOAD, LORA_TARGETS, LatentAttentionPooling,
                                        is_bidirectional_folder, load_llm2vec)
-from nbsupport.spec import ModelSpec
+from nbsupport.spec import ModelSpec, lora_spec
 
 ImageArch = Literal["i3resnet", "resnet", "vit"]
 TextPooling = Literal["mean", "sentence_mean", "latent_attention"]
@@ -48,7 +48,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclasses.dataclass(frozen=True)
-class CTClipSpec(ModelSpec):
+class CTClipSpec(lora_spec(rank=32, alpha=32, dropout=0.1), ModelSpec):
     """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json`` (indented,
     sorted keys: ModelSpec's defaults, which are the JSON the first ct_clip checkpoints were written with)."""
 
@@ -66,10 +66,7 @@ class CTClipSpec(ModelSpec):
     text_encoder_weights: str = ""  # an LLM2Vec tower's fine-tuned weights (llm2vec4cxr's pytorch_model.bin)
     image_weights: str = ""  # i3resnet: Merlin's published checkpoint
     text_pooling: str = "mean"
-    text_tuning: str = "frozen"
-    lora_r: int = 32
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
+    text_tuning: str = "frozen"  # 'lora': the LoRA fields (first in the dataclass, from lora_spec) apply
     max_text_length: int = 256
     embed_dim: int = 512
     loss: str = "siglip"
@@ -249,14 +246,13 @@ class TextEncoder(nn.Module):
     def _add_lora(self, backbone: nn.Module, spec: CTClipSpec) -> nn.Module:
         """LoRA on the attention projections (peft). An LLM2Vec tower as the seed: the seed's target names inside the
         Llama, everything else (the latent-attention pooling too) frozen (CT-Data ``training/main.py:206-253``)."""
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         inner = backbone.model if self.llm2vec else backbone
         names = {n.rsplit(".", 1)[-1] for n, m in inner.named_modules() if isinstance(m, nn.Linear)}
         wanted = LORA_TARGETS if self.llm2vec else ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query",
                                                     "key", "value")
-        config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                            target_modules=sorted(names & set(wanted)))
+        config = spec.lora_config(target_modules=sorted(names & set(wanted)))
         if not self.llm2vec:
             return get_peft_model(backbone, config)
         backbone.requires_grad_(False)

@@ -7,15 +7,29 @@ The splits come with the dataset (the CSV's ``split`` column), so no stage has s
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 from nbsupport.config import param
 from nbsupport.prs_med.data import PRSMED_SCHEMA
+from nbsupport.prs_med.decoder import MaskDecoderKind
 from nbsupport.prs_med.model import PRSMedSpec
 from nbsupport.stages import AttentionStage, InferStage, PreprocessStage, TrainStage, system_stage
 
 SYSTEM = "prs_med"
 PRSMedStage = system_stage(SYSTEM, PRSMED_SCHEMA, "data_manifests/prs_med_demo.csv")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answering:
+    """How long an answer may grow: 02 (on the val split), 03 and 04 generate answers with it."""
+
+    max_new_tokens: int = param(24, "longest generated answer (tokens)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _AnsweringWithMasks(_Answering):
+    """The answer length and where a mask is cut: 02 (on the val split) and 03 score answers and masks with them."""
+
+    threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +42,7 @@ class PreprocessConfig(PRSMedStage, PreprocessStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(PRSMedStage, TrainStage):
+class TrainConfig(PRSMedStage, _AnsweringWithMasks, TrainStage):
     """02_train: SAM-style encoder + LLaVA-style VLM (LoRA) + prompted mask decoder, the official loss."""
 
     PROFILES = {
@@ -70,7 +84,7 @@ class TrainConfig(PRSMedStage, TrainStage):
     lora_r: int = param(16, "LoRA rank on q/k/v/o of the language model")
     lora_alpha: int = param(16, "LoRA alpha")
     lora_dropout: float = param(0.05, "LoRA dropout")
-    mask_decoder: Literal["official", "simple"] = param(
+    mask_decoder: MaskDecoderKind = param(
         "official", "'official': PRS-Med's PromptedMaskDecoder (mask_decoder_v5.py); 'simple': our plain-block "
         "variant, with which the CPU profiles were tuned")
     decoder_hidden: int = param(128, "prompt-MLP width of the mask decoder (official 512)")
@@ -86,8 +100,6 @@ class TrainConfig(PRSMedStage, TrainStage):
     answer_loss_to_vision: bool = param(True, "the answer loss trains the assembled VLM's vision tower + projector "
                                         "too (official); False: only the position loss does (our addition)")
     cls_epochs: int = param(5, "epochs during which the modality loss is on (official: 5)")
-    threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
-    max_new_tokens: int = param(24, "longest generated answer (tokens)")
     eval_batch_size: int = param(16, "images per forward pass in evaluation")
     train_baseline: bool = param(True, "also train the image-only baseline (same decoder, no question)")
 
@@ -109,21 +121,18 @@ class TrainConfig(PRSMedStage, TrainStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig(PRSMedStage, InferStage):
+class InferConfig(PRSMedStage, _AnsweringWithMasks, InferStage):
     """03_infer: answer + segment every image of a split, or one image + question."""
 
     image_path: str = param("", "one image to answer about (with `question`); '' = only the split")
     question: str = param("Where is the lesion located in this image?", "question asked about `image_path`")
-    threshold: float = param(0.5, "sigmoid probability above which a pixel is in the mask")
-    max_new_tokens: int = param(24, "longest generated answer (tokens)")
     batch_size: int = param(16, "images per forward pass")
     n_examples: int = param(6, "examples in the overlay figure")
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(PRSMedStage, AttentionStage):
+class AttentionConfig(PRSMedStage, _Answering, AttentionStage):
     """04_attention: decoder cross-attention and VLM attention over the image for one question."""
 
     sample_id: str = param("", "manifest id (e.g. 'polyp_endoscopy:7'); '' = the split's first sample")
     question: str = param("", "ask this instead of the sample's own question; '' = the manifest's")
-    max_new_tokens: int = param(24, "longest generated answer (tokens)")

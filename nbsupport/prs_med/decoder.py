@@ -23,6 +23,7 @@ CPU profiles (``smoke``, ``demo``) were tuned with; :func:`build_mask_decoder` p
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -250,7 +251,9 @@ class SimpleMaskDecoder(nn.Module):
         return logits.clamp(-10, 10), weights
 
 
-MASK_DECODERS = ("official", "simple")
+# The decoders build_mask_decoder builds: the choices of the 02_train parameter mask_decoder.
+MaskDecoderKind = Literal["official", "simple"]
+MASK_DECODERS: tuple[str, ...] = get_args(MaskDecoderKind)
 
 
 def build_mask_decoder(kind: str, prompt_dim: int, image_dim: int, hidden_dim: int) -> nn.Module:

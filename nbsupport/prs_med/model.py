@@ -32,7 +32,7 @@ from nbsupport.metrics import POSITIONS
 from nbsupport.prs_med.data import IMAGENET_MEAN, IMAGENET_STD, N_MODALITY_CLASSES
 from nbsupport.prs_med.decoder import build_mask_decoder
 from nbsupport.prs_med.sam_encoders import SamImageEncoder, encoder_parameter_counts, load_sam_image_encoder
-from nbsupport.spec import ModelSpec
+from nbsupport.spec import ModelSpec, lora_spec
 
 IMAGE_TOKEN = "<image>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,7 +47,7 @@ def prompt_text(question: str) -> str:
 
 # ============================================================================================== spec
 @dataclasses.dataclass(frozen=True)
-class PRSMedSpec(ModelSpec):
+class PRSMedSpec(lora_spec(rank=16, alpha=16, dropout=0.05), ModelSpec):
     """Everything needed to rebuild the network; stored next to its checkpoints as ``model_spec.json``.
 
     JSON and fingerprint as :class:`nbsupport.spec.ModelSpec`'s defaults (indent 2, sorted keys, every field), which
@@ -78,9 +78,6 @@ class PRSMedSpec(ModelSpec):
     image_tokens_at: str = "start"  # 'start' (LLaVA/official: right after BOS) or 'before_answer' (after the prompt)
     position_head: bool = False  # our addition: a 5-way position classifier on the projected image tokens
     answer_loss_to_vision: bool = True  # False (our addition): the answer loss stops at the image tokens
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
     decoder_hidden: int = 128
     modality_classes: int = N_MODALITY_CLASSES
     seed: int = 0
@@ -229,7 +226,7 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
     LLaVA folder (:func:`nbsupport.prs_med.llava_med.load_llava_med`). The vision tower and projector train fully in the assembled case (they start random); the
     language model trains only through LoRA.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from nbsupport.models import keep_first_decoder_layers, load_causal_lm, resolve_pretrained, tiny_causal_lm
@@ -270,8 +267,7 @@ def build_vlm(spec: PRSMedSpec) -> tuple[Any, Any]:
         vlm, tokenizer = load_llava_med(resolve_pretrained(spec.vlm, "LLaVA VLM"))
     for p in vlm.parameters():
         p.requires_grad_(False)
-    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=LORA_TARGETS, bias="none")
+    lora = spec.lora_config(target_modules=LORA_TARGETS, bias="none")
     vlm = get_peft_model(vlm, lora)
     if assembled:
         inner = vlm.base_model.model.model
