@@ -4,7 +4,8 @@ For each architecture (SegFormer, DPT, BEiT, UperNet; random-init ``small`` conf
 fresh subprocess measures training samples/s (forward + backward + AdamW step, after warm-up) and its peak
 resident memory (also as the increase over the RSS before the first step, i.e. what training adds), and the
 process CPU time per step (user + sys): on a machine shared with other jobs, wall-clock rates depend on the load,
-CPU seconds much less.
+CPU seconds much less. Where the CPU computes bf16 natively, SegFormer is measured a second time under bf16
+autocast (the demo profile's ``mixed_precision="bf16_native"``).
 The data path is measured on the same demo slices: building the in-memory ``SliceDataset``
 (PNG decode + RLE decode + resize) in slices/s, and iterating a DataLoader over it in slices/s. Everything is
 reported as ratios: each architecture against SegFormer, and the data loader against the fastest model's step
@@ -29,8 +30,11 @@ from pathlib import Path
 ARCHS = ("segformer", "dpt", "beit", "upernet")
 
 
-def measure_model(arch: str, image_size: int, batch_size: int, steps: int) -> dict:
-    """Runs in its own process so that peak RSS belongs to one architecture only."""
+def measure_model(arch: str, image_size: int, batch_size: int, steps: int, precision: str = "fp32") -> dict:
+    """Runs in its own process so that peak RSS belongs to one architecture only. ``precision="bf16"``: the
+    forward under CPU bf16 autocast and the loss in fp32, as the training loop's ``mixed_precision="bf16"`` does."""
+    import contextlib
+
     import torch
 
     from nbsupport.seg2d.model import BCEDiceLoss, build_seg2d_model
@@ -41,18 +45,22 @@ def measure_model(arch: str, image_size: int, batch_size: int, steps: int) -> di
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.rand(batch_size, 1, image_size, image_size)
     y = (torch.rand(batch_size, 3, image_size, image_size) > 0.7).float()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+            logits = model(x)
+        loss_fn(logits.float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(2):  # warm-up: allocator and kernels
-        loss_fn(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+        step()
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        loss_fn(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+        step()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"arch": arch, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    return {"arch": arch if precision == "fp32" else f"{arch} ({precision} autocast)", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps, "cpu_s_per_step": cpu / steps,
             "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_train_MiB": rss_before / 1024}
@@ -87,16 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_one", default="", help=argparse.SUPPRESS)  # internal: measure one arch, print JSON
     args = parser.parse_args(argv)
     if args._one:
-        print(json.dumps(measure_model(args._one, args.image_size, args.batch_size, args.steps)))
+        arch, _, precision = args._one.partition(":")
+        print(json.dumps(measure_model(arch, args.image_size, args.batch_size, args.steps, precision or "fp32")))
         return 0
 
     import torch
 
+    from nbsupport.optim import native_bf16
     from nbsupport.paths import resolve_path
     from nbsupport.seg2d.demo_data import write_demo_dataset
 
     models = []
-    for arch in ARCHS:
+    # the demo profile's setting (mixed_precision="bf16_native") where this CPU computes bf16 natively
+    for arch in ARCHS + (("segformer:bf16",) if native_bf16() else ()):
         out = subprocess.run([sys.executable, __file__, "--_one", arch, "--image-size", str(args.image_size),
                               "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True)
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(tmp) / "seg2d", n_cases=8)
         data = measure_data(Path(root), args.image_size, args.batch_size)
 
-    ref = next(m for m in models if m["arch"] == "segformer")
+    ref = next(m for m in models if m["arch"] == "segformer")  # fp32
     fastest = max(m["samples_per_s"] for m in models)
     lines = [f"# seg2d benchmark ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU)",

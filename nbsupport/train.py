@@ -49,7 +49,7 @@ from nbsupport.checkpoints import (STATE_FILE, WEIGHTS_FILE, find_resumable, loa
                                    read_checkpoint_meta, repair_best, restore_rng, rng_state, save_weights,
                                    write_checkpoint)
 from nbsupport.config import ConfigError, param
-from nbsupport.optim import build_optimizer, build_scheduler, resolve_mixed_precision
+from nbsupport.optim import MixedPrecision, build_optimizer, build_scheduler, resolve_mixed_precision
 from nbsupport.progress import LINE_PREFIX, progress
 from nbsupport.runs import RunExistsError, atomic_write_json
 
@@ -95,8 +95,9 @@ class TrainSettings:
     num_processes: int = param(1, "training processes (DDP through accelerate launch; gloo on CPU)")
     num_workers: int = param(0, "DataLoader worker processes per training process")
     seed: int = param(0, "seed for initialisation, data order and dropout")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
-        "auto", "auto: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
+    mixed_precision: MixedPrecision = param(
+        "auto", "auto: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; bf16_native: bf16 where the "
+        "GPU or CPU computes it natively (AVX-512 BF16, AMX), fp32 elsewhere")
 
     def __post_init__(self) -> None:
         problems = []

@@ -403,3 +403,35 @@ def test_the_loop_reports_where_its_time_went(tmp_path: Path, capsys) -> None:
     assert stored == phases
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("progress: train time ")]
     assert len(line) == 1 and "data " in line[0] and "%)" in line[0], line
+
+
+# ---------------------------------------------------------------------------------------------- mixed precision
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                         (False, False, "no")])
+def test_bf16_native_autocasts_only_where_the_cpu_computes_bf16(monkeypatch, avx512_bf16, amx, expected) -> None:
+    from nbsupport.optim import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_mixed_precision("bf16_native") == expected
+    assert resolve_mixed_precision("auto") == "no"  # auto stays fp32 on every CPU
+
+
+def test_bf16_native_trains_under_cpu_autocast_where_the_cpu_has_it(tmp_path: Path) -> None:
+    """The loop's forward runs under bf16 autocast when this CPU computes bf16 natively, in fp32 otherwise."""
+    from nbsupport.optim import native_bf16
+
+    seen: list[torch.dtype] = []
+    task = make_regression()
+    build = task.build_model
+
+    def recording_model():
+        model = build()
+        model.register_forward_pre_hook(lambda *_: seen.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32))
+        return model
+
+    task.build_model = recording_model
+    fit(task, dataclasses.replace(BASE, epochs=1, mixed_precision="bf16_native"), tmp_path)
+    assert torch.bfloat16 in seen if native_bf16() else set(seen) == {torch.float32}

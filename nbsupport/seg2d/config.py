@@ -9,6 +9,7 @@ import dataclasses
 from typing import Literal
 
 from nbsupport.config import param
+from nbsupport.optim import MixedPrecision
 from nbsupport.seg2d.data import SEG2D_SCHEMA
 from nbsupport.stages import AttentionStage, HeldOutSplits, InferStage, PreprocessStage, TrainStage, system_stage
 
@@ -34,9 +35,10 @@ class TrainConfig(_Seg2D, TrainStage):
                   "scheduler": "warmup_cosine", "postprocess": "val_tuned"},
         # 480 steps of ~0.52 CPU s on the 768-slice demo dataset; 160 px (logits at 40x40) rather than 128 px,
         # paid for by the lighter 128-channel decoder of the `small` SegFormer; per-class threshold and min_area
-        # chosen on val (benchmarks/RESULTS.md, "seg2d demo accuracy")
+        # chosen on val (benchmarks/RESULTS.md, "seg2d demo accuracy"). bf16 autocast where the CPU has it: a step
+        # costs ~half the CPU time, test Dice at seed 0 0.771 (fp32: 0.769) (benchmarks/RESULTS.md, "make demo")
         "demo": {"width": "small", "image_size": 160, "epochs": 8, "batch_size": 8, "lr": 2e-3,
-                 "scheduler": "warmup_cosine", "postprocess": "val_tuned"},
+                 "scheduler": "warmup_cosine", "postprocess": "val_tuned", "mixed_precision": "bf16_native"},
         # The seed's recipe (JaeL17/Medical-Image-Segmentation at 5309879): run_train.sh:8-14 (model, batch 32,
         # weight decay 1e-4, AdamW, MultiStepLR, 100 epochs, lr 2e-4), model.py:95-97 (amsgrad=True), model.py:102
         # (one milestone at max_epochs // 2, gamma 0.1), utils.py:20 (288 x 288), utils.py:128-133 (augmentations),
@@ -62,8 +64,9 @@ class TrainConfig(_Seg2D, TrainStage):
     milestones: tuple[float, ...] = param((0.5,), "multistep: the lr is multiplied by gamma at these fractions "
                                                   "of the training (seed: one, at epochs // 2)")
     gamma: float = param(0.1, "multistep decay factor per milestone (seed: 0.1)")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
-        "auto", "auto: bf16 on CUDA, fp32 on CPU; 'no': fp32 everywhere (the seed's Lightning precision 32)")
+    mixed_precision: MixedPrecision = param(
+        "auto", "auto: bf16 on CUDA, fp32 on CPU; bf16_native: bf16 where the GPU or CPU computes it natively "
+        "(AVX-512 BF16, AMX), fp32 elsewhere; 'no': fp32 everywhere (the seed's Lightning precision 32)")
     augment: bool = param(False, "the seed's training augmentations: flips, shift/scale/rotate, brightness/contrast, "
                                  "coarse dropout (flips hide the organs' side)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
