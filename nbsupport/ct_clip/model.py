@@ -45,6 +45,10 @@ TextTuning = Literal["frozen", "lora", "full"]
 LossKind = Literal["siglip", "clip"]
 TINY_TEXT_ENCODER = "tiny"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# sentence_mean encodes a batch's distinct sentences sorted by token count in chunks of this many: the demo's report
+# sentences are 5-27 tokens, so chunks of 64 in report order were half padding (1,590 token positions for 810 tokens
+# in a batch of 16 reports, 960 sorted in chunks of 16: benchmarks/RESULTS.md, ct_clip issue 23)
+SENTENCE_CHUNK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +279,16 @@ class TextEncoder(nn.Module):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
+    def _sentence_chunks(self, sentences: list[str], batch_size: int) -> list[list[str]]:
+        """``sentences`` in the chunks they are encoded in: sorted by token count (stable) in chunks of
+        :data:`SENTENCE_CHUNK`, so that little of each chunk is padding; LLM2Vec (which tokenizes inside its
+        ``embed``) in the given order, ``batch_size`` at a time."""
+        if self.llm2vec:
+            return [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
+        tokens = self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]
+        ordered = [s for _, s in sorted(zip(map(len, tokens), sentences), key=lambda pair: pair[0])]
+        return [ordered[i:i + SENTENCE_CHUNK] for i in range(0, len(ordered), SENTENCE_CHUNK)]
+
     def forward(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """(B, hidden) float32 embeddings of ``texts`` (no gradient into a frozen backbone)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -283,9 +297,9 @@ class TextEncoder(nn.Module):
             sentences = [split_sentences(t) for t in texts]
             # Reports repeat sentences ("No pleural effusion.", the normal findings): each distinct one is encoded
             # once (padding is masked, so a sentence's embedding does not depend on its batch mates).
-            unique = list(dict.fromkeys(s for group in sentences for s in group))
-            position = {s: i for i, s in enumerate(unique)}
-            encoded = torch.cat([self._mean(unique[i:i + batch_size]) for i in range(0, len(unique), batch_size)])
+            chunks = self._sentence_chunks(list(dict.fromkeys(s for group in sentences for s in group)), batch_size)
+            position = {s: i for i, s in enumerate(s for chunk in chunks for s in chunk)}
+            encoded = torch.cat([self._mean(chunk) for chunk in chunks])
             index = torch.tensor([position[s] for group in sentences for s in group], device=encoded.device)
             embedded = encoded[index]
             counts = torch.tensor([len(g) for g in sentences], device=embedded.device)

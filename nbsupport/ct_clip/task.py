@@ -2,6 +2,7 @@
 retrieval metrics (see :class:`nbsupport.train.TrainingTask`), and how training processes are launched."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +107,24 @@ class CTClipTrainingTask(ManifestTask):
                      for group in map(split_sentences, texts)]
         return bare.text_encoder(texts)
 
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bf16 autocast for both towers where ``cfg.bf16``; else no context at all (an ``enabled=False`` autocast
+        would switch off the one accelerate puts around the forward on CUDA)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
+
     def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         bare = getattr(model, "module", model)
-        image_emb, text_emb = model(batch["image"], self._text(model, "train", batch["report_index"]))
-        return contrastive_loss(bare, image_emb, text_emb)
+        with self._autocast(batch["image"].device):
+            image_emb, text_emb = model(batch["image"], self._text(model, "train", batch["report_index"]))
+        return contrastive_loss(bare, image_emb.float(), text_emb.float())
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """Report->volume and volume->report R@5 and mean rank over the whole validation split."""
         images, texts = [], []
         for batch in loader:
-            img, txt = model(batch["image"].to(device), self._text(model, "val", batch["report_index"]))
+            with self._autocast(device):
+                img, txt = model(batch["image"].to(device), self._text(model, "val", batch["report_index"]))
             images.append(img.float().cpu())
             texts.append(txt.float().cpu())
         sim = torch.cat(texts) @ torch.cat(images).T  # reports x volumes

@@ -85,3 +85,19 @@ def test_a_complete_demo_is_reused_and_a_foreign_folder_refused(demo_root, tmp_p
     (tmp_path / "mine.txt").write_text("somebody's data")
     with pytest.raises(FileExistsError, match=DEMO_MARKER):
         demo_data.write_demo_dataset(tmp_path, n_train_patients=1, n_valid_patients=0, scale=0.2)
+
+
+def test_demo_volumes_are_standard_gzip_streams_that_nibabel_reads(demo_root):
+    """The demo writes its .nii.gz with ISA-L (gzip_nifti, not zlib's default level): still one standard gzip
+    stream, which Python's zlib inflates to the same NIfTI bytes nibabel decodes (the real data's format)."""
+    import gzip
+
+    import nibabel as nib
+
+    row = ct_data.scan_dataset(demo_root).iloc[0]
+    path = demo_root / row.nifti
+    raw = gzip.decompress(path.read_bytes())
+    assert raw[344:348] == b"n+1\x00"  # the NIfTI-1 single-file magic
+    assert gzip.decompress(demo_data.gzip_nifti(raw)) == raw
+    image = nib.load(str(path))
+    assert np.array_equal(np.asanyarray(image.dataobj), ct_data.read_volume(demo_root, row.volume).stored)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nbsupport.ct_clip.model import (
+    SENTENCE_CHUNK,
     CTClip,
     CTClipSpec,
     ResNet3DEncoder,
@@ -113,3 +114,21 @@ def test_contrastive_training_learns_a_finding_beyond_chance():
         opt.step()
     after = zero_shot_auroc()
     assert after > 0.9 and after > before + 0.2, (before, after)
+
+
+def test_sentence_mean_encodes_each_distinct_sentence_once_in_length_sorted_chunks():
+    """A batch's distinct sentences go through the tower sorted by token count, SENTENCE_CHUNK at a time (little
+    padding); each report's embedding is still the mean of its own sentences' embeddings, encoded one by one."""
+    model = CTClip(CTClipSpec(**TINY, text_pooling="sentence_mean")).eval()
+    encoder = model.text_encoder
+    words = ["effusion", "pleural", "heart", "enlarged", "nodule", "lung", "left", "right"]
+    sentences = [" ".join(words[: 1 + k % 8]) + f" {k}." for k in range(2 * SENTENCE_CHUNK + 3)]
+    reports = [" ".join(sentences[i::5]) for i in range(5)] + [sentences[0]]  # the last repeats a sentence
+    chunks = encoder._sentence_chunks(list(dict.fromkeys(sentences)), batch_size=64)
+    assert [len(c) for c in chunks] == [SENTENCE_CHUNK, SENTENCE_CHUNK, 3]
+    lengths = [len(encoder.tokenizer(s)["input_ids"]) for chunk in chunks for s in chunk]
+    assert lengths == sorted(lengths) and sorted(s for c in chunks for s in c) == sorted(sentences)
+    with torch.no_grad():
+        pooled = encoder(reports)
+        one_by_one = [torch.cat([encoder._mean([s]) for s in split_sentences(r)]).mean(0) for r in reports]
+    assert torch.allclose(pooled, torch.stack(one_by_one), atol=1e-5)

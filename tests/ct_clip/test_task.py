@@ -9,7 +9,7 @@ import yaml
 from nbsupport import ct_clip
 from nbsupport.checkpoints import WEIGHTS_FILE, save_weights, write_checkpoint
 from nbsupport.config import ConfigError
-from nbsupport.ct_clip.model import split_sentences
+from nbsupport.ct_clip.model import contrastive_loss, split_sentences
 from nbsupport.ct_clip.task import ACCELERATE_ZERO1, CTClipTrainingTask, checkpoint_monitor, distributed_config
 from nbsupport.launch import launch_command
 
@@ -92,3 +92,26 @@ def test_best_checkpoint_is_picked_by_a_metric_the_validation_pass_reports(tiny_
     assert metrics["mean_rank_report_to_volume"] >= 1
     with pytest.raises(ConfigError, match="select_checkpoint_by"):
         ct_clip.TrainConfig.from_params({"select_checkpoint_by": "r10"})
+
+
+def test_bf16_autocasts_the_demo_step_and_leaves_the_float32_step_as_it_was(tiny_manifest):
+    """``bf16`` (the demo profile's) runs both towers under bf16 autocast with float32 weights and loss, close to the
+    float32 step; without it (every other profile, ``full`` too) the step is the plain float32 computation, bit for
+    bit, with no autocast context of its own (which would switch off accelerate's on CUDA)."""
+    root, manifest = tiny_manifest
+    assert ct_clip.TrainConfig.from_params({"profile": "demo"}).bf16
+    assert not ct_clip.TrainConfig.from_params({"profile": "full"}).bf16
+    losses = {}
+    for bf16 in (False, True):
+        cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "bf16": bf16})
+        task = CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
+        model = task.build_model().eval()  # no dropout: the same model function both times
+        dataset = task.train_dataset()
+        batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+        losses[bf16] = task.training_step(model, batch)
+        if not bf16:
+            image_emb, text_emb = model(batch["image"], model.text_encoder(list(task.split("train").report)))
+            assert torch.equal(losses[False], contrastive_loss(model, image_emb, text_emb))
+    assert losses[True].dtype == torch.float32
+    assert losses[True].item() != losses[False].item()
+    assert losses[True].item() == pytest.approx(losses[False].item(), rel=0.05)
