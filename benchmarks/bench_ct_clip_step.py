@@ -5,9 +5,10 @@ layer's attention, sentence-mean pooling, batch 16 reports from the demo generat
 
 * ``text`` forward + backward of the LoRA MiniLM: ``before`` = the batch's distinct sentences in report order in
   chunks of 64 (as :class:`TextEncoder` did), ``sorted`` = sorted by token count in chunks of 16 (as it does now),
-  ``sorted+bf16`` = that under bf16 autocast (``text_bf16``, the demo profile's);
+  ``sorted+bf16`` = that under bf16 autocast;
 * ``image`` forward + backward of the ResNet, float32 and under bf16 autocast;
-* ``step`` = text + image + SigLIP loss + AdamW, ``before`` and ``after`` (sorted + bf16 text, float32 image).
+* ``step`` = text + image + SigLIP loss + AdamW: ``before`` (report-order chunks, float32), ``after`` (sorted
+  chunks, both towers under bf16 autocast, the loss in float32: ``bf16``, as :class:`CTClipTrainingTask` does).
 
 Demo volume (``nbsupport demo-data ct_clip``, 0.35 scale): draw it (:func:`_render_demo_volume`), NIfTI bytes, then
 gzip: zlib level 6 (before) against :func:`gzip_nifti` (ISA-L level 2), with the compressed sizes.
@@ -63,10 +64,11 @@ def step_variants(model: CTClip, texts: list[str], images: torch.Tensor) -> dict
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return forward().float()
 
-    def step(text_fn) -> None:
+    def step(autocast: bool, text_fn) -> None:
         optimizer.zero_grad()
-        image_emb, text_emb = model(images, text_fn())
-        contrastive_loss(model, image_emb, text_emb).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            image_emb, text_emb = model(images, text_fn())
+        contrastive_loss(model, image_emb.float(), text_emb.float()).backward()
         optimizer.step()
 
     return {"text before": lambda: text_before(model, texts).sum().backward(),
@@ -74,8 +76,8 @@ def step_variants(model: CTClip, texts: list[str], images: torch.Tensor) -> dict
             "text sorted+bf16": lambda: bf16(lambda: model.text_encoder(texts)).sum().backward(),
             "image float32": lambda: model.encode_image(images).sum().backward(),
             "image bf16": lambda: bf16(lambda: model.encode_image(images)).sum().backward(),
-            "step before": lambda: step(lambda: text_before(model, texts)),
-            "step after": lambda: step(lambda: bf16(lambda: model.text_encoder(texts)))}
+            "step before": lambda: step(False, lambda: text_before(model, texts)),
+            "step after": lambda: step(True, lambda: model.text_encoder(texts))}
 
 
 def volume_variants(k: int) -> dict[str, callable]:
