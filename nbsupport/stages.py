@@ -20,6 +20,7 @@ import pandas as pd
 
 from nbsupport.config import StageConfig, param
 from nbsupport.manifest import ManifestSchema, read_manifest
+from nbsupport.optim import MixedPrecision
 from nbsupport.paths import demo_data_root, resolve_path
 from nbsupport.runs import RunFolder, find_checkpoint
 
@@ -111,6 +112,10 @@ class TrainStage(ManifestStage):
     grad_clip: float | None = param(1.0, "clip the global gradient norm to this value (None: off)")
     num_processes: int = param(1, "data-parallel training processes (accelerate launch; one per GPU)")
     num_workers: int = param(0, "data-loader worker processes per training process")
+    mixed_precision: MixedPrecision = param(
+        "auto", "autocast of training and its validation passes: auto = bf16 on CUDA (fp16 where bf16 is "
+        "unsupported), fp32 on CPU; bf16_native = bf16 where the GPU or CPU computes it natively (AVX-512 BF16, "
+        "AMX), fp32 elsewhere; no = fp32 everywhere")
     resume: bool = param(False, "continue from the last complete checkpoint in run_dir (set run_dir to the "
                                 "interrupted run's folder)")
     accelerate_config: str = param("", "an `accelerate config` file for num_processes > 1 (several machines, "

@@ -94,7 +94,7 @@ class TrainConfig(CTRateStage, TrainStage):
                  "text_encoder": "all-minilm-l6-v2", "text_pooling": "sentence_mean", "text_tuning": "lora",
                  "lora_r": 16, "embed_dim": 128,
                  "epochs": 20, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 20,
-                 "augment": True, "bf16": True},
+                 "augment": True, "mixed_precision": "bf16_native"},
         # CT-Data (training/main.py:189-239, run.sh): Merlin's I3ResNet-152 with its weights; LLM2Vec on LLM2CLIP's
         # Llama-3.2-1B with llm2vec4cxr's weights, latent-attention pooling, 512 tokens, LoRA r 32; projections to 1280;
         # 10 epochs, lr 1e-4, wd 0.05, warmup 1000, grad clip 5, batch 10 per GPU on every visible GPU, ZeRO-1, bf16
@@ -134,8 +134,6 @@ class TrainConfig(CTRateStage, TrainStage):
     warmup_steps: int = param(1000, "linear warm-up steps before the cosine decay (seed: 1000)")
     grad_clip: float | None = param(5.0, "gradient norm clip (seed: 5.0)")
     augment: bool = param(False, "CT-Data's intensity shift and Gaussian noise")
-    bf16: bool = param(False, "both towers' forward (and so backward) under bf16 autocast while training and "
-                              "validating, weights and loss in float32: ~3x faster on CPUs with AVX-512 BF16 / AMX")
     sentence_keep: float = param(1.0, "text augmentation: each training report keeps each sentence with this "
                                       "probability (at least one); 1 = whole reports")
     select_checkpoint_by: Literal["r5", "mean_rank"] = param(

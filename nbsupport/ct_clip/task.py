@@ -12,6 +12,7 @@ from nbsupport.ct_clip.config import TrainConfig
 from nbsupport.ct_clip.data import CTVolumeDataset
 from nbsupport.ct_clip.model import CTClip, CTClipSpec, contrastive_loss, report_features, split_sentences
 from nbsupport.metrics import retrieval_metrics
+from nbsupport.optim import resolve_mixed_precision
 from nbsupport.stages import ManifestTask
 
 ACCELERATE_ZERO1 = Path(__file__).with_name("accelerate_zero1.yaml")
@@ -108,9 +109,12 @@ class CTClipTrainingTask(ManifestTask):
         return bare.text_encoder(texts)
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """bf16 autocast for both towers where ``cfg.bf16``; else no context at all (an ``enabled=False`` autocast
-        would switch off the one accelerate puts around the forward on CUDA)."""
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
+        """bf16 autocast for both towers where ``cfg.mixed_precision`` resolves to bf16: the text features are
+        computed outside ``model.forward``, which is all that the loop's autocast covers. Otherwise no context at
+        all (an ``enabled=False`` autocast would switch off the one accelerate puts around the forward on CUDA)."""
+        if resolve_mixed_precision(self.cfg.mixed_precision) == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         bare = getattr(model, "module", model)

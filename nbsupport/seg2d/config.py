@@ -9,7 +9,6 @@ import dataclasses
 from typing import Literal
 
 from nbsupport.config import param
-from nbsupport.optim import MixedPrecision
 from nbsupport.seg2d.data import SEG2D_SCHEMA
 from nbsupport.stages import AttentionStage, HeldOutSplits, InferStage, PreprocessStage, TrainStage, system_stage
 
@@ -64,9 +63,6 @@ class TrainConfig(_Seg2D, TrainStage):
     milestones: tuple[float, ...] = param((0.5,), "multistep: the lr is multiplied by gamma at these fractions "
                                                   "of the training (seed: one, at epochs // 2)")
     gamma: float = param(0.1, "multistep decay factor per milestone (seed: 0.1)")
-    mixed_precision: MixedPrecision = param(
-        "auto", "auto: bf16 on CUDA, fp32 on CPU; bf16_native: bf16 where the GPU or CPU computes it natively "
-        "(AVX-512 BF16, AMX), fp32 elsewhere; 'no': fp32 everywhere (the seed's Lightning precision 32)")
     augment: bool = param(False, "the seed's training augmentations: flips, shift/scale/rotate, brightness/contrast, "
                                  "coarse dropout (flips hide the organs' side)")
     threshold: float = param(0.5, "sigmoid probability above which a pixel belongs to a class")
