@@ -6,7 +6,13 @@ Each variant is measured in a fresh subprocess (peak resident memory belongs to 
 profile), 8 and all 30 decoder layers; plus inference (greedy answer + mask) images/s of the demo network. Everything
 is reported as ratios against the demo network, which says what the demo's layer cut buys.
 
-    nbsupport bench prs_med [--image-size 128] [--batch-size 8] [--steps 3] [--out outputs/bench]
+``--speed`` (issue 23) instead times one training step of the demo network and of the image-only baseline as the
+demo profile ran before issue 23 (fp32, decoder dropout 0.1), with bf16 autocast, with decoder dropout 0 and with
+both (the demo profile now), plus the structure loss's 31x31 weight map as avg_pool2d vs the separable sum. All
+variants live in one process and take their steps in turn (round robin), so that a machine shared with other jobs
+slows them alike and the ratios stay readable.
+
+    nbsupport bench prs_med [--image-size 128] [--batch-size 8] [--steps 3] [--out outputs/bench] [--speed]
 """
 from __future__ import annotations
 
@@ -74,14 +80,93 @@ def measure(variant: str, image_size: int, batch_size: int, steps: int) -> dict:
             "rss_before_MiB": rss_before / 1024}
 
 
+SPEED_VARIANTS = (("before", False, 0.1), ("bf16", True, 0.1), ("no_dropout", False, 0.0),
+                  ("bf16_no_dropout", True, 0.0))  # (name, bf16 autocast, decoder dropout)
+
+
+def measure_speed(image_size: int, batch_size: int, steps: int) -> list[dict]:
+    """--speed: seconds per training step (forward + backward + AdamW) of each network x variant, round robin."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from nbsupport.prs_med.config import TrainConfig
+    from nbsupport.prs_med.model import ImageOnlySegmenter, PRSMedNet, PRSMedSpec, neighbourhood_mean, structure_loss
+
+    cfg = TrainConfig.from_params({"profile": "demo", "image_size": image_size})
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    y = (torch.rand(batch_size, 1, image_size, image_size) > 0.7).float()
+    runs = []
+    for net in ("demo_network", "image_only"):
+        for name, bf16, dropout in SPEED_VARIANTS:
+            spec = PRSMedSpec(**{**json.loads(cfg.spec().to_json()), "decoder_dropout": dropout})
+            if net == "image_only":
+                model = ImageOnlySegmenter(spec, prompt_dim=576)
+                loss = lambda m=model: structure_loss(m(x), y)
+            else:
+                model = PRSMedNet(spec)
+                enc = model.encode([QUESTION] * batch_size, [ANSWER] * batch_size)
+                loss = lambda m=model, e=enc: (lambda o: structure_loss(o.mask_logits, y) + o.lm_loss)(
+                    m(x, **e, position_weight=cfg.position_weight))
+            opt = torch.optim.AdamW([p for p in model.train().parameters() if p.requires_grad], lr=1e-4)
+            runs.append({"variant": f"{net}_{name}", "net": net, "loss": loss, "opt": opt, "seconds": 0.0,
+                         "autocast": (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16
+                         else contextlib.nullcontext})
+    weight_map = {"avg_pool2d": lambda: F.avg_pool2d(y, 31, stride=1, padding=15),
+                  "separable": lambda: neighbourhood_mean(y, 31)}
+    weight_ms = dict.fromkeys(weight_map, 0.0)
+    for step in range(steps + 1):  # step 0 warms up allocator and kernels
+        for run in runs + [None]:
+            start = time.perf_counter()
+            if run is None:
+                for name, fn in weight_map.items():
+                    start = time.perf_counter()
+                    fn()
+                    weight_ms[name] += (time.perf_counter() - start) * 1000 * (step > 0)
+                continue
+            with run["autocast"]():
+                loss = run["loss"]()
+            loss.backward()
+            run["opt"].step()
+            run["opt"].zero_grad()
+            run["seconds"] += (time.perf_counter() - start) * (step > 0)
+    rows = [{"variant": r["variant"], "net": r["net"], "s_per_step": r["seconds"] / steps} for r in runs]
+    return rows + [{"variant": "weight_map", "ms": {k: v / steps for k, v in weight_ms.items()}}]
+
+
+def speed_table(rows: list[dict], args: argparse.Namespace) -> str:
+    """Markdown: s per training step of each --speed variant next to the same network before issue 23."""
+    import torch
+
+    lines = [(f"# prs_med training step, issue 23 ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU)"),
+             f"input {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} timed steps each, "
+             "round robin", "", "| variant | s / step | × before |", "|---|---|---|"]
+    before = {r["net"]: r["s_per_step"] for r in rows if r["variant"].endswith("_before")}
+    for r in rows:
+        if r["variant"] == "weight_map":
+            ms = r["ms"]
+            lines.append(f"| structure-loss weight map, avg_pool2d → separable (ms) | {ms['avg_pool2d']:.1f} → "
+                         f"{ms['separable']:.1f} | {ms['avg_pool2d'] / ms['separable']:.1f} |")
+        else:
+            lines.append(f"| {r['variant']} | {r['s_per_step']:.3f} | {before[r['net']] / r['s_per_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=128, help="model input (the demo profile's)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch (the demo profile's)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--out", default="outputs/bench", help="folder for prs_med.json and prs_med.md")
+    parser.add_argument("--speed", action="store_true", help="issue 23: the training-step variants (see above)")
     parser.add_argument("--_one", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.speed:
+        print(speed_table(measure_speed(args.image_size, args.batch_size, args.steps), args))
+        return 0
     if args._one:
         print(json.dumps(measure(args._one, args.image_size, args.batch_size, args.steps)))
         return 0

@@ -99,7 +99,7 @@ class PromptedMaskDecoder(nn.Module):
     """
 
     def __init__(self, prompt_dim: int = 4096, image_dim: int = 256, hidden_dim: int = 512, cross_heads: int = 8,
-                 transformer_heads: int = 16):
+                 transformer_heads: int = 16, dropout: float = 0.1):
         super().__init__()
         # Built and initialised in the original's order (v5:260-313), so a seeded decoder draws the same numbers:
         # Xavier weights with biases of ONE (not zero) in the prompt MLP, both attentions, ffn.fc1 and the encoder
@@ -119,7 +119,8 @@ class PromptedMaskDecoder(nn.Module):
         nn.init.xavier_uniform_(self.ffn.fc1.weight)  # v5:289-290, a second draw after FFN's own
         nn.init.ones_(self.ffn.fc1.bias)
         self.encoder_layer = nn.TransformerEncoderLayer(d_model=image_dim, nhead=transformer_heads, batch_first=True,
-                                                        activation="relu", dim_feedforward=2 * image_dim)
+                                                        activation="relu", dim_feedforward=2 * image_dim,
+                                                        dropout=dropout)  # v5:292 leaves PyTorch's 0.1
         _init_attention(self.encoder_layer.self_attn)  # v5:293-300
         for linear in (self.encoder_layer.linear1, self.encoder_layer.linear2):
             nn.init.xavier_uniform_(linear.weight)
@@ -213,7 +214,7 @@ class SimpleMaskDecoder(nn.Module):
     """
 
     def __init__(self, prompt_dim: int, image_dim: int, hidden_dim: int, cross_heads: int = 8,
-                 transformer_heads: int = 16):
+                 transformer_heads: int = 16, dropout: float = 0.1):
         super().__init__()
         self.prompt_mlp = nn.Sequential(nn.Linear(prompt_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(),
                                         nn.Linear(hidden_dim, image_dim), nn.LayerNorm(image_dim), nn.ReLU())
@@ -221,7 +222,7 @@ class SimpleMaskDecoder(nn.Module):
         self.cross_attn = nn.MultiheadAttention(image_dim, cross_heads, batch_first=True)
         self.post_norm = nn.LayerNorm(image_dim)
         self.transformer = nn.TransformerEncoderLayer(image_dim, transformer_heads, dim_feedforward=2 * hidden_dim,
-                                                      batch_first=True)
+                                                      dropout=dropout, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(image_dim, image_dim), nn.ReLU(), nn.Linear(image_dim, image_dim))
         self.blocks = nn.Sequential(_ConvBlock(image_dim, image_dim), _ConvBlock(image_dim, image_dim // 2),
                                     _ConvBlock(image_dim // 2, image_dim // 4))
@@ -256,20 +257,21 @@ MaskDecoderKind = Literal["official", "simple"]
 MASK_DECODERS: tuple[str, ...] = get_args(MaskDecoderKind)
 
 
-def build_mask_decoder(kind: str, prompt_dim: int, image_dim: int, hidden_dim: int) -> nn.Module:
+def build_mask_decoder(kind: str, prompt_dim: int, image_dim: int, hidden_dim: int, dropout: float = 0.1) -> nn.Module:
     """The mask decoder named by ``kind``: ``"official"`` (:class:`PromptedMaskDecoder`) or ``"simple"``
     (:class:`SimpleMaskDecoder`). Both take ``(image_embeddings, prompt, prompt_mask, output_size,
-    return_attention=...)`` and return ``(logits, cross-attention or None)``.
+    return_attention=...)`` and return ``(logits, cross-attention or None)``. ``dropout``: of the transformer
+    encoder layer (PyTorch's 0.1 in the official code).
 
     Raises:
         ValueError: another ``kind``, or (official) encoder channels the decoder's heads and blocks cannot split:
             ``image_dim`` must be divisible by 16 (16 heads in the encoder layer, ``v5:292``; C/4 in the last block).
     """
     if kind == "simple":
-        return SimpleMaskDecoder(prompt_dim, image_dim, hidden_dim)
+        return SimpleMaskDecoder(prompt_dim, image_dim, hidden_dim, dropout=dropout)
     if kind != "official":
         raise ValueError(f"mask_decoder must be one of {list(MASK_DECODERS)}, got {kind!r}")
     if image_dim % 16:
         raise ValueError(f"mask_decoder='official' needs image-encoder channels divisible by 16 (16 attention heads, "
                          f"mask_decoder_v5.py:292), got {image_dim}")
-    return PromptedMaskDecoder(prompt_dim, image_dim, hidden_dim)
+    return PromptedMaskDecoder(prompt_dim, image_dim, hidden_dim, dropout=dropout)

@@ -55,7 +55,7 @@ class PRSMedSpec(lora_spec(rank=16, alpha=16, dropout=0.05), ModelSpec):
     decoder every earlier spec had, so their fingerprints stay.
     """
 
-    LATER_FIELDS = {"mask_decoder": "simple"}
+    LATER_FIELDS = {"mask_decoder": "simple", "decoder_dropout": 0.1}
 
     image_size: int = 1024  # model input (pixels); SAM's 1024 in full
     # The config's sam_ckpt (a TinySAM / SAM checkpoint file or Hugging Face SAM folder, load_sam_image_encoder);
@@ -82,9 +82,21 @@ class PRSMedSpec(lora_spec(rank=16, alpha=16, dropout=0.05), ModelSpec):
     modality_classes: int = N_MODALITY_CLASSES
     seed: int = 0
     mask_decoder: str = "simple"  # 'official' (PromptedMaskDecoder, PRS-Med's) or 'simple' (SimpleMaskDecoder, ours)
+    decoder_dropout: float = 0.1  # the mask decoder's transformer layer (PyTorch's default, as the official code)
 
 
 # ============================================================================================== losses
+def neighbourhood_mean(mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``F.avg_pool2d(mask, kernel, stride=1, padding=kernel // 2)`` (zero padding counted), bit for bit, for a mask
+    of whole numbers, at 2 * kernel instead of kernel^2 additions per pixel: the window sum is taken as a column sum
+    then a row sum (``divisor_override=1``), both exact in float32 for integer sums below 2^24, and divided once by
+    kernel^2 as avg_pool2d does. On a 128 px batch of 8 this is ~20x faster than the 31x31 pool (issue 23)."""
+    pad = kernel // 2
+    columns = F.avg_pool2d(mask, kernel_size=(kernel, 1), stride=1, padding=(pad, 0), divisor_override=1)
+    window = F.avg_pool2d(columns, kernel_size=(1, kernel), stride=1, padding=(0, pad), divisor_override=1)
+    return window / (kernel * kernel)
+
+
 def structure_loss(logits: torch.Tensor, mask: torch.Tensor, kernel: int = 31) -> torch.Tensor:
     """Weighted BCE + weighted IoU (PraNet's structure loss, used by PRS-Med).
 
@@ -95,7 +107,7 @@ def structure_loss(logits: torch.Tensor, mask: torch.Tensor, kernel: int = 31) -
     Returns:
         scalar, mean over the batch.
     """
-    weit = 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2) - mask)
+    weit = 1 + 5 * torch.abs(neighbourhood_mean(mask, kernel) - mask)
     wbce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
     wbce = (weit * wbce).sum(dim=(2, 3)) / weit.sum(dim=(2, 3))
     pred = torch.sigmoid(logits)
@@ -308,7 +320,7 @@ class PRSMedNet(nn.Module):
         text_config = self.llava.config.text_config
         channels = self.image_encoder.out_channels
         self.mask_decoder = build_mask_decoder(spec.mask_decoder, text_config.hidden_size, channels,
-                                               spec.decoder_hidden)
+                                               spec.decoder_hidden, spec.decoder_dropout)
         self.modality_classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                                  nn.Linear(channels, spec.modality_classes))
         # Training batches this network has been trained on. A buffer, so it is saved in every checkpoint and comes
@@ -492,7 +504,7 @@ class ImageOnlySegmenter(nn.Module):
         self.image_encoder = build_image_encoder(spec)
         torch.manual_seed(spec.seed + 1)
         self.mask_decoder = build_mask_decoder(spec.mask_decoder, prompt_dim, self.image_encoder.out_channels,
-                                               spec.decoder_hidden)
+                                               spec.decoder_hidden, spec.decoder_dropout)
         self.prompt = nn.Parameter(torch.zeros(1, 1, prompt_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,11 @@ def test_profiles_build_valid_configs() -> None:
     assert (full.sam_ckpt, full.mask_decoder) == ("weights/tinysam_42.3.pth", "official")
     assert (full.spec().sam_path, full.spec().mask_decoder) == ("weights/tinysam_42.3.pth", "official")
     assert (smoke.sam_ckpt, smoke.mask_decoder, demo.sam_ckpt, demo.mask_decoder) == ("", "simple", "", "simple")
+    # issue 23 sped up the demo only: full trains in fp32 on a CPU ('auto') with the official decoder dropout, and
+    # its spec JSON (so its fingerprint) does not mention decoder_dropout
+    assert (full.mixed_precision, full.decoder_dropout, "decoder_dropout" in full.spec().to_json()) == ("auto", 0.1,
+                                                                                                      False)
+    assert (demo.mixed_precision, demo.spec().decoder_dropout) == ("bf16", 0.0)
     with pytest.raises(ConfigError, match="unknown parameter 'lora_rank'"):
         config.TrainConfig.from_params({"profile": "smoke", "lora_rank": 8})
 

@@ -13,6 +13,7 @@ from nbsupport.prs_med.model import (
     PRSMedNet,
     PRSMedSpec,
     full_parameter_counts,
+    neighbourhood_mean,
     network_parts,
     prompt_text,
     structure_loss,
@@ -38,6 +39,29 @@ def test_structure_loss_prefers_the_right_mask_and_weighs_boundaries() -> None:
     edge[..., 10:30, 9] = 10  # one wrong column next to the square
     far[..., 10:30, 39] = 10  # one wrong column at the image border, far from it
     assert structure_loss(edge, mask) > structure_loss(far, mask)
+
+
+def test_structure_loss_weights_are_the_31px_average_pool_bit_for_bit() -> None:
+    """The separable window sum (issue 23: ~20x faster) must give exactly avg_pool2d's map, so the loss of every
+    profile, full's included, is unchanged; odd sizes and masks touching the border too."""
+    torch.manual_seed(0)
+    for shape in [(8, 1, 128, 128), (2, 1, 256, 192), (1, 1, 17, 33)]:
+        mask = (torch.rand(shape) > 0.6).float()
+        pooled = torch.nn.functional.avg_pool2d(mask, kernel_size=31, stride=1, padding=15)
+        assert torch.equal(neighbourhood_mean(mask, 31), pooled), shape
+    assert torch.equal(neighbourhood_mean(mask, 5), torch.nn.functional.avg_pool2d(mask, 5, stride=1, padding=2))
+
+
+def test_decoder_dropout_zero_makes_the_training_pass_repeatable_and_the_default_keeps_the_fingerprint() -> None:
+    torch.manual_seed(0)
+    image, prompt, valid = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.long)
+    for kind in (SimpleMaskDecoder, PromptedMaskDecoder):
+        still, noisy = kind(24, 16, 32, dropout=0.0).train(), kind(24, 16, 32).train()
+        assert torch.equal(still(image, prompt, valid, 16)[0], still(image, prompt, valid, 16)[0]), kind
+        assert not torch.equal(noisy(image, prompt, valid, 16)[0], noisy(image, prompt, valid, 16)[0]), kind
+    # a spec at the default 0.1 writes no decoder_dropout: checkpoints made before the field keep their fingerprint
+    assert "decoder_dropout" not in TINY.to_json()
+    assert dataclasses.replace(TINY, decoder_dropout=0.0).fingerprint() != TINY.fingerprint()
 
 
 def test_simple_mask_decoder_shapes_and_ignores_padding() -> None:
