@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from nbsupport.config import param
+from nbsupport.optim import MixedPrecision
 from nbsupport.prs_med.data import PRSMED_SCHEMA
 from nbsupport.prs_med.decoder import MaskDecoderKind
 from nbsupport.prs_med.model import PRSMedSpec
@@ -54,9 +55,9 @@ class TrainConfig(PRSMedStage, _AnsweringWithMasks, TrainStage):
         # Issue 23: bf16 autocast in training and no decoder dropout (its attention then takes the fused kernel),
         # ~2.2x faster steps (benchmarks/RESULTS.md, "prs_med: issue 23")
         "demo": {"vlm_path": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
-                 "projector": "spatial", "mask_decoder": "simple", "decoder_dropout": 0.0, "mixed_precision": "bf16",
-                 "epochs": 6, "batch_size": 8, "lr": 2e-3,
-                 "vision_lr_scale": 0.75, "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2,
+                 "projector": "spatial", "mask_decoder": "simple", "decoder_dropout": 0.0,
+                 "mixed_precision": "bf16_native", "epochs": 6, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 0.75,
+                 "lambda_txt": 1.0, "position_weight": 5.0, "cls_epochs": 2,
                  "image_tokens_at": "before_answer", "lambda_position": 1.0, "answer_loss_to_vision": False},
         # TinySAM's vit_t image encoder and the official mask decoder, as PRS-Med (model_v7.py:77-82)
         "full": {"sam_ckpt": "weights/tinysam_42.3.pth", "vlm_path": "weights/llava-med-v1.5-mistral-7b",
@@ -96,9 +97,10 @@ class TrainConfig(PRSMedStage, _AnsweringWithMasks, TrainStage):
     epochs: int = param(20, "training epochs")
     lr: float = param(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
     weight_decay: float = param(0.01, "weight decay")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
-        "auto", "autocast of training and its validation passes: 'auto' = bf16 on CUDA, fp32 on CPU; 'bf16' also on "
-        "a CPU (demo, with AVX-512 BF16); the test evaluation and 03/04 stay fp32")
+    mixed_precision: MixedPrecision = param(
+        "auto", "autocast of training and its validation passes: 'auto' = bf16 on CUDA, fp32 on CPU; bf16_native "
+        "(demo): bf16 where the GPU or CPU computes it natively (AVX-512 BF16, AMX), fp32 elsewhere; the test "
+        "evaluation and 03/04 stay fp32")
     lambda_txt: float = param(0.5, "weight of the VLM's answer loss next to the structure loss")
     position_weight: float = param(1.0, "weight of the answer's position-word tokens in the answer loss")
     vision_lr_scale: float = param(1.0, "lr of the assembled VLM's random vision tower + projector, times lr")

@@ -23,7 +23,7 @@ def test_profiles_build_valid_configs() -> None:
     # its spec JSON (so its fingerprint) does not mention decoder_dropout
     assert (full.mixed_precision, full.decoder_dropout, "decoder_dropout" in full.spec().to_json()) == ("auto", 0.1,
                                                                                                       False)
-    assert (demo.mixed_precision, demo.spec().decoder_dropout) == ("bf16", 0.0)
+    assert (demo.mixed_precision, demo.spec().decoder_dropout) == ("bf16_native", 0.0)
     with pytest.raises(ConfigError, match="unknown parameter 'lora_rank'"):
         config.TrainConfig.from_params({"profile": "smoke", "lora_rank": 8})
 
