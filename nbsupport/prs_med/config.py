@@ -50,10 +50,10 @@ class TrainConfig(PRSMedStage, _AnsweringWithMasks, TrainStage):
         "smoke": {"vlm_path": "tiny", "image_size": 64, "sam_hidden": 32, "sam_out_channels": 32, "vision_size": 64,
                   "vision_patch": 16, "vision_hidden": 32, "mask_decoder": "simple", "decoder_hidden": 32, "epochs": 2,
                   "batch_size": 10, "lr": 3e-3, "lambda_txt": 1.0, "cls_epochs": 1, "max_new_tokens": 8},
-        # 737 s of CPU time for all four notebooks (train, image-only baseline, test evaluation) on the 650-image demo
-        # set; image tokens before the answer + the position loss on them (our additions, benchmarks/RESULTS.md).
-        # Issue 23: bf16 autocast in training and no decoder dropout (its attention then takes the fused kernel),
-        # ~2.2x faster steps (benchmarks/RESULTS.md, "prs_med: issue 23")
+        # The 650-image demo set; image tokens before the answer + the position loss on them (our additions,
+        # benchmarks/RESULTS.md). Issue 23: bf16 training autocast and no decoder dropout (its attention then takes
+        # the fused kernel): the network's step 2.15x, the baseline's 2.3x faster; 6 epochs are still needed for the
+        # answers' position (benchmarks/RESULTS.md, "prs_med: issue 23")
         "demo": {"vlm_path": "smollm2-135m", "vlm_num_layers": 4, "image_size": 128, "vision_stem": "conv",
                  "projector": "spatial", "mask_decoder": "simple", "decoder_dropout": 0.0,
                  "mixed_precision": "bf16_native", "epochs": 6, "batch_size": 8, "lr": 2e-3, "vision_lr_scale": 0.75,
