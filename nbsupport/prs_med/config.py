@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 from nbsupport.config import param
-from nbsupport.optim import MixedPrecision
 from nbsupport.prs_med.data import PRSMED_SCHEMA
 from nbsupport.prs_med.decoder import MaskDecoderKind
 from nbsupport.prs_med.model import PRSMedSpec
@@ -97,10 +96,6 @@ class TrainConfig(PRSMedStage, _AnsweringWithMasks, TrainStage):
     epochs: int = param(20, "training epochs")
     lr: float = param(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
     weight_decay: float = param(0.01, "weight decay")
-    mixed_precision: MixedPrecision = param(
-        "auto", "autocast of training and its validation passes: 'auto' = bf16 on CUDA, fp32 on CPU; bf16_native "
-        "(demo): bf16 where the GPU or CPU computes it natively (AVX-512 BF16, AMX), fp32 elsewhere; the test "
-        "evaluation and 03/04 stay fp32")
     lambda_txt: float = param(0.5, "weight of the VLM's answer loss next to the structure loss")
     position_weight: float = param(1.0, "weight of the answer's position-word tokens in the answer loss")
     vision_lr_scale: float = param(1.0, "lr of the assembled VLM's random vision tower + projector, times lr")
