@@ -14,6 +14,15 @@ q/k/v/o plus the visual projection exactly as ``02_train`` does, and measures
 Ratios compare ``nf4`` against ``none`` of the same run.
 
     nbsupport bench cxr_report [--language-model smollm2-135m] [--steps 4] [--out outputs/bench]
+
+``--demo-settings`` (issue 23) instead times the demo profile's report stage and beam search in each setting the
+profile went through, one subprocess per setting, on the demo manifest's own prompts and reports (findings prompts
+from the report labels, as training builds them; random disease tokens, which cost the same): CPU seconds
+(``time.process_time``, one thread: the wall time of an idle core, and less sensitive to a shared machine than
+wall time) per training step of batch 4 and per image of 5-beam generation of exactly 64 tokens for 40 test
+prompts (8 or 40 images per call).
+
+    nbsupport bench cxr_report -- --demo-settings [--steps 6]
 """
 from __future__ import annotations
 
@@ -96,6 +105,107 @@ def measure(language_model: str, quantization: str, batch_size: int, text_tokens
     return result
 
 
+# setting: (quantization, train autocast bf16, pack_sequences, LM dtype in generation, images per generate call)
+DEMO_SETTINGS = {
+    "nf4, float32, padded; generation 8 per call (demo before issue 23)": ("nf4", False, False, "float32", 8),
+    "none, float32, padded; 8 per call": ("none", False, False, "float32", 8),
+    "none, bf16 autocast, padded; bf16 LM, 8 per call": ("none", True, False, "bfloat16", 8),
+    "none, bf16 autocast, packed; bf16 LM, 8 per call": ("none", True, True, "bfloat16", 8),
+    "none, bf16 autocast, packed; bf16 LM, 40 per call (demo now)": ("none", True, True, "bfloat16", 40),
+}
+
+
+def measure_demo_setting(name: str, steps: int, manifest: str) -> dict:
+    """CPU s per report-stage step (batch 4 of the demo manifest's training examples, in a fixed shuffled order)
+    and per generated report, for one of ``DEMO_SETTINGS``."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from nbsupport.cxr_report.data import CXR_SCHEMA
+    from nbsupport.cxr_report.model import (CxrModelSpec, ReportGenerator, encode_example, lm_prompts,
+                                            load_language_model, pad_examples, prompt_token_ids)
+    from nbsupport.cxr_report.task import prompt_findings, report_parameter_groups
+    from nbsupport.manifest import read_manifest
+
+    quantization, autocast, pack, lm_dtype, gen_batch = DEMO_SETTINGS[name]
+    torch.manual_seed(0)
+    rows, _ = read_manifest(manifest, CXR_SCHEMA, check_files=False)
+    rows = rows.reset_index(drop=True)
+    spec = CxrModelSpec(encoder="densenet_small", image_size=128, language_model="smollm2-135m",
+                        quantization=quantization, findings_prompt=True)
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer, pack_sequences=pack)
+    prompts = lm_prompts(spec, list(rows["prompt"]), prompt_findings(rows, torch.zeros(len(rows), 14)))
+    train = np.flatnonzero((rows.split == "train").to_numpy())
+    order = np.random.default_rng(0).permutation(train)
+    examples = [encode_example(tokenizer, prompts[i], rows.at[i, "report"], 56) for i in order[:4 * (steps + 1)]]
+    optimizer = torch.optim.AdamW(report_parameter_groups(generator, 2e-3, 1e-2, 1e-3))
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    generator.train()
+    cpu = []
+    for k in range(steps + 1):  # the first step warms up
+        ids, mask, labels = pad_examples(examples[4 * k:4 * k + 4], tokenizer.pad_token_id)
+        start = time.process_time()
+        with precision():
+            loss = generator(torch.randn(4, 14, spec.feature_dim), ids, mask, labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cpu.append(time.process_time() - start)
+    generator.eval()
+    if lm_dtype == "bfloat16":
+        generator.to(torch.bfloat16)
+    test = np.flatnonzero((rows.split == "test").to_numpy())[:40]
+    tokens = torch.randn(len(test), 14, spec.feature_dim)
+    start = time.process_time()
+    for k in range(0, len(test), gen_batch):  # exactly 64 tokens each: the same work whatever the weights say
+        chunk = test[k:k + gen_batch]
+        embeds, mask = generator.prompt_embeddings(tokens[k:k + gen_batch],
+                                                   [prompt_token_ids(tokenizer, prompts[i]) for i in chunk])
+        with torch.no_grad():
+            generator.lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=5, max_new_tokens=64,
+                                  min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    gen_cpu = (time.process_time() - start) / len(test)
+    return {"setting": name, "train_cpu_s_per_step": float(np.mean(cpu[1:])), "gen_cpu_s_per_report": gen_cpu,
+            "text_tokens_mean": float(np.mean([len(e["input_ids"]) for e in examples]))}
+
+
+def demo_settings(args: argparse.Namespace) -> int:
+    """``--demo-settings``: every ``DEMO_SETTINGS`` row in its own subprocess, then the table."""
+    from nbsupport.paths import resolve_path
+
+    rows = []
+    for name in DEMO_SETTINGS:
+        out = subprocess.run([sys.executable, __file__, "--_demo_one", name, "--steps", str(args.steps),
+                              "--manifest", args.manifest], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"measured {name}", file=sys.stderr)
+    ref = rows[0]
+    lines = [f"# cxr_report demo settings ({time.strftime('%Y-%m-%d %H:%M')}, CPU seconds, "
+             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
+             f"{os.getloadavg()[0]:.1f})",
+             f"report stage: batch 4 of the demo training examples, {args.steps} timed steps; generation: 40 "
+             "test prompts x 5 beams x 64 new tokens", "",
+             "| setting | train CPU s/step | × before | generation CPU s/report | × before |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['train_cpu_s_per_step']:.2f} | "
+                     f"{r['train_cpu_s_per_step'] / ref['train_cpu_s_per_step']:.2f} | "
+                     f"{r['gen_cpu_s_per_report']:.2f} | "
+                     f"{r['gen_cpu_s_per_report'] / ref['gen_cpu_s_per_report']:.2f} |")
+    report = "\n".join(lines)
+    print(report)
+    out_dir = resolve_path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cxr_report_demo_settings.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    (out_dir / "cxr_report_demo_settings.md").write_text(report + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--language-model", default="smollm2-135m", help="causal LM path / alias (demo: SmolLM2)")
@@ -106,7 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="report tokens generated per image")
     parser.add_argument("--out", default="outputs/bench", help="folder for cxr_report.json and cxr_report.md")
     parser.add_argument("--_one", default="", help=argparse.SUPPRESS)  # internal: one quantization, print JSON
+    parser.add_argument("--demo-settings", action="store_true", help="issue 23: the demo profile's settings, CPU s")
+    parser.add_argument("--manifest", default="data_manifests/chexpert_plus_demo.csv",
+                        help="--demo-settings: the demo manifest (01_preprocess writes it)")
+    parser.add_argument("--_demo_one", default="", help=argparse.SUPPRESS)  # internal: one demo setting
     args = parser.parse_args(argv)
+    if args._demo_one:
+        print(json.dumps(measure_demo_setting(args._demo_one, args.steps, args.manifest)))
+        return 0
+    if args.demo_settings:
+        return demo_settings(args)
     sizes = (args.batch_size, args.text_tokens, args.steps, args.gen_batch, args.new_tokens)
     if args._one:
         print(json.dumps(measure(args.language_model, args._one, *sizes)))

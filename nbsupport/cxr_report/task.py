@@ -153,7 +153,7 @@ class ReportTrainingTask(ManifestTask):
         keep_4bit_weights_trainable(lm)  # validation between epochs must not repack the weights it trains through
         self.tokenizer = tokenizer
         torch.manual_seed(self.cfg.seed)
-        return ReportGenerator(self.spec, lm, tokenizer)
+        return ReportGenerator(self.spec, lm, tokenizer, pack_sequences=self.cfg.pack_sequences)
 
     def _examples(self, split: str) -> list[dict[str, Any]] | None:
         if self.tokenizer is None:

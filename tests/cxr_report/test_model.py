@@ -134,6 +134,32 @@ def test_labelled_logits_loss_matches_the_lm_loss_on_a_padded_batch(tiny_lm_dir:
     assert fast.loss.item() == pytest.approx(seed.loss.item(), rel=1e-5)
 
 
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_lm_dir: Path) -> None:
+    """``pack_sequences`` (demo profile) runs the examples as one padding-free row: the loss and the projection's
+    gradient must equal the padded batch's, so a mask that let one example see another would fail here."""
+    spec = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
+    lm, tokenizer = load_language_model(spec)
+    generator = ReportGenerator(spec, lm, tokenizer).eval()
+    reports = ("No pneumothorax.", "Large left effusion with basal atelectasis.", "Normal heart size.")
+    examples = [encode_example(tokenizer, "Describe.", r, 32) for r in reports]
+    ids, mask, labels = pad_examples(examples, tokenizer.pad_token_id)
+    tokens = torch.randn(3, 14, 17)
+    results = []
+    for packed in (False, True):
+        generator.pack_sequences = packed
+        generator.zero_grad()
+        loss = generator(tokens, ids, mask, labels).loss
+        loss.backward()
+        results.append((loss.item(), generator.projection.weight.grad.clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    # the same rows one by one, to be sure the padded reference itself keeps the examples apart
+    alone = [generator(tokens[k:k + 1], ids[k:k + 1, :len(e["input_ids"])], mask[k:k + 1, :len(e["input_ids"])],
+                       labels[k:k + 1, :len(e["input_ids"])]).loss.item() for k, e in enumerate(examples)]
+    counts = [sum(t != -100 for t in e["labels"][1:]) for e in examples]
+    assert results[1][0] == pytest.approx(sum(a * n for a, n in zip(alone, counts)) / sum(counts), rel=1e-5)
+
+
 def test_specs_written_before_the_findings_prompt_keep_their_fingerprint(tiny_lm_dir: Path) -> None:
     plain = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none")
     prompted = CxrModelSpec(encoder="densenet_tiny", language_model=str(tiny_lm_dir), quantization="none",
