@@ -95,9 +95,7 @@ class TrainSettings:
     num_processes: int = param(1, "training processes (DDP through accelerate launch; gloo on CPU)")
     num_workers: int = param(0, "DataLoader worker processes per training process")
     seed: int = param(0, "seed for initialisation, data order and dropout")
-    mixed_precision: MixedPrecision = param(
-        "auto", "auto: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; bf16_native: bf16 where the "
-        "GPU or CPU computes it natively (AVX-512 BF16, AMX), fp32 elsewhere")
+    mixed_precision: MixedPrecision = param("auto", "autocast: see nbsupport.optim.resolve_mixed_precision")
 
     def __post_init__(self) -> None:
         problems = []

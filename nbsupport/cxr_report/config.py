@@ -14,6 +14,7 @@ from typing import Literal
 from nbsupport.config import param
 from nbsupport.cxr_report.data import CXR_SCHEMA, DEFAULT_PROMPT
 from nbsupport.cxr_report.model import LORA_TARGETS
+from nbsupport.optim import MixedPrecision
 from nbsupport.paths import resolve_path
 from nbsupport.runs import RunFolder, find_checkpoint
 from nbsupport.stages import (AttentionStage, HeldOutSplits, InferStage, PreprocessStage, TrainedModelStage,
@@ -68,7 +69,7 @@ class TrainConfig(_CxrReport, TrainStage):
         # faster than float32 on the CPU and slower than bf16) and runs under bf16 autocast (AVX512-BF16) on
         # padding-free packed batches: 2.2x cheaper per step; `full` keeps the seed's NF4.
         "demo": {"encoder": "densenet_small", "image_size": 128, "language_model": "smollm2-135m",
-                 "quantization": "none", "mixed_precision": "bf16", "pack_sequences": True,
+                 "quantization": "none", "mixed_precision": "bf16_native", "pack_sequences": True,
                  "vision_epochs": 12, "vision_batch_size": 16, "vision_lr": 3e-3, "epochs": 3, "batch_size": 4,
                  "max_steps": 160, "lr": 2e-3, "projection_lr": 1e-2, "max_report_tokens": 56, "optimizer": "adamw",
                  "findings_prompt": True},
@@ -111,8 +112,9 @@ class TrainConfig(_CxrReport, TrainStage):
     max_report_tokens: int = param(256, "report tokens kept for training (longer reports are cut)")
     pack_sequences: bool = param(False, "our addition: run each report-stage batch as one padding-free row "
                                  "(the same loss up to float rounding, without the padding's compute)")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
-        "auto", "report stage: auto = bf16 autocast on CUDA, float32 on the CPU; bf16 also on a CPU (AVX512-BF16)")
+    mixed_precision: MixedPrecision = param(  # the shared field, redefined: the vision stage keeps 'auto'
+        "auto", "report stage: auto = bf16 autocast on CUDA, float32 on the CPU; bf16_native = bf16 where the GPU or "
+        "CPU computes it natively (AVX-512 BF16, AMX), float32 elsewhere; the vision stage always uses auto")
     findings_prompt: bool = param(False, "our addition (PromptMRG-style): append the auxiliary classifier's positive "
                                   "labels to the diagnostic prompt; False = the seed's prompt alone")
     findings_threshold: float = param(0.5, "classifier probability from which a label is named in the prompt")
