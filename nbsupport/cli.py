@@ -164,7 +164,7 @@ def write_demo_data(systems: Sequence[str] | None = None, root: str | os.PathLik
     written: dict[str, Any] = {}
     for system, module in modules.items():
         kwargs = module.DEMO_SIZES[size]
-        log(f"{system}: writing the {size} demo dataset to {root / system} ({_kwargs_text(kwargs)})")
+        log(f"{system}: writing the {size}-size demo dataset to {root / system} ({_kwargs_text(kwargs)})")
         written[system] = module.write_demo_dataset(root / system, **kwargs)
         log(f"{system}: done -> {written[system] if written[system] is not None else root / system}")
     return written

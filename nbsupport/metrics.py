@@ -229,7 +229,7 @@ def retrieval_ranks(similarity: Any, match: Any = None) -> np.ndarray:
     Returns:
         [Q] int array: 1 + the number of candidates scoring at least as high as the true one (itself excluded).
     """
-    sim = np.asarray(similarity.detach().cpu() if isinstance(similarity, torch.Tensor) else similarity,
+    sim = np.asarray(similarity.detach().double().cpu() if isinstance(similarity, torch.Tensor) else similarity,
                      dtype=np.float64)
     if sim.ndim != 2:
         raise ValueError(f"similarity must be a [queries, candidates] matrix, got shape {sim.shape}")

@@ -131,7 +131,8 @@ class CTClipTrainingTask(ManifestTask):
                 img, txt = model(batch["image"].to(device), self._text(model, "val", batch["report_index"]))
             images.append(img.float().cpu())
             texts.append(txt.float().cpu())
-        sim = torch.cat(texts) @ torch.cat(images).T  # reports x volumes
+        with torch.autocast("cpu", enabled=False):  # the loop evaluates under its autocast: rank in float32
+            sim = torch.cat(texts) @ torch.cat(images).T  # reports x volumes
         t2i = retrieval_metrics(sim, ks=(1, 5))
         i2t = retrieval_metrics(sim.T, ks=(1, 5))
         return {"r5_report_to_volume": t2i.get("R@5", t2i["R@1"]), "r5_volume_to_report": i2t.get("R@5", i2t["R@1"]),

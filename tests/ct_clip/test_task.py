@@ -117,3 +117,16 @@ def test_bf16_autocasts_the_demo_step_and_leaves_the_float32_step_as_it_was(tiny
     assert losses[True].dtype == torch.float32
     assert losses[True].item() != losses[False].item()
     assert losses[True].item() == pytest.approx(losses[False].item(), rel=0.05)
+
+
+def test_validation_ranks_in_float32_under_the_loops_bf16_autocast(tiny_manifest):
+    """The shared loop evaluates inside its autocast; the similarity matrix must still be float32 (a bf16 one ties
+    ranks and cannot become numpy), so validation gives the same numbers inside and outside that context."""
+    root, manifest = tiny_manifest
+    cfg = ct_clip.TrainConfig.from_params({"profile": "smoke", "manifest": str(manifest), "mixed_precision": "bf16"})
+    task = CTClipTrainingTask(cfg.to_dict(), str(manifest), str(root), cfg.model_spec().to_json())
+    model = task.build_model().eval()
+    loader = torch.utils.data.DataLoader(task.val_dataset(), batch_size=4)
+    plain = task.evaluate(model, loader, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert task.evaluate(model, loader, torch.device("cpu")) == plain
