@@ -89,7 +89,7 @@ def test_image_only_task_builds_the_baseline_of_the_spec_it_is_given(tmp_path: P
 # position loss; the official decoder of full
 VARIANTS = {"smoke": {},
             "demo": {"vision_stem": "conv", "projector": "spatial", "image_tokens_at": "before_answer",
-                     "lambda_position": 1.0, "answer_loss_to_vision": False, "position_weight": 5.0},
+                     "lambda_position": 2.0, "answer_loss_to_vision": False, "position_weight": 5.0},
             "official_decoder": {"mask_decoder": "official"}}
 
 
