@@ -32,7 +32,6 @@ import math
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from nbsupport.checkpoints import (STATE_FILE, WEIGHTS_FILE, find_resumable, loa
                                    write_checkpoint)
 from nbsupport.config import ConfigError, param
 from nbsupport.optim import MixedPrecision, build_optimizer, build_scheduler, resolve_mixed_precision
-from nbsupport.progress import LINE_PREFIX, progress
+from nbsupport.progress import LINE_PREFIX, PhaseClock, progress
 from nbsupport.runs import RunExistsError, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -283,34 +282,6 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-class PhaseClock:
-    """Wall seconds of the loop per phase: waiting for the data loader, the task's forward + loss, backward, the
-    optimizer (clipping, step, schedule), evaluation, checkpoints, and the rest (loss reduction, logging, progress).
-
-    Each :meth:`lap` charges the time since the previous one to a phase, so the phases add up to the loop's time.
-    On a GPU the kernels run asynchronously: a phase then holds the host's time until it could go on, and work
-    queued by one phase may be waited for in a later one (the split is exact on a CPU).
-    """
-
-    PHASES = ("data", "forward", "backward", "optimizer", "evaluation", "checkpoints", "other")
-
-    def __init__(self) -> None:
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] += now - self._last
-        self._last = now
-
-    def summary(self) -> str:
-        """``train time 312 s: forward 101 s (32 %), backward 150 s (48 %), ...`` (phases of 0.5 s or more)."""
-        total = sum(self.seconds.values())
-        parts = [f"{name} {sec:.0f} s ({100 * sec / total:.0f} %)" for name, sec in self.seconds.items()
-                 if sec >= 0.5]
-        return f"train time {total:.0f} s: " + ", ".join(parts)
 
 
 class _Run:

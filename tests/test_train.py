@@ -382,7 +382,7 @@ class _SlowItems(torch.utils.data.Dataset):
 
 
 def test_the_loop_reports_where_its_time_went(tmp_path: Path, capsys) -> None:
-    from nbsupport.train import PhaseClock
+    from nbsupport.progress import PhaseClock
 
     task = make_regression()
     items = task.train_dataset()
