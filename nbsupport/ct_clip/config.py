@@ -89,12 +89,14 @@ class TrainConfig(CTRateStage, TrainStage):
                   "batch_size": 4, "lr": 2e-3, "warmup_steps": 0},
         # ~5 min on a 2-core CPU: packaged MiniLM with LoRA (r 16) on every layer's attention, as CT-CLIP trains
         # its text encoder (a frozen MiniLM caps zero-shot AUROC at ~0.66: negation is one label-independent
-        # direction in its space; text_tuning="frozen" keeps that setting), small 3-D ResNet
+        # direction in its space; text_tuning="frozen" keeps that setting), small 3-D ResNet. float32: bf16 autocast
+        # (`mixed_precision="bf16_native"`) halves the step's CPU time but is not reproducible run to run on the CPU
+        # and turned the loss into NaN at step 152 of 160 at seed 2 (benchmarks/RESULTS.md, "make demo")
         "demo": {"input_size": (64, 64, 48), "image_width": 16, "image_blocks": (1, 1, 1, 1),
                  "text_encoder": "all-minilm-l6-v2", "text_pooling": "sentence_mean", "text_tuning": "lora",
                  "lora_r": 16, "embed_dim": 128,
                  "epochs": 20, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 20,
-                 "augment": True, "mixed_precision": "bf16_native"},
+                 "augment": True},
         # CT-Data (training/main.py:189-239, run.sh): Merlin's I3ResNet-152 with its weights; LLM2Vec on LLM2CLIP's
         # Llama-3.2-1B with llm2vec4cxr's weights, latent-attention pooling, 512 tokens, LoRA r 32; projections to 1280;
         # 10 epochs, lr 1e-4, wd 0.05, warmup 1000, grad clip 5, batch 10 per GPU on every visible GPU, ZeRO-1, bf16
