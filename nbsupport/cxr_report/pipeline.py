@@ -270,12 +270,10 @@ def _this_run_parameters(spec: CxrModelSpec) -> ParameterCount:
 
 
 # ============================================================================================ trained model
-def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu",
-                       lm_dtype: str = "float32") -> TrainedModel:
+def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Both stages of a training run, in eval mode, every parameter and buffer on ``device``: ``checkpoint`` is the
     02_train run folder (``model_spec.json``, ``vision/``, ``report/``; each stage's best checkpoint is loaded).
-    ``lm_dtype="bfloat16"``: a ``quantization="none"`` report generator (LM, LoRA, projection) is cast to bfloat16
-    after loading (03/04's ``lm_dtype``); a 4-bit LM is left as bitsandbytes computes it.
+    03/04 then apply their ``lm_dtype`` (:meth:`TrainedModel.with_lm_dtype`).
 
     A 4-bit LM is quantized on a CUDA ``device`` directly; elsewhere it is loaded on the CPU, the trained weights
     go in there, and :func:`place_on` moves the report generator (``"meta"`` too: nothing is computed there, which
@@ -288,10 +286,6 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
     lm, tokenizer = load_language_model(spec, place)
     generator = ReportGenerator(spec, lm, tokenizer)
     load_weights(generator, best_checkpoint(training_run / "report"), expected_config_hash=spec.fingerprint("report"))
-    if lm_dtype == "bfloat16" and spec.quantization == "none":
-        generator.to(torch.bfloat16)
-    elif lm_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"lm_dtype must be 'float32' or 'bfloat16', got {lm_dtype!r}")
     return TrainedModel(spec, vision.to(place), place_on(generator, place).eval(), tokenizer)
 
 
@@ -356,7 +350,7 @@ def predict(cfg: InferConfig, run: RunFolder) -> InferResult:
     nearest-neighbour report); plus ``input_image``, the real pydicom-data radiograph, and the offline viewer
     ``03_case_viewer.html`` (the first X-rays with both reports and an evidence map)."""
     device = resolve_device(cfg.device)
-    model = load_trained_model(cfg.find_checkpoint(run), device, cfg.lm_dtype)
+    model = load_trained_model(cfg.find_checkpoint(run), device).with_lm_dtype(cfg.lm_dtype)
     manifest, root = cfg.load_manifest()
     part = manifest[manifest.split == cfg.split].reset_index(drop=True)
     if cfg.max_reports:
@@ -447,7 +441,7 @@ def predict_files(checkpoint: str | Path, inputs: Any, out_dir: str | Path, *, d
     out = resolve_path(out_dir)
     outputs = [out / PREDICTIONS_CSV, out / PREDICTIONS_JSON]
     check_outputs_free(outputs, overwrite)
-    model = load_trained_model(run_dir, resolve_device(device), settings.lm_dtype)
+    model = load_trained_model(run_dir, resolve_device(device)).with_lm_dtype(settings.lm_dtype)
     entries: list[dict[str, Any]] = []
 
     def one(path: Path) -> list[Path]:
@@ -534,7 +528,7 @@ def attention_maps(cfg: AttentionConfig, run: RunFolder) -> AttentionResult:
     from nbsupport.viz import attention_grid
 
     device = resolve_device(cfg.device)
-    model = load_trained_model(cfg.find_checkpoint(run), device, cfg.lm_dtype)
+    model = load_trained_model(cfg.find_checkpoint(run), device).with_lm_dtype(cfg.lm_dtype)
     path, image_id, prompt, reference = _attention_image(cfg)
     gray = cxr_data.read_xray(path)
     x = cxr_data.load_encoder_input(path, model.spec.image_size)[None]

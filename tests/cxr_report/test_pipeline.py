@@ -211,3 +211,20 @@ def test_export_adapter_loads_with_peft_and_gives_the_workbench_logits(trained: 
     assert f"Headline: {key.split('_')[0]} mean AUROC, auxiliary 14-label classifier {auroc:.4g} (95 % CI" in card
     patients = trained.prepared.manifest["patient"].astype(str).unique()
     assert len(patients) and not [p for p in patients if p in card]
+
+
+def test_lm_dtype_casts_an_unquantized_report_generator_and_leaves_a_4bit_one(trained: SimpleNamespace) -> None:
+    """03/04's ``lm_dtype``: bfloat16 casts a ``quantization="none"`` generator (the demo's) and leaves bitsandbytes'
+    4-bit LM as it computes; a misspelt dtype is an error naming the allowed ones."""
+    import dataclasses
+
+    four_bit = load_trained_model(trained.run_dir)
+    before = {n: p.dtype for n, p in four_bit.generator.named_parameters()}
+    assert {n: p.dtype for n, p in four_bit.with_lm_dtype("bfloat16").generator.named_parameters()} == before
+    unquantized = dataclasses.replace(load_trained_model(trained.run_dir), spec=dataclasses.replace(
+        four_bit.spec, quantization="none"))  # the cast reads the spec; 4-bit layers cast as any module would
+    cast = unquantized.with_lm_dtype("bfloat16")
+    assert cast.generator.projection.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in cast.vision.parameters())  # only the report generator
+    with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
+        four_bit.with_lm_dtype("fp16")
