@@ -75,7 +75,8 @@ def drain(driver: Any, record: PageRecord | None = None) -> PageRecord:
 
 def open_page(driver: Any, url: str, settle_s: float = 0.3) -> PageRecord:
     """Load ``url`` (waits for the load event), let scripts settle, return what the load did."""
-    drain(driver)  # forget the previous page
+    driver.get("about:blank")  # unload the previous page first: a JupyterLab tab polls its server until it goes
+    drain(driver)  # forget what the previous page did
     driver.get(url)
     time.sleep(settle_s)
     return drain(driver)
