@@ -353,13 +353,13 @@ def run_systems(
     statuses = _initial_statuses(summary, params, kernel)
     log(f"run {run_id} ({profile}): {', '.join(plan)} -> {outputs_dir / 'runs' / run_id}")
 
-    if jobs > 1:
-        log(f"{jobs} systems side by side, {os.environ.get('OMP_NUM_THREADS') or kernel_threads(jobs)} "
-            "OpenMP thread(s) per kernel")
+    threads = kernel_threads(jobs) if jobs > 1 else None
+    if threads is not None:
+        log(f"{jobs} systems side by side, {os.environ.get('OMP_NUM_THREADS') or threads} OpenMP thread(s) per kernel")
     started = time.monotonic()
     running: set[str] = set()
     try:
-        with kernel_environment(outputs_dir, kernel_threads(jobs) if jobs > 1 else None):
+        with kernel_environment(outputs_dir, threads):
             _run_queue(summary, plan, declared, options, statuses, jobs, running)
     except BaseException:
         # Ctrl-C or an error of the runner itself: record it so the index does not show "running" forever.

@@ -294,7 +294,6 @@ class _Run:
         self.main = accelerator.is_main_process
         self.writer: Any = None
         self.state, self.resumed_from = _Progress(), None
-        self.clock = PhaseClock()  # restarted when the loop starts: set-up is not the loop's time
         # ---- model, data, optimizer, schedule: identical on every process (same seed, same init)
         set_seed(settings.seed)
         model = task.build_model()
@@ -363,7 +362,7 @@ class _Run:
         start_epoch, steps_done_in_epoch = divmod(state.step, self.steps_per_epoch)
         self.sampler.resume_at(start_epoch, steps_done_in_epoch * self.samples_per_step)
         step_loss = torch.zeros((), device=accelerator.device)
-        clock = self.clock = PhaseClock()
+        clock = self.clock = PhaseClock()  # started here: set-up is not the loop's time
         for epoch in range(start_epoch, math.ceil(self.total_steps / self.steps_per_epoch)):
             if state.step >= self.total_steps:
                 break

@@ -63,7 +63,7 @@ class TrainedModel:
 
     def with_lm_dtype(self, lm_dtype: str) -> "TrainedModel":
         """This model with its report generator (LM, LoRA, projection) in ``lm_dtype`` (03/04's field):
-        ``"bfloat16"`` casts a ``quantization="none"`` generator (twice as fast on CPUs with AVX-512 BF16); a 4-bit
+        ``"bfloat16"`` casts a ``quantization="none"`` generator (~1.3x as fast on CPUs with AVX-512 BF16); a 4-bit
         LM is left as bitsandbytes computes it; ``"float32"`` leaves everything as loaded."""
         if lm_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"lm_dtype must be 'float32' or 'bfloat16', got {lm_dtype!r}")
