@@ -33,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 QUANTIZATIONS = ("nf4", "none")
 
@@ -172,18 +173,33 @@ def measure_demo_setting(name: str, steps: int, manifest: str) -> dict:
             "text_tokens_mean": float(np.mean([len(e["input_ids"]) for e in examples]))}
 
 
-def demo_settings(args: argparse.Namespace) -> int:
-    """``--demo-settings``: every ``DEMO_SETTINGS`` row in its own subprocess, then the table."""
-    from nbsupport.paths import resolve_path
-
+def _measure_each(flag: str, names: Iterable[str], options: list[str]) -> list[dict]:
+    """Each of ``names`` measured by this script in a subprocess of its own (``flag NAME options``; so that peak
+    memory and the allocator belong to one setting), its last stdout line read back as JSON."""
     rows = []
-    for name in DEMO_SETTINGS:
-        out = subprocess.run([sys.executable, __file__, "--_demo_one", name, "--steps", str(args.steps),
-                              "--manifest", args.manifest], capture_output=True, text=True)
+    for name in names:
+        out = subprocess.run([sys.executable, __file__, flag, name, *options], capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"measured {name}", file=sys.stderr)
+    return rows
+
+
+def _save_report(stem: str, report: str, rows: list[dict], args: argparse.Namespace) -> None:
+    """Print the table and write it with the raw rows to ``<args.out>/<stem>.md`` and ``.json``."""
+    from nbsupport.paths import resolve_path
+
+    print(report)
+    out_dir = resolve_path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    (out_dir / f"{stem}.md").write_text(report + "\n")
+
+
+def demo_settings(args: argparse.Namespace) -> int:
+    """``--demo-settings``: every ``DEMO_SETTINGS`` row in its own subprocess, then the table."""
+    rows = _measure_each("--_demo_one", DEMO_SETTINGS, ["--steps", str(args.steps), "--manifest", args.manifest])
     ref = rows[0]
     lines = [f"# cxr_report demo settings ({time.strftime('%Y-%m-%d %H:%M')}, CPU seconds, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
@@ -197,12 +213,7 @@ def demo_settings(args: argparse.Namespace) -> int:
                      f"{r['train_cpu_s_per_step'] / ref['train_cpu_s_per_step']:.2f} | "
                      f"{r['gen_cpu_s_per_report']:.2f} | "
                      f"{r['gen_cpu_s_per_report'] / ref['gen_cpu_s_per_report']:.2f} |")
-    report = "\n".join(lines)
-    print(report)
-    out_dir = resolve_path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cxr_report_demo_settings.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
-    (out_dir / "cxr_report_demo_settings.md").write_text(report + "\n")
+    _save_report("cxr_report_demo_settings", "\n".join(lines), rows, args)
     return 0
 
 
@@ -231,18 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.language_model, args._one, *sizes)))
         return 0
 
-    from nbsupport.paths import resolve_path
-
-    rows = []
-    for quantization in QUANTIZATIONS:
-        out = subprocess.run([sys.executable, __file__, "--_one", quantization, "--language-model",
-                              args.language_model, "--batch-size", str(args.batch_size), "--text-tokens",
-                              str(args.text_tokens), "--steps", str(args.steps), "--gen-batch", str(args.gen_batch),
-                              "--new-tokens", str(args.new_tokens)], capture_output=True, text=True)
-        if out.returncode:
-            raise RuntimeError(f"{quantization} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"measured {quantization}", file=sys.stderr)
+    rows = _measure_each("--_one", QUANTIZATIONS, [
+        "--language-model", args.language_model, "--batch-size", str(args.batch_size), "--text-tokens",
+        str(args.text_tokens), "--steps", str(args.steps), "--gen-batch", str(args.gen_batch), "--new-tokens",
+        str(args.new_tokens)])
     ref = next(r for r in rows if r["quantization"] == "none")
     memory = "peak_cuda_MiB" if "peak_cuda_MiB" in ref else "peak_rss_MiB"
     lines = [f"# cxr_report benchmark ({time.strftime('%Y-%m-%d')}, {rows[0]['device']}, {os.cpu_count()} cores)",
@@ -256,12 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['train_samples_per_s'] / ref['train_samples_per_s']:.2f} | {r['gen_tokens_per_s']:.1f} | "
                      f"{r['gen_tokens_per_s'] / ref['gen_tokens_per_s']:.2f} | {r['gen_s_per_report']:.2f} | "
                      f"{r[memory]:.0f} | {r[memory] / ref[memory]:.2f} | {r['lm_load_rss_MiB']:.0f} |")
-    report = "\n".join(lines)
-    print(report)
-    out_dir = resolve_path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cxr_report.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
-    (out_dir / "cxr_report.md").write_text(report + "\n")
+    _save_report("cxr_report", "\n".join(lines), rows, args)
     return 0
 
 
